@@ -1,0 +1,132 @@
+"""Temperature modules: fixed τ (plain KD), one learnable global τ, or a per-sample τ from an MLP (CTKD).
+
+All share one call signature, ``module(student_logits, teacher_logits, grl_lambda) -> τ``, so a config swaps them
+by name. The learnable ones are trained *adversarially*: their raw output passes through a gradient-reversal layer
+(PAPER.md §2.4) whose strength λ ≥ 0 follows the curriculum, then is mapped into (t_start, t_start + t_range) by
+τ = t_start + t_range·sigmoid(raw) (PAPER.md §2.6).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctkd.registry import Registry
+
+TEMPERATURES = Registry("temperature")
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by −λ."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, grl_lambda: float) -> Tensor:  # type: ignore[override]
+        ctx.grl_lambda = grl_lambda
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return -ctx.grl_lambda * grad, None
+
+
+def gradient_reversal(x: Tensor, grl_lambda: float) -> Tensor:
+    """Gradient-reversal layer (PAPER.md §2.4): forward is the identity, backward multiplies the gradient by −λ.
+
+    ``grl_lambda`` is the non-negative magnitude of the curriculum (Eq. 11); the minus sign lives here, in code. The
+    authors' code instead multiplies by +λ and feeds a negative λ from the config (decay_max 0, decay_min −1), a trap
+    that silently turns the adversary into a helper if a positive λ is passed.
+    """
+    if grl_lambda < 0:
+        raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
+    return _GradientReversal.apply(x, grl_lambda)
+
+
+class BoundedTemperature(nn.Module):
+    """Base class of the learnable temperatures: maps a reversed raw output into (t_start, t_start + t_range)."""
+
+    def __init__(self, t_start: float, t_range: float) -> None:
+        super().__init__()
+        if t_start <= 0 or t_range <= 0:
+            raise ValueError(f"t_start and t_range must be > 0, got {t_start} and {t_range}")
+        self.t_start = t_start
+        self.t_range = t_range
+
+    def bound(self, raw: Tensor, grl_lambda: float) -> Tensor:
+        """τ = t_start + t_range·sigmoid(GRL_λ(raw)); the sigmoid after the GRL as in the authors' code (§6.4)."""
+        return self.t_start + self.t_range * torch.sigmoid(gradient_reversal(raw, grl_lambda))
+
+
+@TEMPERATURES.register("fixed")
+class FixedTemperature(nn.Module):
+    """A constant τ (vanilla KD, default 4); no parameters, so the curriculum has no effect."""
+
+    def __init__(self, value: float = 4.0) -> None:
+        super().__init__()
+        if value <= 0:
+            raise ValueError(f"a fixed temperature must be > 0, got {value}")
+        self.register_buffer("value", torch.tensor(float(value)), persistent=False)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
+        """Return τ as a 0-d tensor."""
+        return self.value
+
+
+@TEMPERATURES.register("global")
+class GlobalTemperature(BoundedTemperature):
+    """Global-T (PAPER.md §2.6a): one learnable raw scalar shared by every sample.
+
+    ``init_raw`` = 1.0 as in the authors' code, so τ₀ = 1 + 20·sigmoid(1) ≈ 15.62 with the default range.
+    """
+
+    def __init__(self, t_start: float = 1.0, t_range: float = 20.0, init_raw: float = 1.0) -> None:
+        super().__init__(t_start, t_range)
+        self.raw = nn.Parameter(torch.tensor(float(init_raw)))
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
+        """Return τ as a 0-d tensor; the logits are not used."""
+        return self.bound(self.raw, grl_lambda)
+
+
+@TEMPERATURES.register("instance")
+class InstanceTemperature(BoundedTemperature):
+    """Instance-T (PAPER.md §2.6b, §6.7): a 2-layer MLP maps [softmax(z_t), softmax(z_s)] ([B, 2C]) to one τ per sample.
+
+    The authors never released this module; the layout follows PAPER.md §6.7: Linear(2C, hidden) → ReLU → Linear(hidden,
+    1). The inputs are detached so the reversed gradient reaches only the MLP, never the student through its logits
+    (otherwise the student would be pushed to *raise* the KD loss).
+    """
+
+    def __init__(self, num_classes: int, hidden_dim: int = 256, t_start: float = 1.0, t_range: float = 20.0) -> None:
+        super().__init__(t_start, t_range)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * num_classes, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, 1),
+        )
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
+        """Return τ of shape [B]."""
+        probs = torch.cat(
+            [F.softmax(teacher_logits.detach().float(), dim=1), F.softmax(student_logits.detach().float(), dim=1)],
+            dim=1,
+        )  # (B, 2C)
+        raw = self.mlp(probs).squeeze(1)  # (B,)
+        return self.bound(raw, grl_lambda)
+
+
+def build_temperature(
+    name: str,
+    *,
+    num_classes: int,
+    value: float = 4.0,
+    t_start: float = 1.0,
+    t_range: float = 20.0,
+    init_raw: float = 1.0,
+    hidden_dim: int = 256,
+) -> nn.Module:
+    """Build the temperature module registered as `name` from the config's temperature fields."""
+    if name == "fixed":
+        return TEMPERATURES.build(name, value=value)
+    if name == "global":
+        return TEMPERATURES.build(name, t_start=t_start, t_range=t_range, init_raw=init_raw)
+    return TEMPERATURES.build(name, num_classes=num_classes, hidden_dim=hidden_dim, t_start=t_start, t_range=t_range)
