@@ -1,0 +1,657 @@
+"""Experiment configuration: YAML files (``_base_`` inheritance, ``KEY=VALUE`` overrides) → frozen dataclasses.
+
+The schema is strict (STYLE.md §3.3, RELIABILITY.md §6 F): an unknown key, a wrong type, an out-of-range value or a
+violated cross-field rule raises :class:`ConfigError` before any heavy work, naming the file (or command-line
+override) the value came from, the full dotted key and a fix. YAML is read with YAML 1.2 floats and booleans and
+duplicate keys are an error, which closes the PyYAML traps listed in RELIABILITY.md X10.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
+METHOD_CHOICES: tuple[str, ...] = ("vanilla", "kd")
+TEMPERATURE_CHOICES: tuple[str, ...] = ("fixed", "global", "instance")
+CURRICULUM_CHOICES: tuple[str, ...] = ("cosine", "linear", "constant")
+DATASET_CHOICES: tuple[str, ...] = ("cifar100", "synthetic")
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+_BASE_KEY = "_base_"
+_KeyPath = tuple[Any, ...]  # a dotted key as a tuple of its parts: ("optimizer", "lr")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the source file or override, the dotted key and a fix."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML reading and writing
+# --------------------------------------------------------------------------------------------------------------------
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2 core schema: only true/false are booleans (PyYAML's YAML 1.1 also reads yes/no/on/off as booleans).
+_BOOL_RE = re.compile(r"^(?:true|false)$", re.IGNORECASE)
+# YAML 1.2 floats: an exponent alone makes a float (PyYAML's YAML 1.1 reads 1e-3 and 5e-4 as strings).
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+def _yaml12_resolvers(resolvers: Mapping[str, list[tuple[str, re.Pattern[str]]]]) -> dict:
+    """A copy of PyYAML's implicit-resolver table with YAML 1.2 booleans and floats in place of YAML 1.1's."""
+    table = {
+        first: [(tag, regexp) for tag, regexp in entries if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+        for first, entries in resolvers.items()
+    }
+    for first in "tTfF":
+        table.setdefault(first, []).insert(0, (_BOOL_TAG, _BOOL_RE))
+    for first in "-+.0123456789":
+        table.setdefault(first, []).insert(0, (_FLOAT_TAG, _FLOAT_RE))
+    return table
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats/booleans that rejects duplicate keys; the global SafeLoader is untouched."""
+
+    yaml_implicit_resolvers = _yaml12_resolvers(yaml.SafeLoader.yaml_implicit_resolvers)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may legitimately be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports unhashable keys itself
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: duplicate key '{key}' at line {first_lines[key]} and line {line}; "
+                    "keep only one of them (plain PyYAML would silently keep the last)"
+                )
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also quotes strings a YAML 1.2 reader would take for floats (e.g. '1e-3')."""
+
+    yaml_implicit_resolvers = {
+        first: [*entries, *(e for e in _StrictLoader.yaml_implicit_resolvers.get(first, []) if e[0] == _FLOAT_TAG)]
+        for first, entries in yaml.SafeDumper.yaml_implicit_resolvers.items()
+    }
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with the strict loader; `source` names the text in error messages."""
+    loader = _StrictLoader(text)
+    loader.name = source  # marks (line numbers in errors) carry this name
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _spec(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    increasing: bool = False,
+) -> Any:
+    """A dataclass field with its validation rules in metadata (for a list field, `ge`/`gt` apply to each item)."""
+    rules = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "increasing": increasing}
+    metadata = {k: v for k, v in rules.items() if v is not None and v is not False}
+    return field(default=default, metadata=metadata)
+
+
+class _FieldError(Exception):
+    """A problem with one field's value; the caller adds the key and the source."""
+
+
+class _Section:
+    """Mixin for config dataclasses: type-checks, converts (int → float, list → tuple) and range-checks fields."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            try:
+                value = _validated(f, hints[f.name], getattr(self, f.name))
+            except _FieldError as err:
+                raise ConfigError(f"{type(self).__name__}.{f.name} {err}") from None
+            object.__setattr__(self, f.name, value)  # frozen: store the converted value
+
+
+@dataclass(frozen=True)
+class SyntheticConfig(_Section):
+    """Random class-conditional data for tests and debug runs (used when `data.name` is synthetic)."""
+
+    num_classes: int = _spec(10, ge=2)  # number of classes
+    train_size: int = _spec(2000, ge=1)  # number of training samples
+    test_size: int = _spec(500, ge=1)  # number of test samples
+    seed: int = 0  # seed of the generator that draws the data (independent of the run's seed)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Dataset and data-loader settings."""
+
+    name: str = _spec("cifar100", choices=DATASET_CHOICES)  # dataset
+    root: str = "./data"  # folder that holds (or receives) the dataset files
+    download: bool = False  # download the dataset into `root` when it is missing
+    batch_size: int = _spec(64, ge=1)  # global training batch size (summed over all processes)
+    test_batch_size: int | None = _spec(None, ge=1)  # evaluation batch size; None → max(1, batch_size // 2)
+    num_workers: int = _spec(4, ge=0)  # data-loader worker processes per training process
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # settings of the synthetic dataset
+
+    @property
+    def effective_test_batch_size(self) -> int:
+        """The evaluation batch size: `test_batch_size`, or half the training batch as in the authors' protocol."""
+        return self.test_batch_size if self.test_batch_size is not None else max(1, self.batch_size // 2)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The student network."""
+
+    name: str = "resnet20"  # registered model name (models/)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(_Section):
+    """The frozen teacher network of method kd."""
+
+    name: str | None = None  # registered model name; required by method kd
+    checkpoint: str | None = None  # path of the teacher's weights; required by method kd
+    train_config: str | None = None  # a config that trains this teacher, used when `checkpoint` does not exist yet
+
+
+@dataclass(frozen=True)
+class LossConfig(_Section):
+    """Weights of the loss terms: loss = ce_weight · CE + kd_weight · KD(τ)."""
+
+    ce_weight: float = _spec(0.1, ge=0)  # weight γ of the cross-entropy with the labels
+    kd_weight: float = _spec(0.9, ge=0)  # weight α of the distillation term
+
+
+@dataclass(frozen=True)
+class TemperatureConfig(_Section):
+    """The distillation temperature τ: fixed, one learnable global value, or predicted per instance."""
+
+    name: str = _spec("global", choices=TEMPERATURE_CHOICES)  # temperature module
+    value: float = _spec(4.0, gt=0)  # τ of the `fixed` temperature
+    t_start: float = _spec(1.0, gt=0)  # lower bound of a learned τ: τ = t_start + t_range · sigmoid(raw)
+    t_range: float = _spec(20.0, gt=0)  # width of the range of a learned τ
+    init_raw: float = 1.0  # `global`: initial raw value (τ₀ = 1 + 20 · σ(1) ≈ 15.62)
+    hidden_dim: int = _spec(256, ge=1)  # `instance`: hidden width of the MLP that predicts τ
+    lr: float | None = _spec(None, gt=0)  # learning rate of the temperature; None → the student's LR schedule
+    weight_decay: float | None = _spec(None, ge=0)  # weight decay of the temperature; None → optimizer.weight_decay
+
+
+@dataclass(frozen=True)
+class CurriculumConfig(_Section):
+    """The curriculum of λ, the gradient-reversal strength that makes τ adversarial, over training."""
+
+    name: str = _spec("cosine", choices=CURRICULUM_CHOICES)  # shape of the λ schedule
+    lambda_min: float = _spec(0.0, ge=0)  # λ at the start of the curriculum
+    lambda_max: float = _spec(1.0, ge=0)  # λ at the end of the curriculum
+    loops: int = _spec(10, ge=1)  # E_loops: number of epochs over which λ rises from lambda_min to lambda_max
+
+
+@dataclass(frozen=True)
+class OptimizerConfig(_Section):
+    """SGD with momentum and a step learning-rate schedule."""
+
+    lr: float = _spec(0.05, gt=0)  # initial learning rate
+    momentum: float = _spec(0.9, ge=0, lt=1)  # SGD momentum
+    weight_decay: float = _spec(5e-4, ge=0)  # L2 weight decay
+    lr_decay_epochs: tuple[int, ...] = _spec((150, 180, 210), ge=1, increasing=True)  # epochs at which lr is decayed
+    lr_decay_rate: float = _spec(0.1, gt=0)  # factor applied to lr at each decay epoch
+
+
+@dataclass(frozen=True)
+class LoggingConfig(_Section):
+    """Where progress is reported."""
+
+    tensorboard: bool = True  # write TensorBoard event files into the run directory
+    progress_bar: bool = True  # show a tqdm bar (also quiet automatically when stderr is not a terminal)
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    """One experiment. The defaults are the authors' CIFAR-100 protocol."""
+
+    output_dir: str | None = None  # run directory; None → runs/<config path below configs/> (set by load_config)
+    seed: int = _spec(0, ge=0)  # global random seed
+    device: str = _spec("auto", choices=DEVICE_CHOICES)  # auto: cuda when available, else cpu
+    # vanilla: cross-entropy only (teachers, baselines); kd: γ·CE + α·KD(τ)
+    method: str = _spec("kd", choices=METHOD_CHOICES)
+    epochs: int = _spec(240, ge=1)  # number of training epochs
+    data: DataConfig = field(default_factory=DataConfig)  # dataset and loaders
+    student: ModelConfig = field(default_factory=ModelConfig)  # the network being trained
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen teacher (method kd)
+    loss: LossConfig = field(default_factory=LossConfig)  # loss weights
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)  # distillation temperature
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # λ curriculum of the adversarial τ
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and LR schedule
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress reporting
+
+
+def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
+    """All rules that involve more than one field, as (key the problem is reported at, message)."""
+    problems: list[tuple[_KeyPath, str]] = []
+    cur = cfg.curriculum
+    if cur.lambda_max < cur.lambda_min:
+        problems.append((
+            ("curriculum", "lambda_max"),
+            f"'curriculum.lambda_max' ({cur.lambda_max}) must be >= 'curriculum.lambda_min' ({cur.lambda_min}); "
+            "raise lambda_max or lower lambda_min",
+        ))
+    teacher_fields = dataclasses.asdict(cfg.teacher)
+    if cfg.method == "kd":
+        missing = [f"teacher.{k}" for k in ("name", "checkpoint") if teacher_fields[k] is None]
+        if missing:
+            problems.append((
+                ("method",),
+                f"method: kd needs teacher.name and teacher.checkpoint, but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set; "
+                "set it, or use method: vanilla to train without a teacher",
+            ))
+    elif cfg.method == "vanilla":
+        used = [f"teacher.{k}" for k, v in teacher_fields.items() if v is not None]
+        if used:
+            problems.append((
+                ("teacher",),
+                f"teacher.* is unused with method: vanilla; remove it (set: {', '.join(used)})",
+            ))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Field validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a config dataclass (annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(cls)
+
+
+def _optional_inner(hint: Any) -> Any | None:
+    """`X` for a hint `X | None`, else None."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    """A type as error messages show it: 'int', 'float or null', 'list of int'."""
+    inner = _optional_inner(hint)
+    if inner is not None:
+        return f"{_type_name(inner)} or null"
+    if typing.get_origin(hint) is tuple:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return "bool (true/false)" if hint is bool else hint.__name__
+
+
+def _describe(value: Any) -> str:
+    """A value as the error messages show it: its type and its repr."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"bool {str(value).lower()}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_fix(hint: Any, value: Any) -> str:
+    """How to fix a value of the wrong type."""
+    if value is None:
+        return "set a value (null is not allowed here)"
+    if hint is bool:
+        return "use true or false (in YAML 1.2, yes/no/on/off are strings)"
+    if hint is str:
+        return "quote it"
+    if typing.get_origin(hint) is tuple:
+        return "write a YAML list such as [150, 180, 210]"
+    if isinstance(value, str):
+        try:
+            parsed = _parse_yaml(value, "<value>")
+        except ConfigError:
+            parsed = None
+        if not isinstance(parsed, bool) and isinstance(parsed, int if hint is int else (int, float)):
+            return "remove the quotes"
+    return "write a whole number" if hint is int else "write a number"
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """`value` checked against the type `hint` and converted (int → float, list → tuple); raises _FieldError."""
+    inner = _optional_inner(hint)
+    if inner is not None and value is None:
+        return None
+    base = hint if inner is None else inner
+    ok = False
+    if dataclasses.is_dataclass(base) or base in (bool, str):
+        ok = isinstance(value, base)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise _FieldError(f"must be a finite number, got {value}")
+        ok = True
+    elif typing.get_origin(base) is tuple and isinstance(value, (list, tuple)):
+        item_hint = typing.get_args(base)[0]
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_coerce(item_hint, item))
+            except _FieldError:
+                raise _FieldError(
+                    f"expects {_type_name(hint)}, got {_describe(list(value))} (item {index} is {_describe(item)})"
+                ) from None
+        return tuple(items)
+    if not ok:
+        raise _FieldError(f"expects {_type_name(hint)}, got {_describe(value)}; {_type_fix(base, value)}")
+    return value
+
+
+def _range_text(rules: Mapping[str, Any]) -> str:
+    """The allowed range of a numeric field as error messages show it: '> 0', '>= 1', 'in [0, 1)'."""
+    low = f"[{rules['ge']}" if "ge" in rules else f"({rules['gt']}" if "gt" in rules else None
+    if "lt" in rules:
+        return f"in {low}, {rules['lt']})" if low else f"< {rules['lt']}"
+    return f">= {rules['ge']}" if "ge" in rules else f"> {rules['gt']}"
+
+
+def _check_rules(rules: Mapping[str, Any], value: Any) -> None:
+    """Check a converted value against its field's metadata rules; raises _FieldError."""
+    items = value if isinstance(value, tuple) else (value,)
+    each = "each item " if isinstance(value, tuple) else ""
+    for item in items:
+        choices = rules.get("choices")
+        if choices and item not in choices:
+            close = difflib.get_close_matches(str(item), choices, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise _FieldError(f"must be one of {', '.join(choices)}; got {item!r}.{hint}")
+        too_low = ("ge" in rules and item < rules["ge"]) or ("gt" in rules and item <= rules["gt"])
+        if too_low or ("lt" in rules and item >= rules["lt"]):
+            raise _FieldError(f"{each}must be {_range_text(rules)}, got {list(value) if each else value!r}")
+    if rules.get("increasing") and any(b <= a for a, b in zip(value, value[1:])):
+        raise _FieldError(f"must be strictly increasing, got {list(value)}; sort it and drop repeats")
+
+
+def _validated(f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """The value of field `f`, type-checked, converted and range-checked; raises _FieldError."""
+    value = _coerce(hint, value)
+    if value is not None:
+        _check_rules(f.metadata, value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Raw (dict) trees with provenance, and building the dataclasses from them
+# --------------------------------------------------------------------------------------------------------------------
+
+_Provenance = dict[_KeyPath, str]  # dotted key → where its value came from (file path or override)
+
+
+def _paths(tree: Mapping[Any, Any], prefix: _KeyPath = ()) -> Iterator[_KeyPath]:
+    """Every key path of a nested dict, sections and leaves."""
+    for key, value in tree.items():
+        yield prefix + (key,)
+        if isinstance(value, dict):
+            yield from _paths(value, prefix + (key,))
+
+
+def _merge(dst: dict, dst_prov: _Provenance, src: Mapping, src_prov: _Provenance, prefix: _KeyPath = ()) -> None:
+    """Merge `src` into `dst` in place: nested dicts merge, anything else replaces; provenance follows the values."""
+    for key, value in src.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], dst_prov, value, src_prov, path)
+            continue
+        dst[key] = copy.deepcopy(value)
+        for stale in [p for p in dst_prov if p[: len(path)] == path]:
+            del dst_prov[stale]
+        dst_prov.update({p: s for p, s in src_prov.items() if p[: len(path)] == path})
+
+
+class _Builder:
+    """Builds a Config from a raw tree, collecting every error with the source of the offending value."""
+
+    def __init__(self, provenance: _Provenance, default_source: str) -> None:
+        self.provenance, self.default_source = provenance, default_source
+        self.errors: list[str] = []
+
+    def source_of(self, path: _KeyPath) -> str:
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.provenance:
+                return self.provenance[path[:end]]
+        return self.default_source
+
+    def error(self, path: _KeyPath, message: str) -> None:
+        self.errors.append(f"{self.source_of(path)}: {message}")
+
+    def raise_if_errors(self) -> None:
+        if len(self.errors) == 1:
+            raise ConfigError(self.errors[0])
+        if self.errors:
+            raise ConfigError(f"{len(self.errors)} config errors:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+    def build(self, raw: Any) -> Config:
+        """The validated Config of `raw` (field and cross-field rules); raises ConfigError listing all errors."""
+        cfg = self._section(Config, raw, ())
+        self.raise_if_errors()
+        assert cfg is not None  # no errors → built
+        for path, message in _cross_field_problems(cfg):
+            self.error(path, message)
+        self.raise_if_errors()
+        return cfg
+
+    def _section(self, cls: type, data: Any, path: _KeyPath) -> Any:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        where = f"in '{'.'.join(path)}'" if path else "at top level"
+        if not isinstance(data, dict):
+            self.error(
+                path,
+                f"'{'.'.join(path)}' is a section and must be a mapping of keys, got {_describe(data)}; "
+                f"write its keys indented under '{path[-1]}:' (valid keys {where}: {', '.join(fields)})",
+            )
+            return None
+        errors_before = len(self.errors)
+        hints = _type_hints(cls)
+        kwargs = {}
+        for key, value in data.items():
+            dotted = ".".join(map(str, path + (key,)))
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" Did you mean '{'.'.join(path + (close[0],))}'?" if close else ""
+                self.error(path + (key,), f"unknown key '{dotted}'.{hint} Valid keys {where}: {', '.join(fields)}")
+            elif dataclasses.is_dataclass(hints[key]):
+                kwargs[key] = self._section(hints[key], value, path + (key,))
+            else:
+                try:
+                    kwargs[key] = _validated(fields[key], hints[key], value)
+                except _FieldError as err:
+                    self.error(path + (key,), f"'{dotted}' {err}")
+        return cls(**kwargs) if len(self.errors) == errors_before else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, saving and comparing configs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_tree(path: Path, chain: tuple[tuple[Path, str], ...]) -> tuple[dict, _Provenance]:
+    """The merged raw tree of a config file and its `_base_` files, with the provenance of every key."""
+    shown = os.path.normpath(path)
+    resolved = path.resolve()
+    if any(resolved == seen for seen, _ in chain):
+        names = [name for _, name in chain] + [shown]
+        raise ConfigError(f"{chain[-1][1]}: _base_ cycle: {' → '.join(names)}; remove one of these _base_ entries")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        where = f"{chain[-1][1]}: _base_ file" if chain else "config file"
+        raise ConfigError(f"{where} '{shown}' cannot be read: {err.strerror or err}") from None
+    data = _parse_yaml(text, shown)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}: a config file must be a mapping of keys at top level, got {_describe(data)}")
+    bases = data.pop(_BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{shown}: '{_BASE_KEY}' must be a path or a list of paths, got {_describe(bases)}")
+    tree: dict = {}
+    provenance: _Provenance = {}
+    for base in bases:  # in order: later bases win
+        base_tree, base_prov = _read_tree(path.parent / base, chain + ((resolved, shown),))
+        _merge(tree, provenance, base_tree, base_prov)
+    _merge(tree, provenance, data, {p: shown for p in _paths(data)})
+    return tree, provenance
+
+
+def _override_tree(item: str) -> tuple[dict, str]:
+    """The nested dict that a `KEY=VALUE` override sets, and the source name of the override."""
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(
+            f"override '{item}' must look like KEY=VALUE with a dotted KEY, "
+            "e.g. 'optimizer.lr=0.1', 'optimizer.lr_decay_epochs=[30,60]' or 'teacher.checkpoint=null'"
+        )
+    source = f"command-line override '{item}'"
+    tree: Any = _parse_yaml(value, source)
+    for part in reversed(parts):
+        tree = {part: tree}
+    return tree, source
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config file (with its `_base_` files), apply `KEY=VALUE` overrides and validate strictly.
+
+    `output_dir` left unset is derived from the file's name (see `default_output_dir`). Raises ConfigError naming
+    the file or override.
+    """
+    path = Path(path)
+    raw, provenance = _read_tree(path, ())
+    for item in overrides:
+        tree, source = _override_tree(item)
+        _merge(raw, provenance, tree, {p: source for p in _paths(tree)})
+    cfg = _Builder(provenance, os.path.normpath(path)).build(raw)
+    if cfg.output_dir is None:
+        cfg = dataclasses.replace(cfg, output_dir=default_output_dir(path))
+    return cfg
+
+
+def default_output_dir(path: Path) -> str:
+    """'runs/' + the config's path below its nearest `configs` folder, without '.yaml'.
+
+    configs/cifar100/ctkd/resnet56_resnet20.yaml → runs/cifar100/ctkd/resnet56_resnet20, so the KD and CTKD configs of
+    the same pair never share a run directory; a file outside any `configs` folder → runs/<its stem>.
+    """
+    parts = path.resolve().with_suffix("").parts
+    if "configs" in parts:
+        below = parts[len(parts) - 1 - parts[::-1].index("configs") + 1:]
+        return "/".join(("runs", *below))
+    return f"runs/{path.stem}"
+
+
+def config_from_dict(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a plain dict (e.g. the config stored in a checkpoint) as strictly as a file; `source` names it."""
+    cfg = _Builder({}, source).build(dict(data))
+    if cfg.output_dir is None:
+        raise ConfigError(f"{source}: 'output_dir' must be set; a resolved config always names its run directory")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts, lists and scalars, for YAML, JSON and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the config as YAML atomically (a temp file in the same folder, then os.replace); creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict keyed by dotted keys; lists are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    """A value as YAML spells it, for diff lines."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Lines "key: old → new", one per dotted key whose value differs between `a` (old) and `b` (new)."""
+    old, new = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    return [f"{key}: {_show(old[key])} → {_show(new[key])}" for key in old if old[key] != new[key]]
