@@ -1,0 +1,210 @@
+"""Checkpoints: atomic writes, plain-type contents readable with ``weights_only=True``, and teacher loading.
+
+Our run checkpoints (`last.pth`, `best.pth`) hold the student, the temperature module, optimizer, LR schedule, epoch,
+best accuracy, RNG states and the resolved config. Teacher files come in the layouts in circulation (REFERENCE.md §8):
+``{"model": state_dict, ...}`` (CRD, mdistiller, CTKD CIFAR teachers), ``{"state_dict": ...}``, a bare state_dict,
+or one of our own run checkpoints (``{"student": ...}``), possibly saved from DDP or ``torch.compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "ctkd-run"
+CHECKPOINT_VERSION = 1
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+_STATE_DICT_KEYS = ("student", "model", "state_dict")  # ours, CRD/mdistiller/CTKD, generic
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, unreadable or does not fit the model; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write `obj` with torch.save to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any instant leaves either the old file or the new one, never a partial file under `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename: fsync the directory entry (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_file(path: str | Path, *, extra_safe_globals: tuple[type, ...] = ()) -> Any:
+    """torch.load to CPU with ``weights_only=True``; failures become a CheckpointError naming the file and cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        with torch.serialization.safe_globals(list(extra_safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects that are not plain data and is not loaded for safety: {err}"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).strip() or type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from err
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA RNG states as plain types (lists, ints, tensors) for weights_only loading."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- run checkpoints
+def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load one of our run checkpoints and check its format and version."""
+    state = load_file(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a ctkd run checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "
+            "--resume takes the last.pth or best.pth of a ctkd run"
+        )
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint version {state.get('version')} (supported: {CHECKPOINT_VERSION})"
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- model weights
+def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights inside a loaded file of any supported layout, with wrapper prefixes stripped."""
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: no model weights found; expected a state_dict, or a dict with one of "
+            f"{list(_STATE_DICT_KEYS)} holding it (found {found})"
+        )
+    return {_strip_prefixes(key): value for key, value in obj.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    """Remove leading 'module.' / '_orig_mod.' (possibly nested) left by DDP and torch.compile."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def load_weights_strict(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    arch: str,
+    identify: Callable[[dict[str, torch.Tensor]], list[str]] | None = None,
+) -> None:
+    """Load the weights of the file at `path` into `model` strictly; a mismatch names missing/unexpected keys.
+
+    `identify`, given the file's state_dict, returns the architectures it matches (shown in the error).
+    """
+    state = extract_state_dict(load_file(path, extra_safe_globals=(argparse.Namespace,)), path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(_mismatch_message(path, arch, missing, unexpected, wrong_shape, identify, state))
+    model.load_state_dict(state, strict=True)
+
+
+def _mismatch_message(
+    path: str | Path,
+    arch: str,
+    missing: list[str],
+    unexpected: list[str],
+    wrong_shape: list[str],
+    identify: Callable[[dict[str, torch.Tensor]], list[str]] | None,
+    state: dict[str, torch.Tensor],
+) -> str:
+    """A readable account of why a file does not fit architecture `arch`."""
+
+    def listing(title: str, items: list[str]) -> str:
+        shown = ", ".join(items[:8]) + (f", … ({len(items)} in all)" if len(items) > 8 else "")
+        return f"\n  {title}: {shown}" if items else ""
+
+    message = (
+        f"{path} does not match architecture '{arch}'"
+        + listing("missing keys", missing)
+        + listing("unexpected keys", unexpected)
+        + listing("shape mismatches", wrong_shape)
+    )
+    matches = identify(state) if identify is not None else []
+    if matches:
+        message += f"\n  The file matches architecture(s): {', '.join(matches)}; set the model name accordingly."
+    return message

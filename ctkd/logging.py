@@ -1,0 +1,100 @@
+"""Run outputs: console messages, one JSON line per epoch in `metrics.jsonl`, TensorBoard scalars and histograms."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOGGER_NAME = "ctkd"
+
+
+def get_logger() -> logging.Logger:
+    """The project's logger; `setup_console` decides where it prints."""
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    """Print the project's messages to stdout as 'HH:MM:SS message' (idempotent)."""
+    logger = get_logger()
+    if not any(getattr(h, "_ctkd_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._ctkd_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def write_json_atomic(data: Any, path: str | Path) -> None:
+    """Write `data` as indented JSON through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Per-epoch records in `metrics.jsonl` and TensorBoard, consistent across interruptions.
+
+    On resume after epoch k, records of epochs > k (written after the last checkpoint, before the crash) are dropped
+    from `metrics.jsonl`, and TensorBoard events from step k+1 on are purged, so every epoch appears exactly once with
+    the values of the run that produced the checkpoint.
+    """
+
+    def __init__(self, output_dir: str | Path, *, start_epoch: int, tensorboard: bool) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._truncate_after(start_epoch - 1)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=start_epoch if start_epoch > 1 else None)
+
+    def _truncate_after(self, last_epoch: int) -> None:
+        """Keep only the records of epochs ≤ `last_epoch`."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def records(self) -> list[dict[str, Any]]:
+        """All records written so far."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def log_epoch(self, record: dict[str, Any], temperatures: torch.Tensor | None = None) -> None:
+        """Append one epoch's record; scalars go to TensorBoard under 'train/', 'test/' or 'params/' groups."""
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self.writer is None:
+            return
+        epoch = record["epoch"]
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(_tensorboard_tag(key), value, epoch)
+        if temperatures is not None and temperatures.numel() > 1:
+            self.writer.add_histogram("params/tau", temperatures.float().cpu(), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_tag(key: str) -> str:
+    """'train_loss_kd' → 'train/loss_kd', 'test_acc1' → 'test/acc1', 'tau_mean' → 'params/tau_mean'."""
+    for group in ("train", "test"):
+        if key.startswith(group + "_"):
+            return f"{group}/{key[len(group) + 1:]}"
+    return f"params/{key}"
