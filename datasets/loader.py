@@ -1,0 +1,166 @@
+"""Deterministic batch loading: what a step sees is a pure function of (seed, epoch, batch position).
+
+The sampler yields whole batches as ``(epoch, indices)`` keys and `BatchedDataset` turns a key into a
+transformed batch, so the batch order comes from a (seed, epoch)-seeded permutation and each sample's
+augmentation from (seed, epoch, index). Nothing depends on worker RNG, on the number of workers or on the
+global torch RNG, which is what lets a resumed run see the same data as an uninterrupted one
+(RELIABILITY.md X1/X2, B1/B3).
+"""
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .base import ImageDataset
+from .hashing import seed_for
+from .transforms import eval_transform, train_transform
+
+BatchKey = tuple[int, list[int]]
+
+
+class EpochBatchSampler(Sampler[BatchKey]):
+    """Yields ``(epoch, indices)`` for this rank's share of every global batch of the current epoch.
+
+    The epoch's order is a permutation seeded by (seed, epoch) when `shuffle`, else 0..N-1, and is cut into
+    global batches of `batch_size`. Rank r takes the r-th contiguous piece of each global batch, so the ranks'
+    pieces concatenated in rank order are exactly the world-size-1 batch. The last partial global batch (kept
+    unless `drop_last`) is split as evenly as numpy.array_split would: no sample is dropped or duplicated,
+    every rank runs the same number of steps, and a rank's last piece may be smaller (empty if fewer samples
+    than ranks remain).
+
+    Call `set_epoch` before iterating each epoch; the epoch is not advanced automatically.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or num_samples < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_samples >= 0, got {batch_size} and {num_samples}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} and world_size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"the global batch_size {batch_size} is not divisible by world_size {world_size}: every rank "
+                "needs an equal share of each batch (choose a batch_size that is a multiple of world_size)"
+            )
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch to iterate next; `start_batch` > 0 skips batches already done (mid-epoch resume).
+
+        Skipping here, rather than by drawing and discarding batches from the loader, costs no data loading.
+        """
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}] for this epoch, got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Number of batches in a whole epoch (also after `set_epoch(..., start_batch=k)`)."""
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self) -> Tensor:
+        """The epoch's global sample order, (num_samples,) int64."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch))
+        return torch.randperm(self.num_samples, generator=gen)
+
+    def _shard(self, global_batch: Tensor) -> Tensor:
+        """This rank's contiguous piece of a global batch (numpy.array_split sizes: the first ranks get +1)."""
+        base, extra = divmod(global_batch.numel(), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return global_batch[start : start + base + (1 if self.rank < extra else 0)]
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        order = self.order()
+        for b in range(self.start_batch, len(self)):
+            global_batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.epoch, self._shard(global_batch).tolist()
+
+
+class BatchedDataset(Dataset[tuple[Tensor, Tensor]]):
+    """Map-style dataset whose items are whole batches, keyed by ``(epoch, indices)``.
+
+    ``dataset[(epoch, indices)]`` returns ``(images, targets)``: float32 (B, 3, H, W) normalised images (with
+    the train augmentation of that epoch when `train`) and int64 (B,) labels. It is a pure function of the key,
+    holding no epoch state, so it works unchanged in (persistent) worker processes.
+    """
+
+    def __init__(self, dataset: ImageDataset, *, train: bool, seed: int) -> None:
+        self.dataset, self.train, self.seed = dataset, train, seed
+
+    def __getitem__(self, key: tuple[int, Sequence[int]]) -> tuple[Tensor, Tensor]:
+        epoch, indices = key
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.dataset.images[idx]
+        mean, std = self.dataset.mean, self.dataset.std
+        if self.train:
+            images = train_transform(images, idx, seed=self.seed, epoch=epoch, mean=mean, std=std)
+        else:
+            images = eval_transform(images, mean=mean, std=std)
+        return images, self.dataset.targets[idx]
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGTERM.
+
+    SLURM and Kubernetes send SIGTERM to the whole process group; if workers die of it the main process
+    crashes ("DataLoader worker ... killed by signal") before it can save its preemption checkpoint
+    (RELIABILITY.md X3). Workers still exit through the loader's shutdown protocol, and torch's watchdog ends
+    them if the main process dies.
+    """
+    del worker_id
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_loader(
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """A DataLoader over `dataset` yielding ``(images, targets)`` batches; see `EpochBatchSampler` for sharding.
+
+    `batch_size` is the global batch (split over `world_size` ranks). Train loaders shuffle and augment;
+    eval loaders keep the file order and only normalise. The last partial batch is kept, as the authors do.
+    The caller must call ``loader.sampler.set_epoch(epoch)`` before each training epoch: the epoch picks both
+    the permutation and the augmentation (eval loaders ignore it). `persistent_workers` applies only when
+    `num_workers` > 0.
+    """
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, seed=seed, shuffle=train, rank=rank, world_size=world_size
+    )
+    return DataLoader(
+        BatchedDataset(dataset, train=train, seed=seed),
+        batch_size=None,  # the sampler yields whole batches
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=ignore_sigterm if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0,
+        # DataLoader draws a worker base seed per iterator; a private generator keeps that draw from
+        # advancing the global torch RNG, which would shift dropout etc. after a mid-epoch resume.
+        generator=torch.Generator().manual_seed(seed),
+    )
