@@ -8,10 +8,8 @@ or one of our own run checkpoints (``{"student": ...}``), possibly saved from DD
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ctkd.fileio import atomic_write
 
 CHECKPOINT_FORMAT = "ctkd-run"
 CHECKPOINT_VERSION = 1
@@ -33,35 +33,8 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- files
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write `obj` with torch.save to a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A crash at any instant leaves either the old file or the new one, never a partial file under `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename: fsync the directory entry (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """torch.save `obj` to `path` atomically (see ctkd.fileio)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_file(path: str | Path, *, extra_safe_globals: tuple[type, ...] = ()) -> Any:

@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ctkd.fileio import atomic_write_text
 
 # Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
 METHOD_CHOICES: tuple[str, ...] = ("vanilla", "kd")
@@ -615,20 +616,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the config as YAML atomically (a temp file in the same folder, then os.replace); creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the config as YAML atomically (see ctkd.fileio); creates the folder."""
+    atomic_write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

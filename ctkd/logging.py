@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ctkd.fileio import atomic_write_text
+
 LOGGER_NAME = "ctkd"
 
 
@@ -18,24 +20,34 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the time of each message (so redirection and capture work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - logging's own attribute
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it; stdout is always used
+        pass
+
+
 def setup_console(level: int = logging.INFO) -> None:
     """Print the project's messages to stdout as 'HH:MM:SS message' (idempotent)."""
     logger = get_logger()
-    if not any(getattr(h, "_ctkd_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        handler._ctkd_console = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    if not any(isinstance(handler, _StdoutHandler) for handler in logger.handlers):
+        logger.addHandler(_StdoutHandler())
     logger.setLevel(level)
     logger.propagate = False
 
 
 def write_json_atomic(data: Any, path: str | Path) -> None:
-    """Write `data` as indented JSON through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write `data` as indented JSON atomically (see ctkd.fileio)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 class MetricsLog:
@@ -60,9 +72,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def records(self) -> list[dict[str, Any]]:
         """All records written so far."""

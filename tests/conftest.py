@@ -40,3 +40,38 @@ def golden() -> ModuleType:
 def zoo() -> dict:
     """The spec's zoo.json: per architecture, state_dict keys/shapes, parameter count and feature shapes."""
     return json.loads((_reference_dir() / "zoo.json").read_text())
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    """Write `data` as a YAML file (creating folders) and return its path."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_run_config(tmp_path: Path, name: str = "run", **sections: dict) -> dict:
+    """A config dict for a seconds-long CPU run on a small synthetic dataset; `sections` update its top level."""
+    config = {
+        "output_dir": str(tmp_path / name),
+        "seed": 0,
+        "device": "cpu",
+        "epochs": 3,
+        "method": "vanilla",
+        "data": {
+            "name": "synthetic",
+            "batch_size": 32,
+            "num_workers": 0,
+            "synthetic": {"num_classes": 10, "train_size": 160, "test_size": 70, "seed": 0},
+        },
+        "student": {"name": "resnet8"},
+        "optimizer": {"lr": 0.05, "lr_decay_epochs": [2]},
+        "logging": {"tensorboard": True, "progress_bar": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config

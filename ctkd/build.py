@@ -1,0 +1,133 @@
+"""Builders that turn a validated Config into the objects of a run: data, networks, teacher, distiller, optimizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import datasets
+import models
+from ctkd.checkpoint import CheckpointError, load_weights_strict
+from ctkd.config import Config
+from ctkd.curriculum import Curriculum, build_curriculum
+from ctkd.distiller import Distiller, build_distiller
+from ctkd.optim import StepLRSchedule, build_sgd
+from ctkd.temperature import build_temperature
+from datasets.loader import build_loader
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def build_split(cfg: Config, *, train: bool) -> datasets.ImageDataset:
+    """The train or test split named by `cfg.data` (validated on load: a missing dataset fails here)."""
+    options = {}
+    if cfg.data.name == "synthetic":
+        synthetic = cfg.data.synthetic
+        options = dict(
+            num_classes=synthetic.num_classes,
+            train_size=synthetic.train_size,
+            test_size=synthetic.test_size,
+            seed=synthetic.seed,
+        )
+    return datasets.build_dataset(cfg.data.name, root=cfg.data.root, train=train, download=cfg.data.download, **options)
+
+
+def build_split_loader(cfg: Config, dataset: datasets.ImageDataset, *, train: bool, device: torch.device) -> DataLoader:
+    """Train loader (shuffled, augmented as a function of (seed, epoch, index)) or test loader (in order, half batch)."""
+    return build_loader(
+        dataset,
+        batch_size=cfg.data.batch_size if train else cfg.data.effective_test_batch_size,
+        train=train,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def identify_architectures(state: dict[str, torch.Tensor], num_classes: int) -> list[str]:
+    """Registered models whose state_dict keys and shapes equal `state` (built on the meta device: no memory)."""
+    matches = []
+    for name in models.list_models():
+        with torch.device("meta"):
+            expected = models.build_model(name, num_classes=num_classes).state_dict()
+        if expected.keys() == state.keys() and all(state[k].shape == v.shape for k, v in expected.items()):
+            matches.append(name)
+    return matches
+
+
+def load_teacher(cfg: Config, num_classes: int) -> nn.Module:
+    """Build `cfg.teacher.name` and load `cfg.teacher.checkpoint` strictly (to CPU first)."""
+    assert cfg.teacher.name is not None and cfg.teacher.checkpoint is not None  # guaranteed by config validation
+    teacher = models.build_model(cfg.teacher.name, num_classes=num_classes)
+    path = Path(cfg.teacher.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(
+            f"teacher.checkpoint {path} does not exist. Download the teacher (e.g. the CRD/mdistiller "
+            f"cifar_teachers.tar) or train one with configs/cifar100/teachers/{cfg.teacher.name}.yaml, "
+            f"then pass teacher.checkpoint=PATH"
+        )
+    load_weights_strict(
+        teacher, path, arch=cfg.teacher.name, identify=lambda state: identify_architectures(state, num_classes)
+    )
+    return teacher
+
+
+def check_model_names(cfg: Config) -> None:
+    """Fail fast on an unknown student or teacher name (with close matches), before loading any data."""
+    models.MODELS.get(cfg.student.name)
+    if cfg.method != "vanilla" and cfg.teacher.name is not None:
+        models.MODELS.get(cfg.teacher.name)
+
+
+@dataclass
+class Experiment:
+    """Everything a training run manipulates."""
+
+    distiller: Distiller
+    optimizer: torch.optim.SGD
+    schedule: StepLRSchedule
+    curriculum: Curriculum
+    train_loader: DataLoader
+    test_loader: DataLoader
+    device: torch.device
+
+
+def build_experiment(cfg: Config, device: torch.device) -> Experiment:
+    """Names first, then data (a missing dataset fails before any model work), networks, distiller, optimizer."""
+    check_model_names(cfg)
+    train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
+    train_loader = build_split_loader(cfg, train_set, train=True, device=device)
+    test_loader = build_split_loader(cfg, test_set, train=False, device=device)
+    num_classes = train_set.num_classes
+    student = models.build_model(cfg.student.name, num_classes=num_classes)
+    teacher = load_teacher(cfg, num_classes) if cfg.method != "vanilla" else None
+    temperature = None
+    if cfg.method != "vanilla":
+        t = cfg.temperature
+        temperature = build_temperature(
+            t.name, num_classes=num_classes, value=t.value, t_start=t.t_start, t_range=t.t_range,
+            init_raw=t.init_raw, hidden_dim=t.hidden_dim,
+        )
+    distiller = build_distiller(
+        cfg.method, student=student, teacher=teacher, temperature=temperature,
+        ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
+    ).to(device)
+    optimizer = build_sgd(
+        distiller.trainable, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
+        weight_decay=cfg.optimizer.weight_decay, temperature_lr=cfg.temperature.lr,
+        temperature_weight_decay=cfg.temperature.weight_decay,
+    )
+    schedule = StepLRSchedule(optimizer, cfg.optimizer.lr_decay_epochs, cfg.optimizer.lr_decay_rate)
+    c = cfg.curriculum
+    curriculum = build_curriculum(c.name, lambda_min=c.lambda_min, lambda_max=c.lambda_max, loops=c.loops)
+    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, device)

@@ -1,0 +1,241 @@
+"""The training run: output directory, teacher preparation, resume, the epoch loop, checkpoints and results."""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctkd.build import Experiment, build_experiment, resolve_device
+from ctkd.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    atomic_save,
+    capture_rng_state,
+    load_run_checkpoint,
+    restore_rng_state,
+)
+from ctkd.config import Config, config_from_dict, config_to_dict, diff_configs, load_config, save_config
+from ctkd.engine import evaluate, train_one_epoch
+from ctkd.logging import MetricsLog, get_logger, write_json_atomic
+
+RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
+
+
+class RunDirectoryError(RuntimeError):
+    """The output directory already holds a run that this command would overwrite."""
+
+
+@dataclass
+class Progress:
+    """Training progress that a checkpoint carries besides the module and optimizer states."""
+
+    epoch: int = 0  # last completed epoch
+    best_acc1: float = -1.0
+    best_acc5: float = -1.0
+    best_epoch: int = 0
+    elapsed_s: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so model initialisation is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: 'auto' → `<output_dir>/last.pth` if present; a path must exist.
+
+    Without --resume, an output directory that already holds a run is refused rather than overwritten.
+    """
+    output_dir = Path(cfg.output_dir)
+    if resume == "auto":
+        last = output_dir / "last.pth"
+        return last if last.is_file() else None
+    if resume is not None:
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
+        return path
+    existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if existing:
+        raise RunDirectoryError(
+            f"output_dir {output_dir} already holds a run ({', '.join(existing)}). Continue it with "
+            f"--resume auto, or start a new run elsewhere with output_dir=runs/<new name>."
+        )
+    return None
+
+
+def ensure_teacher_checkpoint(cfg: Config) -> None:
+    """If the teacher checkpoint is missing and `teacher.train_config` is set, train that teacher first.
+
+    The teacher run is an ordinary run of its own config (resumed if it was interrupted), so its result is reused
+    by every later student run.
+    """
+    if cfg.method == "vanilla" or cfg.teacher.checkpoint is None or Path(cfg.teacher.checkpoint).is_file():
+        return
+    if cfg.teacher.train_config is None:
+        return  # load_teacher reports the missing file with instructions
+    log = get_logger()
+    log.info(f"teacher checkpoint {cfg.teacher.checkpoint} not found: training it with {cfg.teacher.train_config}")
+    teacher_cfg = load_config(cfg.teacher.train_config)
+    run(teacher_cfg, resume="auto")
+    if not Path(cfg.teacher.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"teacher.train_config {cfg.teacher.train_config} finished but did not produce teacher.checkpoint "
+            f"{cfg.teacher.checkpoint}; its output_dir ({teacher_cfg.output_dir}) must contain that file"
+        )
+
+
+def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[str, Any]:
+    """Everything needed to continue the run, as plain types (loadable with weights_only=True)."""
+    trainable = exp.distiller.trainable
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "epoch": progress.epoch,
+        "student": trainable.student.state_dict(),
+        "temperature": trainable.temperature.state_dict() if trainable.temperature is not None else {},
+        "optimizer": exp.optimizer.state_dict(),
+        "lr_schedule": exp.schedule.state_dict(),
+        "best_acc1": progress.best_acc1,
+        "best_acc5": progress.best_acc5,
+        "best_epoch": progress.best_epoch,
+        "elapsed_s": progress.elapsed_s,
+        "rng": capture_rng_state(),
+        "config": config_to_dict(cfg),
+    }
+
+
+def restore(exp: Experiment, cfg: Config, path: Path) -> Progress:
+    """Load a run checkpoint into `exp`; warn about every config key that differs from the saved one."""
+    state = load_run_checkpoint(path)
+    saved_cfg = config_from_dict(state["config"], source=f"{path} (saved config)")
+    for line in diff_configs(saved_cfg, cfg):
+        get_logger().warning(f"resume: config differs from the checkpoint's: {line}")
+    trainable = exp.distiller.trainable
+    trainable.student.load_state_dict(state["student"], strict=True)
+    if trainable.temperature is not None:
+        trainable.temperature.load_state_dict(state["temperature"], strict=True)
+    exp.optimizer.load_state_dict(state["optimizer"])
+    exp.schedule.load_state_dict(state["lr_schedule"])
+    restore_rng_state(state["rng"])
+    return Progress(
+        epoch=state["epoch"], best_acc1=state["best_acc1"], best_acc5=state["best_acc5"],
+        best_epoch=state["best_epoch"], elapsed_s=state["elapsed_s"],
+    )
+
+
+def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train (or distil) as `cfg` says, writing everything under `cfg.output_dir`; returns the results summary."""
+    log = get_logger()
+    resume_path = resolve_resume(cfg, resume)
+    ensure_teacher_checkpoint(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    exp = build_experiment(cfg, device)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    if resume_path is not None:
+        progress = restore(exp, cfg, resume_path)
+        log.info(f"resumed from {resume_path} after epoch {progress.epoch}")
+    save_config(cfg, output_dir / "config.yaml")
+    teacher_metrics = _evaluate_teacher(exp, cfg)
+    metrics = MetricsLog(output_dir, start_epoch=progress.epoch + 1, tensorboard=cfg.logging.tensorboard)
+    try:
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            record = _run_epoch(exp, cfg, epoch, progress, metrics)
+            log.info(_epoch_line(record, cfg.epochs))
+    finally:
+        metrics.close()
+    results = _results(cfg, progress, metrics.records(), teacher_metrics)
+    write_json_atomic(results, output_dir / "results.json")
+    log.info(
+        f"done: best top-1 {results['best_acc1']:.2f}% (epoch {results['best_epoch']}), "
+        f"last top-1 {results['last_acc1']:.2f}%. Results: {output_dir / 'results.json'}; "
+        f"TensorBoard: tensorboard --logdir {output_dir}"
+    )
+    return results
+
+
+def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
+    """Evaluate the frozen teacher once at start-up, so a wrong checkpoint shows before hours of training."""
+    teacher = exp.distiller.teacher
+    if teacher is None:
+        return None
+    metrics = evaluate(teacher, exp.test_loader, exp.device)
+    get_logger().info(f"teacher {cfg.teacher.name}: top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%")
+    return metrics
+
+
+def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, metrics: MetricsLog) -> dict[str, Any]:
+    """Train and evaluate one epoch, log it, then checkpoint (metrics first: a resume drops lines past the checkpoint)."""
+    start = time.perf_counter()
+    lr = exp.schedule.set_epoch(epoch)
+    grl_lambda = exp.curriculum(epoch) if cfg.method != "vanilla" else 0.0
+    exp.train_loader.sampler.set_epoch(epoch)
+    train_stats, tau_values = train_one_epoch(
+        exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
+        progress=cfg.logging.progress_bar and _stderr_is_terminal(),
+    )
+    test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device)
+    epoch_time = time.perf_counter() - start
+    record = {"epoch": epoch, "lr": lr, "lambda": grl_lambda, **train_stats}
+    record.update({f"test_{k}": v for k, v in test_stats.items()}, epoch_time=epoch_time)
+    metrics.log_epoch(record, tau_values)
+    improved = test_stats["acc1"] > progress.best_acc1
+    progress.epoch = epoch
+    progress.elapsed_s += epoch_time
+    if improved:
+        progress.best_acc1, progress.best_acc5, progress.best_epoch = test_stats["acc1"], test_stats["acc5"], epoch
+    state = checkpoint_state(exp, cfg, progress)
+    atomic_save(state, Path(cfg.output_dir) / "last.pth")
+    if improved:
+        atomic_save(state, Path(cfg.output_dir) / "best.pth")
+    return record
+
+
+def _stderr_is_terminal() -> bool:
+    """tqdm bars only on an interactive terminal (logs in files stay clean)."""
+    return sys.stderr.isatty()
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One console line per epoch."""
+    tau = f" τ {record['tau_mean']:.3f}" if "tau_mean" in record else ""
+    return (
+        f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g} λ {record['lambda']:.4f}{tau} "
+        f"loss {record['train_loss']:.4f} train {record['train_acc1']:.2f}% "
+        f"test {record['test_acc1']:.2f}%/{record['test_acc5']:.2f}% ({record['epoch_time']:.1f}s)"
+    )
+
+
+def _results(
+    cfg: Config, progress: Progress, records: list[dict[str, Any]], teacher: dict[str, float] | None
+) -> dict[str, Any]:
+    """The final summary written to results.json."""
+    last = records[-1] if records else {}
+    return {
+        "output_dir": cfg.output_dir,
+        "method": cfg.method,
+        "student": cfg.student.name,
+        "teacher": cfg.teacher.name,
+        "temperature": cfg.temperature.name if cfg.method != "vanilla" else None,
+        "epochs": progress.epoch,
+        "best_acc1": progress.best_acc1,
+        "best_acc5": progress.best_acc5,
+        "best_epoch": progress.best_epoch,
+        "last_acc1": last.get("test_acc1"),
+        "last_acc5": last.get("test_acc5"),
+        "final_tau": last.get("tau_last"),
+        "teacher_acc1": teacher["acc1"] if teacher else None,
+        "teacher_acc5": teacher["acc5"] if teacher else None,
+        "wall_time_s": progress.elapsed_s,
+    }

@@ -1,0 +1,44 @@
+"""Evaluate a checkpoint (ours, or a teacher file in a published layout) on the config's test set.
+
+    python eval.py --config FILE --checkpoint PATH [--json] [KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ctkd.config import ConfigError, load_config
+from ctkd.evaluation import evaluate_checkpoint
+from ctkd.logging import get_logger, setup_console
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line contract: --config, --checkpoint, optional --json, then dotted KEY=VALUE overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the YAML config of the run (selects model and data)")
+    parser.add_argument("--checkpoint", required=True, help="best.pth/last.pth of a run, or a teacher file")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/cifar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print top-1/top-5 of the checkpoint's student on the test split."""
+    args = parse_args(argv)
+    setup_console()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        metrics = evaluate_checkpoint(cfg, args.checkpoint)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        get_logger().error(f"error: {err}")
+        return 1
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{metrics['model']} on {metrics['dataset']} test: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

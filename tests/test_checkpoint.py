@@ -1,0 +1,135 @@
+"""Checkpoint files: published teacher layouts, strict loading with helpful errors, atomic writes, RNG states."""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from ctkd import fileio
+from ctkd.build import identify_architectures
+from ctkd.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    capture_rng_state,
+    load_file,
+    load_weights_strict,
+    restore_rng_state,
+)
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)
+    return models.build_model("resnet8", num_classes=100).state_dict()
+
+
+def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
+    return {
+        "crd_periodic": {"epoch": 240, "model": sd, "accuracy": torch.tensor(72.3), "optimizer": {"state": {}}},
+        "crd_last_with_namespace": {"opt": argparse.Namespace(model="resnet8", lr=0.05), "model": sd},
+        "mdistiller_student": {"model": sd},
+        "state_dict_key": {"state_dict": sd, "epoch": 3},
+        "bare": sd,
+        "ddp_prefix": {"model": {f"module.{k}": v for k, v in sd.items()}},
+        "compile_prefix": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "ddp_and_compile": {"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}},
+        "ctkd_run": {"format": "ctkd-run", "version": 1, "student": sd, "temperature": {"raw": torch.tensor(1.0)}},
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts({}).keys()))
+def test_published_layouts_load_strictly(tmp_path: Path, weights: dict, layout: str) -> None:
+    path = tmp_path / f"{layout}.pth"
+    torch.save(_layouts(weights)[layout], path)
+    model = models.build_model("resnet8", num_classes=100)
+    load_weights_strict(model, path, arch="resnet8")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_mismatch_names_keys_and_the_matching_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "resnet14_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir()
+    torch.save({"model": models.build_model("resnet14", num_classes=100).state_dict()}, path)
+    model = models.build_model("resnet8", num_classes=100)
+    with pytest.raises(CheckpointError) as info:
+        load_weights_strict(model, path, arch="resnet8", identify=lambda sd: identify_architectures(sd, 100))
+    message = str(info.value)
+    assert str(path) in message and "'resnet8'" in message
+    assert "unexpected keys: layer1.1.conv1.weight" in message
+    assert "matches architecture(s): resnet14" in message
+
+
+def test_shape_mismatch_is_reported(tmp_path: Path, weights: dict) -> None:
+    path = tmp_path / "ten_classes.pth"
+    torch.save({"model": models.build_model("resnet8", num_classes=10).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"fc\.weight: file \(10, 64\) vs model \(100, 64\)"):
+        load_weights_strict(models.build_model("resnet8", num_classes=100), path, arch="resnet8")
+
+
+def test_file_without_weights_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "meta_only.pth"
+    torch.save({"epoch": 3, "best_acc": 70.0}, path)
+    with pytest.raises(CheckpointError, match=r"no model weights found.*\['best_acc', 'epoch'\]"):
+        load_weights_strict(models.build_model("resnet8"), path, arch="resnet8")
+
+
+@pytest.mark.parametrize("damage", ["empty", "half", "missing"])
+def test_damaged_files_name_path_and_cause(tmp_path: Path, weights: dict, damage: str) -> None:
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": weights}, path)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "half":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+    expected = "does not exist" if damage == "missing" else "truncated or corrupted"
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "hook": random.Random}, path)
+    with pytest.raises(CheckpointError, match="not plain data"):
+        load_file(path)
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pth"
+    atomic_save({"epoch": 1}, path)
+
+    def failing_save(obj, handle) -> None:
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path: Path) -> None:
+    (tmp_path / "plain.txt").write_text("x")  # what open() gives under the current umask
+    fileio.atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
+def test_rng_state_round_trip_is_plain_and_exact(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leave a cached gaussian in NumPy's state
+    atomic_save({"rng": capture_rng_state()}, tmp_path / "rng.pth")
+    expected = ([random.random() for _ in range(100)], np.random.standard_normal(100), torch.rand(100))
+    restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    assert [random.random() for _ in range(100)] == expected[0]
+    assert np.array_equal(np.random.standard_normal(100), expected[1])
+    assert torch.equal(torch.rand(100), expected[2])

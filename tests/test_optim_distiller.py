@@ -1,0 +1,91 @@
+"""LR schedule of REFERENCE.md §3, the optimizer's parameter groups, and the distillers' loss composition."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctkd.distiller import KD, TrainableModule, Vanilla, build_distiller
+from ctkd.losses import kd_loss
+from ctkd.optim import StepLRSchedule, build_sgd
+from ctkd.temperature import FixedTemperature, GlobalTemperature
+
+
+def _net(classes: int = 5) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
+
+
+@pytest.mark.parametrize(
+    "epoch,factor",
+    [(1, 1.0), (150, 1.0), (151, 0.1), (180, 0.1), (181, 0.01), (210, 0.01), (211, 0.001), (240, 0.001)],
+)
+def test_step_schedule_matches_authors_adjust_learning_rate(epoch: int, factor: float) -> None:
+    """REFERENCE.md §3: epochs 1-150 base, 151-180 ×0.1, 181-210 ×0.01, 211-240 ×0.001 (1-based epochs)."""
+    optimizer = torch.optim.SGD(_net().parameters(), lr=0.05)
+    schedule = StepLRSchedule(optimizer, [150, 180, 210], 0.1)
+    assert schedule.set_epoch(epoch) == pytest.approx(0.05 * factor)
+
+
+def test_schedule_state_round_trip_keeps_base_lrs() -> None:
+    optimizer = torch.optim.SGD(_net().parameters(), lr=0.1)
+    schedule = StepLRSchedule(optimizer, [30, 60], 0.1)
+    schedule.set_epoch(61)
+    other = StepLRSchedule(optimizer, [1], 0.5)  # built after the decay: its base LR would be wrong
+    other.load_state_dict(schedule.state_dict())
+    assert other.set_epoch(1) == pytest.approx(0.1)
+
+
+def test_temperature_shares_the_student_optimizer_or_gets_its_own_settings() -> None:
+    trainable = TrainableModule(_net(), GlobalTemperature())
+    shared = build_sgd(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    assert [g["name"] for g in shared.param_groups] == ["student", "temperature"]
+    assert all(g["lr"] == 0.05 and g["weight_decay"] == 5e-4 and g["momentum"] == 0.9 for g in shared.param_groups)
+    own = build_sgd(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4, temperature_lr=0.01,
+                    temperature_weight_decay=0.0)
+    assert (own.param_groups[1]["lr"], own.param_groups[1]["weight_decay"]) == (0.01, 0.0)
+    schedule = StepLRSchedule(own, [2], 0.1)
+    schedule.set_epoch(3)
+    assert [g["lr"] for g in own.param_groups] == pytest.approx([0.005, 0.001])  # both follow the schedule
+
+
+def test_kd_distiller_loss_is_weighted_ce_plus_kd() -> None:
+    torch.manual_seed(0)
+    student, teacher = _net(), _net()
+    distiller = build_distiller("kd", student=student, teacher=teacher, temperature=FixedTemperature(4.0),
+                                ce_weight=0.1, kd_weight=0.9)
+    assert isinstance(distiller, KD)
+    images, targets = torch.randn(6, 3, 2, 2), torch.randint(0, 5, (6,))
+    out = distiller(images, targets, grl_lambda=1.0)
+    with torch.no_grad():
+        s, t = student(images), teacher(images)
+    assert out.losses["loss_ce"].item() == pytest.approx(0.1 * F.cross_entropy(s, targets).item())
+    assert out.losses["loss_kd"].item() == pytest.approx(0.9 * kd_loss(s, t, 4.0).item())
+    assert out.temperature.item() == 4.0
+
+
+def test_vanilla_distiller_is_plain_cross_entropy_without_teacher() -> None:
+    torch.manual_seed(0)
+    student = _net()
+    distiller = build_distiller("vanilla", student=student, teacher=None, temperature=None, ce_weight=0.1,
+                                kd_weight=0.9)
+    assert isinstance(distiller, Vanilla) and distiller.teacher is None
+    images, targets = torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))
+    out = distiller(images, targets)
+    assert list(out.losses) == ["loss_ce"] and out.temperature is None
+    assert out.losses["loss_ce"].item() == pytest.approx(F.cross_entropy(student(images), targets).item())
+
+
+def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
+    teacher = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12), nn.Linear(12, 5))
+    distiller = build_distiller("kd", student=_net(), teacher=teacher, temperature=GlobalTemperature(),
+                                ce_weight=0.1, kd_weight=0.9)
+    distiller.train()
+    assert distiller.trainable.training and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert set(distiller.trainable.state_dict()) == {"student.1.weight", "student.1.bias", "temperature.raw"}
+
+
+def test_unknown_method_lists_close_matches() -> None:
+    with pytest.raises(ValueError, match="Unknown method 'kdd'. Did you mean 'kd'"):
+        build_distiller("kdd", student=_net(), teacher=_net(), temperature=None, ce_weight=0.1, kd_weight=0.9)

@@ -1,0 +1,280 @@
+"""End-to-end training on CPU: outputs, checkpoints, resume equivalence, teacher handling, CLI errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import eval as eval_cli
+import models
+import train as train_cli
+from conftest import REPO_ROOT, tiny_run_config, write_yaml
+from ctkd import engine, trainer
+from ctkd.build import build_experiment
+from ctkd.config import config_from_dict, load_config
+from ctkd.curriculum import build_curriculum
+from ctkd.trainer import RunDirectoryError, run
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet14 teacher saved in the CRD/mdistiller layout ({'epoch', 'model', 'accuracy', 'optimizer'})."""
+    torch.manual_seed(123)
+    teacher = models.build_model("resnet14", num_classes=10)
+    path = tmp_path_factory.mktemp("teacher") / "resnet14_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"epoch": 240, "model": teacher.state_dict(), "accuracy": torch.tensor(71.0), "optimizer": {}}, path)
+    return path
+
+
+def ctkd_config(tmp_path: Path, teacher_file: Path, name: str = "run", **sections: dict) -> dict:
+    """A tiny global-CTKD config distilling resnet8 from the resnet14 teacher file."""
+    base = tiny_run_config(
+        tmp_path,
+        name,
+        method="kd",
+        teacher={"name": "resnet14", "checkpoint": str(teacher_file)},
+        temperature={"name": "global"},
+        curriculum={"name": "cosine", "loops": 2},
+    )
+    return {**base, **{k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in sections.items()}}
+
+
+def load(data: dict, tmp_path: Path, file: str = "cfg.yaml"):
+    return load_config(write_yaml(tmp_path / file, data))
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key, value in state.items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def metrics_without_times(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.pop("epoch_time")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def test_ctkd_run_writes_every_output(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file), tmp_path)
+    results = run(cfg)
+    out = Path(cfg.output_dir)
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "last.pth", "best.pth"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard events missing"
+    assert load_config(out / "config.yaml") == cfg  # the resolved config round-trips
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    lam = build_curriculum("cosine", lambda_min=0.0, lambda_max=1.0, loops=2)
+    assert [r["lambda"] for r in records] == [lam(1), lam(2), lam(3)] == pytest.approx([0.5, 1.0, 1.0])
+    assert [r["lr"] for r in records] == pytest.approx([0.05, 0.05, 0.005])  # decay after epoch 2
+    for r in records:
+        assert {"train_loss_ce", "train_loss_kd", "train_acc1", "train_acc5", "test_acc1", "test_acc5",
+                "tau_mean", "tau_min", "tau_max", "tau_last", "epoch_time"} <= r.keys()
+        assert 1.0 < r["tau_min"] <= r["tau_mean"] <= r["tau_max"] < 21.0
+        assert r["train_loss"] == pytest.approx(r["train_loss_ce"] + r["train_loss_kd"])
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results
+    assert results["best_acc1"] == max(r["test_acc1"] for r in records)
+    assert records[results["best_epoch"] - 1]["test_acc1"] == results["best_acc1"]
+    assert results["last_acc1"] == records[-1]["test_acc1"]
+    assert results["final_tau"] == records[-1]["tau_last"]
+    assert results["teacher_acc1"] is not None and 0.0 <= results["teacher_acc1"] <= 100.0
+
+
+def test_checkpoint_holds_plain_state_without_teacher(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path)
+    run(cfg)
+    state = torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)  # plain types only
+    assert {"epoch", "student", "temperature", "optimizer", "lr_schedule", "best_acc1", "rng", "config"} <= state.keys()
+    assert state["epoch"] == 1
+    assert set(state["temperature"]) == {"raw"}
+    assert config_from_dict(state["config"], "ckpt") == cfg
+    student_keys = set(models.build_model("resnet8", num_classes=10).state_dict())
+    assert set(state["student"]) == student_keys  # no teacher weights anywhere
+    assert all("teacher" not in key for key in state["student"])
+
+
+def test_teacher_stays_frozen_and_out_of_the_optimizer(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path)
+    exp = build_experiment(cfg, torch.device("cpu"))
+    teacher = exp.distiller.teacher
+    before = state_hash(teacher.state_dict())
+    optimized = {id(p) for group in exp.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    temperature_group = [g for g in exp.optimizer.param_groups if g["name"] == "temperature"]
+    assert len(temperature_group) == 1 and temperature_group[0]["params"][0] is exp.distiller.trainable.temperature.raw
+    exp.train_loader.sampler.set_epoch(1)
+    engine.train_one_epoch(exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=1.0,
+                           device=torch.device("cpu"), epoch=1)
+    assert not teacher.training
+    assert state_hash(teacher.state_dict()) == before  # BN running stats included
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_crash_is_bit_identical(
+    tmp_path: Path, teacher_file: Path, num_workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = {"num_workers": num_workers}
+    straight_cfg = load(ctkd_config(tmp_path, teacher_file, "straight", data=data), tmp_path, "a.yaml")
+    run(straight_cfg)
+
+    crash_cfg = load(ctkd_config(tmp_path, teacher_file, "crashed", data=data), tmp_path, "b.yaml")
+    real_train = engine.train_one_epoch
+
+    def crash_in_epoch_3(*args, **kwargs):
+        if kwargs["epoch"] == 3:
+            raise KeyboardInterrupt("simulated kill during epoch 3")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(crash_cfg)
+    assert torch.load(Path(crash_cfg.output_dir) / "last.pth", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(trainer, "train_one_epoch", real_train)
+    run(crash_cfg, resume="auto")
+
+    straight = torch.load(Path(straight_cfg.output_dir) / "last.pth", weights_only=True)
+    resumed = torch.load(Path(crash_cfg.output_dir) / "last.pth", weights_only=True)
+    assert state_hash(straight["student"]) == state_hash(resumed["student"])
+    assert torch.equal(straight["temperature"]["raw"], resumed["temperature"]["raw"])
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert metrics_without_times(Path(straight_cfg.output_dir) / "metrics.jsonl") == metrics_without_times(
+        Path(crash_cfg.output_dir) / "metrics.jsonl"
+    )
+
+
+def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path: Path, teacher_file: Path) -> None:
+    """A crash between the metrics line and the checkpoint must not leave epoch 2 logged twice."""
+    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=2), tmp_path)
+    run(cfg)
+    out = Path(cfg.output_dir)
+    shutil.copy(out / "last.pth", tmp_path / "epoch2.pth")
+    cfg3 = load(ctkd_config(tmp_path, teacher_file, epochs=3), tmp_path, "cfg3.yaml")
+    run(cfg3, resume="auto")
+    # Pretend the run died right after logging epoch 3, before its checkpoint: resume from epoch 2's file.
+    shutil.copy(tmp_path / "epoch2.pth", out / "last.pth")
+    run(cfg3, resume=str(out / "last.pth"))
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test/acc1")] == [1, 2, 3]
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
+    cfg = load(tiny_run_config(tmp_path, epochs=1), tmp_path)
+    run(cfg)
+    before = (Path(cfg.output_dir) / "last.pth").read_bytes()
+    with pytest.raises(RunDirectoryError, match="--resume auto"):
+        run(cfg)
+    assert (Path(cfg.output_dir) / "last.pth").read_bytes() == before
+
+
+def test_explicit_resume_of_missing_or_foreign_file_fails(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(tiny_run_config(tmp_path, epochs=1), tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        run(cfg, resume=str(tmp_path / "nope.pth"))
+    with pytest.raises(RuntimeError, match="not a ctkd run checkpoint"):
+        run(cfg, resume=str(teacher_file))
+
+
+# ------------------------------------------------------------------------------------------------ temperature modes
+def test_instance_temperature_run_logs_per_sample_spread(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1, temperature={"name": "instance", "hidden_dim": 16}),
+               tmp_path)
+    run(cfg)
+    record = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert 1.0 < record["tau_min"] < record["tau_max"] < 21.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(cfg.output_dir)
+    events.Reload()
+    assert "params/tau" in events.Tags()["histograms"]
+
+
+def test_fixed_temperature_is_plain_kd(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1, temperature={"name": "fixed", "value": 4.0}), tmp_path)
+    run(cfg)
+    record = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["tau_min"] == record["tau_max"] == 4.0
+
+
+# ------------------------------------------------------------------------------------------------ CLIs
+def test_train_and_eval_cli(tmp_path: Path, teacher_file: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_yaml(tmp_path / "cli.yaml", ctkd_config(tmp_path, teacher_file, epochs=1))
+    assert train_cli.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    out = Path(tmp_path / "run")
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert eval_cli.main(["--config", str(path), "--checkpoint", str(out / "best.pth"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["acc1"] == results["best_acc1"] and metrics["acc5"] == results["best_acc5"]
+    assert eval_cli.main(["--config", str(path), "--checkpoint", str(out / "best.pth")]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"student": {"name": "resnet21"}}, "Unknown model 'resnet21'. Did you mean 'resnet32', 'resnet20'"),
+        ({"data": {"name": "cifar100", "root": "MISSING_ROOT"}}, "MISSING_ROOT"),
+        ({"optimizer": {"momentun": 0.9}}, "did you mean 'optimizer.momentum'"),
+        ({"epochs": "3"}, "'epochs' expects int"),
+    ],
+)
+def test_train_cli_reports_bad_input_in_one_line(
+    tmp_path: Path, change: dict, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    data = tiny_run_config(tmp_path)
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    path = write_yaml(tmp_path / "bad.yaml", data)
+    assert train_cli.main(["--config", str(path)]) == 1
+    assert message.lower() in capsys.readouterr().out.lower()
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_missing_teacher_checkpoint_explains_how_to_get_it(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file, teacher={"checkpoint": str(tmp_path / "none.pth")}), tmp_path)
+    with pytest.raises(RuntimeError, match=r"none\.pth does not exist.*configs/cifar100/teachers/resnet14\.yaml"):
+        run(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ quickstart
+@pytest.mark.slow
+def test_quickstart_trains_its_teacher_once_then_distils(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real quickstart configs, shortened to 2 epochs on fewer images, run from a fresh directory."""
+    for name in ("quickstart.yaml", "quickstart_teacher.yaml"):
+        data = yaml.safe_load((REPO_ROOT / "configs" / name).read_text())
+        data.update(epochs=2)
+        data["data"]["synthetic"].update(train_size=320, test_size=100)
+        write_yaml(tmp_path / "configs" / name, data)
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--config", "configs/quickstart.yaml"]) == 0
+    teacher_run, student_run = tmp_path / "runs/quickstart_teacher", tmp_path / "runs/quickstart"
+    assert (teacher_run / "best.pth").is_file() and (student_run / "results.json").is_file()
+    teacher_bytes = (teacher_run / "best.pth").read_bytes()
+    results = json.loads((student_run / "results.json").read_text())
+    assert results["teacher_acc1"] == json.loads((teacher_run / "results.json").read_text())["best_acc1"]
+    assert 1.0 < results["final_tau"] < 21.0
+    # A second student run reuses the teacher instead of training it again.
+    assert train_cli.main(["--config", "configs/quickstart.yaml", "output_dir=runs/again"]) == 0
+    assert (teacher_run / "best.pth").read_bytes() == teacher_bytes
+    assert json.loads((tmp_path / "runs/again/results.json").read_text())["best_acc1"] == results["best_acc1"]
