@@ -278,3 +278,28 @@ def test_quickstart_trains_its_teacher_once_then_distils(tmp_path: Path, monkeyp
     assert train_cli.main(["--config", "configs/quickstart.yaml", "output_dir=runs/again"]) == 0
     assert (teacher_run / "best.pth").read_bytes() == teacher_bytes
     assert json.loads((tmp_path / "runs/again/results.json").read_text())["best_acc1"] == results["best_acc1"]
+
+
+# ------------------------------------------------------------------------------------------------ real CIFAR files
+def test_cifar100_files_train_end_to_end_and_damage_is_reported(
+    tmp_path: Path, teacher_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The cifar100 path on small files in the official pickle format: one epoch, then a truncated file."""
+    from test_datasets import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "cifar", num_train=96, num_test=40)
+    torch.manual_seed(5)
+    teacher = tmp_path / "resnet14_100.pth"
+    torch.save({"model": models.build_model("resnet14", num_classes=100).state_dict()}, teacher)
+    data = ctkd_config(tmp_path, teacher, epochs=1, data={"name": "cifar100", "root": str(tmp_path / "cifar")})
+    del data["data"]["synthetic"]
+    path = write_yaml(tmp_path / "cifar.yaml", data)
+    assert train_cli.main(["--config", str(path)]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs"] == 1
+
+    train_file = tmp_path / "cifar" / "cifar-100-python" / "train"
+    train_file.write_bytes(train_file.read_bytes()[:1000])
+    capsys.readouterr()
+    assert train_cli.main(["--config", str(path), "output_dir=" + str(tmp_path / "run2")]) == 1
+    assert str(train_file) in capsys.readouterr().out
+    assert not (tmp_path / "run2" / "last.pth").exists()
