@@ -1,13 +1,19 @@
-"""Train a teacher or distil a student from a YAML config.
+"""Train a teacher or distil a student from a YAML config, on one process or under torchrun.
 
     python train.py --config FILE [--resume PATH|auto] [KEY=VALUE ...]
+    torchrun --nproc_per_node=N train.py --config FILE [...]
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from ctkd.config import ConfigError, load_config
+from ctkd.distributed import shutdown_distributed
 from ctkd.logging import get_logger, setup_console
 from ctkd.trainer import run
 
@@ -21,16 +27,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@record  # under torchrun, a crash's traceback goes into torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
-    """Load the config, run training, report user errors in one line."""
+    """Load the config, run training, report user errors in one line (rank-prefixed under torchrun)."""
     args = parse_args(argv)
-    setup_console()
+    rank = int(os.environ.get("RANK", "0"))
+    setup_console(logging.INFO if rank == 0 else logging.ERROR)  # other ranks print errors only
+    where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    clean = False
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, resume=args.resume)
+        clean = True
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        get_logger().error(f"error: {err}")
+        get_logger().error(f"{where}error: {err}")
         return 1
+    finally:
+        shutdown_distributed(clean)
     return 0
 
 

@@ -13,19 +13,11 @@ import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import Config
 from ctkd.curriculum import Curriculum, build_curriculum
+from ctkd.distributed import DistributedContext, main_process_first
 from ctkd.distiller import Distiller, build_distiller
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available; use device=auto or cpu")
-    return torch.device(name)
 
 
 def build_split(cfg: Config, *, train: bool) -> datasets.ImageDataset:
@@ -42,15 +34,29 @@ def build_split(cfg: Config, *, train: bool) -> datasets.ImageDataset:
     return datasets.build_dataset(cfg.data.name, root=cfg.data.root, train=train, download=cfg.data.download, **options)
 
 
-def build_split_loader(cfg: Config, dataset: datasets.ImageDataset, *, train: bool, device: torch.device) -> DataLoader:
-    """Train loader (shuffled, augmented as a function of (seed, epoch, index)) or test loader (in order, half batch)."""
+def build_split_loader(
+    cfg: Config, dataset: datasets.ImageDataset, *, train: bool, ctx: DistributedContext
+) -> DataLoader:
+    """Train loader (shuffled, augmented as a function of (seed, epoch, index)) or test loader (in order, half batch).
+
+    Batch sizes are global: each rank takes its share of every batch, so N processes see the same batches as one.
+    """
+    key, batch_size = ("data.batch_size", cfg.data.batch_size) if train else (
+        "data.test_batch_size", cfg.data.effective_test_batch_size)
+    if batch_size % ctx.world_size:
+        raise ValueError(
+            f"{key} = {batch_size} is the global batch and must be divisible by the number of processes "
+            f"({ctx.world_size}); choose a multiple of {ctx.world_size}"
+        )
     return build_loader(
         dataset,
-        batch_size=cfg.data.batch_size if train else cfg.data.effective_test_batch_size,
+        batch_size=batch_size,
         train=train,
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=ctx.device.type == "cuda",
     )
 
 
@@ -99,15 +105,29 @@ class Experiment:
     curriculum: Curriculum
     train_loader: DataLoader
     test_loader: DataLoader
-    device: torch.device
+    ctx: DistributedContext
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device."""
+        return self.ctx.device
 
 
-def build_experiment(cfg: Config, device: torch.device) -> Experiment:
-    """Names first, then data (a missing dataset fails before any model work), networks, distiller, optimizer."""
+def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
+    """Names first, then data (a missing dataset fails before any model work), networks, distiller, optimizer.
+
+    The trainable module is not wrapped in DDP here: a resumed run loads its state first (see `Distiller.wrap_ddp`).
+    """
     check_model_names(cfg)
-    train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
-    train_loader = build_split_loader(cfg, train_set, train=True, device=device)
-    test_loader = build_split_loader(cfg, test_set, train=False, device=device)
+    if cfg.distributed.sync_bn and ctx.device.type != "cuda":
+        raise ValueError(
+            "distributed.sync_bn: true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+            "set distributed.sync_bn=false or run on GPUs"
+        )
+    with main_process_first(ctx):  # rank 0 downloads, the others then read what it wrote
+        train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
+    train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
+    test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
     num_classes = train_set.num_classes
     student = models.build_model(cfg.student.name, num_classes=num_classes)
     teacher = load_teacher(cfg, num_classes) if cfg.method != "vanilla" else None
@@ -121,7 +141,9 @@ def build_experiment(cfg: Config, device: torch.device) -> Experiment:
     distiller = build_distiller(
         cfg.method, student=student, teacher=teacher, temperature=temperature,
         ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
-    ).to(device)
+    ).to(ctx.device)
+    if cfg.distributed.sync_bn and ctx.enabled:
+        distiller.trainable.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.trainable.student)
     optimizer = build_sgd(
         distiller.trainable, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
         weight_decay=cfg.optimizer.weight_decay, temperature_lr=cfg.temperature.lr,
@@ -130,4 +152,4 @@ def build_experiment(cfg: Config, device: torch.device) -> Experiment:
     schedule = StepLRSchedule(optimizer, cfg.optimizer.lr_decay_epochs, cfg.optimizer.lr_decay_rate)
     c = cfg.curriculum
     curriculum = build_curriculum(c.name, lambda_min=c.lambda_min, lambda_max=c.lambda_max, loops=c.loops)
-    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, device)
+    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, ctx)

@@ -249,6 +249,14 @@ class LoggingConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DistributedConfig(_Section):
+    """Multi-process training under torchrun (ignored by single-process runs)."""
+
+    timeout_s: float = _spec(300.0, gt=0)  # how long a collective waits for a dead or hung rank before the job fails
+    sync_bn: bool = False  # convert the student's BatchNorm to SyncBatchNorm (CUDA only)
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     """One experiment. The defaults are the authors' CIFAR-100 protocol."""
 
@@ -266,6 +274,7 @@ class Config(_Section):
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # λ curriculum of the adversarial τ
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and LR schedule
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress reporting
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun settings
 
 
 def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
@@ -277,6 +286,12 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
             ("curriculum", "lambda_max"),
             f"'curriculum.lambda_max' ({cur.lambda_max}) must be >= 'curriculum.lambda_min' ({cur.lambda_min}); "
             "raise lambda_max or lower lambda_min",
+        ))
+    if cfg.distributed.sync_bn and cfg.device == "cpu":
+        problems.append((
+            ("distributed", "sync_bn"),
+            "'distributed.sync_bn' needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+            "set it to false for device: cpu",
         ))
     teacher_fields = dataclasses.asdict(cfg.teacher)
     if cfg.method == "kd":

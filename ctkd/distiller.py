@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctkd.distributed import unwrap
 from ctkd.losses import kd_loss
 from ctkd.registry import Registry
 
@@ -49,16 +50,30 @@ class Distiller(nn.Module):
 
     def __init__(self, trainable: TrainableModule, teacher: nn.Module | None = None) -> None:
         super().__init__()
-        self.trainable = trainable
+        self.trainable: nn.Module = trainable  # a TrainableModule, possibly inside DDP (see `wrap_ddp`)
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradient bookkeeping (REFERENCE M4)
             teacher.eval()
 
     @property
+    def unwrapped(self) -> TrainableModule:
+        """The trainable module without its DDP wrapper: what optimizers see and checkpoints store."""
+        return unwrap(self.trainable)
+
+    @property
     def student(self) -> nn.Module:
         """The student network (unwrapped)."""
-        return self.trainable.student
+        return self.unwrapped.student
+
+    def wrap_ddp(self, device_ids: list[int] | None = None) -> None:
+        """Wrap the trainable module (never the teacher) in one DDP, so student and τ stay identical on all ranks.
+
+        DDP broadcasts rank 0's parameters and buffers at construction; gradients of every trainable parameter,
+        the temperature's included, are then averaged over ranks at each step (the authors' code never
+        synchronises τ, REFERENCE.md D1).
+        """
+        self.trainable = nn.parallel.DistributedDataParallel(self.unwrapped, device_ids=device_ids)
 
     def train(self, mode: bool = True) -> "Distiller":
         """Switch the trainable part; the teacher stays in eval mode so its BN statistics never move."""

@@ -1,16 +1,17 @@
 """One training epoch and one evaluation pass; no Python-side sync inside the batch loop."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.distributed import ReduceOp
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ctkd.distiller import Distiller
+from ctkd.distributed import all_reduce, get_rank, get_world_size
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
@@ -59,21 +60,36 @@ class EpochTotals:
             self.tau_values.append(tau.detach())
 
     def summary(self) -> dict[str, float]:
-        """Epoch means of the losses and train accuracies (%), τ mean/min/max over samples and τ of the last batch."""
-        n = max(self.samples, 1)
-        out = {f"train_{name}": value.item() / n for name, value in self.losses.items()}
-        out["train_loss"] = sum(out.values())
+        """Epoch means over all ranks: losses, train accuracies (%), τ mean/min/max over samples, last-batch τ."""
         assert self.correct is not None
-        acc1, acc5 = (100.0 * self.correct.double() / n).tolist()
-        out.update(train_acc1=acc1, train_acc5=acc5)
+        names = sorted(self.losses)
+        sums = torch.stack(
+            [torch.tensor(float(self.samples), device=self.correct.device)]
+            + [self.losses[name] for name in names]
+            + [c.float() for c in self.correct]
+        )
+        all_reduce(sums)  # exact global sums: every rank gets the same numbers
+        n = max(sums[0].item(), 1.0)
+        values = (sums[1:] / n).tolist()
+        out = {f"train_{name}": value for name, value in zip(names, values)}
+        out["train_loss"] = sum(values[: len(names)])
+        out["train_acc1"], out["train_acc5"] = 100.0 * values[-2], 100.0 * values[-1]
         if self.tau_sum is not None:
-            out.update(
-                tau_mean=self.tau_sum.item() / n,
-                tau_min=self.tau_min.item(),
-                tau_max=self.tau_max.item(),
-                tau_last=self.tau_last.item(),
-            )
+            out.update(self._tau_summary(n))
         return out
+
+    def _tau_summary(self, samples: float) -> dict[str, float]:
+        """τ statistics over every rank's samples; `tau_last` is the mean over ranks of their last batch's τ."""
+        assert self.tau_min is not None and self.tau_max is not None and self.tau_last is not None
+        total_and_last = all_reduce(torch.stack([self.tau_sum, self.tau_last]))
+        low, high = all_reduce(self.tau_min.clone(), ReduceOp.MIN), all_reduce(self.tau_max.clone(), ReduceOp.MAX)
+        world = get_world_size()
+        return {
+            "tau_mean": total_and_last[0].item() / samples,
+            "tau_min": low.item(),
+            "tau_max": high.item(),
+            "tau_last": total_and_last[1].item() / world,
+        }
 
 
 def train_one_epoch(
@@ -110,17 +126,31 @@ def train_one_epoch(
 
 
 def _check_finite(loss: Tensor, terms: dict[str, Tensor], epoch: int) -> None:
-    """Raise before the optimizer step if the loss is not finite, naming each term's value."""
-    if not math.isfinite(loss.item()):
-        values = ", ".join(f"{name}={value.item():.6g}" for name, value in terms.items())
-        raise FloatingPointError(f"non-finite loss in epoch {epoch}: {values}; no update was applied")
+    """Raise on every rank before the optimizer step if any rank's loss is not finite.
+
+    The flags are all-reduced so all ranks stop at the same step with the same message (a rank stopping alone would
+    leave the others waiting in the gradient all-reduce).
+    """
+    world, rank = get_world_size(), get_rank()
+    bad = torch.zeros(world, device=loss.device)
+    bad[rank] = (~torch.isfinite(loss.detach())).float()
+    if all_reduce(bad).sum().item() == 0:
+        return
+    ranks = [r for r in range(world) if bad[r] > 0]
+    values = ", ".join(f"{name}={value.item():.6g}" for name, value in terms.items())
+    raise FloatingPointError(
+        f"non-finite loss in epoch {epoch} on rank(s) {ranks} (this rank {rank}: {values}); no update was applied"
+    )
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy of `model` (in eval mode) over the whole loader."""
+    """Top-1/top-5 accuracy (%) and mean cross-entropy of `model` (in eval mode) over the whole test set.
+
+    Under DDP each rank evaluates its shard (no padding duplicates) and the sums are all-reduced.
+    """
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.long, device=device)
@@ -134,5 +164,7 @@ def evaluate(
         correct += topk_correct(logits, targets)
         count += targets.shape[0]
     model.train(was_training)
-    acc1, acc5 = (100.0 * correct.double() / max(count, 1)).tolist()
-    return {"acc1": acc1, "acc5": acc5, "loss": loss_sum.item() / max(count, 1)}
+    totals = all_reduce(torch.cat([correct.double(), loss_sum[None], torch.tensor([float(count)], device=device,
+                                                                                  dtype=torch.float64)]))
+    n = max(totals[3].item(), 1.0)  # every test image counted once, whatever the number of ranks
+    return {"acc1": 100.0 * totals[0].item() / n, "acc5": 100.0 * totals[1].item() / n, "loss": totals[2].item() / n}

@@ -5,7 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import models
-from ctkd.build import build_split, build_split_loader, identify_architectures, resolve_device
+from ctkd.build import build_split, build_split_loader, identify_architectures
+from ctkd.distributed import DistributedContext, resolve_device
 from ctkd.checkpoint import load_weights_strict
 from ctkd.config import Config
 from ctkd.engine import evaluate
@@ -15,7 +16,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Load the config's student architecture from `checkpoint` (any supported layout) and evaluate it."""
     device = resolve_device(cfg.device)
     test_set = build_split(cfg, train=False)
-    test_loader = build_split_loader(cfg, test_set, train=False, device=device)
+    test_loader = build_split_loader(cfg, test_set, train=False, ctx=DistributedContext(device=device))
     model = models.build_model(cfg.student.name, num_classes=test_set.num_classes)
     load_weights_strict(
         model, checkpoint, arch=cfg.student.name,

@@ -58,10 +58,13 @@ class MetricsLog:
     the values of the run that produced the checkpoint.
     """
 
-    def __init__(self, output_dir: str | Path, *, start_epoch: int, tensorboard: bool) -> None:
+    def __init__(self, output_dir: str | Path, *, start_epoch: int, tensorboard: bool, enabled: bool = True) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._truncate_after(start_epoch - 1)
+        self.enabled = enabled  # False on ranks other than 0: nothing is read or written
         self.writer = None
+        if not enabled:
+            return
+        self._truncate_after(start_epoch - 1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -76,12 +79,14 @@ class MetricsLog:
 
     def records(self) -> list[dict[str, Any]]:
         """All records written so far."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
     def log_epoch(self, record: dict[str, Any], temperatures: torch.Tensor | None = None) -> None:
         """Append one epoch's record; scalars go to TensorBoard under 'train/', 'test/' or 'params/' groups."""
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctkd.build import Experiment, build_experiment, resolve_device
+from ctkd.build import Experiment, build_experiment
 from ctkd.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -21,6 +21,13 @@ from ctkd.checkpoint import (
     restore_rng_state,
 )
 from ctkd.config import Config, config_from_dict, config_to_dict, diff_configs, load_config, save_config
+from ctkd.distributed import (
+    DistributedContext,
+    broadcast_buffers,
+    broadcast_object,
+    init_distributed,
+    inject_fault_if_requested,
+)
 from ctkd.engine import evaluate, train_one_epoch
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 
@@ -49,11 +56,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: 'auto' → `<output_dir>/last.pth` if present; a path must exist.
+def resolve_resume(cfg: Config, resume: str | None, ctx: DistributedContext) -> Path | None:
+    """The checkpoint to resume from, decided by rank 0 and shared, so every rank resumes from the same file.
 
-    Without --resume, an output directory that already holds a run is refused rather than overwritten.
+    Every rank raises the same error when rank 0's decision is an error.
     """
+    decision: tuple[str, str | None] = ("ok", None)
+    if ctx.is_main:
+        try:
+            path = _find_resume_checkpoint(cfg, resume)
+            decision = ("ok", None if path is None else str(path))
+        except (RunDirectoryError, FileNotFoundError) as err:
+            decision = (type(err).__name__, str(err))
+    kind, value = broadcast_object(decision)
+    if kind == "RunDirectoryError":
+        raise RunDirectoryError(value)
+    if kind == "FileNotFoundError":
+        raise FileNotFoundError(value)
+    return None if value is None else Path(value)
+
+
+def _find_resume_checkpoint(cfg: Config, resume: str | None) -> Path | None:
+    """'auto' → `<output_dir>/last.pth` if present; a given path must exist; without --resume, an output
+    directory that already holds a run is refused rather than overwritten."""
     output_dir = Path(cfg.output_dir)
     if resume == "auto":
         last = output_dir / "last.pth"
@@ -94,8 +119,11 @@ def ensure_teacher_checkpoint(cfg: Config) -> None:
 
 
 def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[str, Any]:
-    """Everything needed to continue the run, as plain types (loadable with weights_only=True)."""
-    trainable = exp.distiller.trainable
+    """Everything needed to continue the run, as plain types (loadable with weights_only=True).
+
+    Module states are taken from the unwrapped modules, so a checkpoint written by N processes resumes on M.
+    """
+    trainable = exp.distiller.unwrapped
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -109,6 +137,7 @@ def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[s
         "best_epoch": progress.best_epoch,
         "elapsed_s": progress.elapsed_s,
         "rng": capture_rng_state(),
+        "world_size": exp.ctx.world_size,
         "config": config_to_dict(cfg),
     }
 
@@ -119,7 +148,7 @@ def restore(exp: Experiment, cfg: Config, path: Path) -> Progress:
     saved_cfg = config_from_dict(state["config"], source=f"{path} (saved config)")
     for line in diff_configs(saved_cfg, cfg):
         get_logger().warning(f"resume: config differs from the checkpoint's: {line}")
-    trainable = exp.distiller.trainable
+    trainable = exp.distiller.unwrapped
     trainable.student.load_state_dict(state["student"], strict=True)
     if trainable.temperature is not None:
         trainable.temperature.load_state_dict(state["temperature"], strict=True)
@@ -133,31 +162,39 @@ def restore(exp: Experiment, cfg: Config, path: Path) -> Progress:
 
 
 def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Train (or distil) as `cfg` says, writing everything under `cfg.output_dir`; returns the results summary."""
-    log = get_logger()
-    resume_path = resolve_resume(cfg, resume)
+    """Train (or distil) as `cfg` says, writing everything under `cfg.output_dir`; returns the results summary.
+
+    Under torchrun every process calls this; they join one process group, train one DDP-wrapped trainable module,
+    and only rank 0 writes files.
+    """
+    ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
+    resume_path = resolve_resume(cfg, resume, ctx)
     ensure_teacher_checkpoint(cfg)
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    exp = build_experiment(cfg, device)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    exp = build_experiment(cfg, ctx)
     progress = Progress()
     if resume_path is not None:
         progress = restore(exp, cfg, resume_path)
-        log.info(f"resumed from {resume_path} after epoch {progress.epoch}")
-    save_config(cfg, output_dir / "config.yaml")
+        get_logger().info(f"resumed from {resume_path} after epoch {progress.epoch}")
+    if ctx.enabled:
+        exp.distiller.wrap_ddp([ctx.device.index] if ctx.device.type == "cuda" else None)
+    output_dir = Path(cfg.output_dir)
+    if ctx.is_main:
+        save_config(cfg, output_dir / "config.yaml")
     teacher_metrics = _evaluate_teacher(exp, cfg)
-    metrics = MetricsLog(output_dir, start_epoch=progress.epoch + 1, tensorboard=cfg.logging.tensorboard)
+    metrics = MetricsLog(output_dir, start_epoch=progress.epoch + 1, tensorboard=cfg.logging.tensorboard,
+                         enabled=ctx.is_main)
     try:
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            inject_fault_if_requested(ctx.rank, epoch)
             record = _run_epoch(exp, cfg, epoch, progress, metrics)
-            log.info(_epoch_line(record, cfg.epochs))
+            get_logger().info(_epoch_line(record, cfg.epochs))
     finally:
         metrics.close()
-    results = _results(cfg, progress, metrics.records(), teacher_metrics)
-    write_json_atomic(results, output_dir / "results.json")
-    log.info(
+    results = broadcast_object(_results(cfg, progress, metrics.records(), teacher_metrics) if ctx.is_main else None)
+    if ctx.is_main:
+        write_json_atomic(results, output_dir / "results.json")
+    get_logger().info(
         f"done: best top-1 {results['best_acc1']:.2f}% (epoch {results['best_epoch']}), "
         f"last top-1 {results['last_acc1']:.2f}%. Results: {output_dir / 'results.json'}; "
         f"TensorBoard: tensorboard --logdir {output_dir}"
@@ -185,6 +222,7 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
         progress=cfg.logging.progress_bar and _stderr_is_terminal(),
     )
+    broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
     test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device)
     epoch_time = time.perf_counter() - start
     record = {"epoch": epoch, "lr": lr, "lambda": grl_lambda, **train_stats}
@@ -195,10 +233,11 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     progress.elapsed_s += epoch_time
     if improved:
         progress.best_acc1, progress.best_acc5, progress.best_epoch = test_stats["acc1"], test_stats["acc5"], epoch
-    state = checkpoint_state(exp, cfg, progress)
-    atomic_save(state, Path(cfg.output_dir) / "last.pth")
-    if improved:
-        atomic_save(state, Path(cfg.output_dir) / "best.pth")
+    if exp.ctx.is_main:
+        state = checkpoint_state(exp, cfg, progress)
+        atomic_save(state, Path(cfg.output_dir) / "last.pth")
+        if improved:
+            atomic_save(state, Path(cfg.output_dir) / "best.pth")
     return record
 
 

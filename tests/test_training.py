@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd import engine, trainer
 from ctkd.build import build_experiment
 from ctkd.config import config_from_dict, load_config
+from ctkd.distributed import DistributedContext
 from ctkd.curriculum import build_curriculum
 from ctkd.trainer import RunDirectoryError, run
 
@@ -109,7 +110,7 @@ def test_checkpoint_holds_plain_state_without_teacher(tmp_path: Path, teacher_fi
 
 def test_teacher_stays_frozen_and_out_of_the_optimizer(tmp_path: Path, teacher_file: Path) -> None:
     cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path)
-    exp = build_experiment(cfg, torch.device("cpu"))
+    exp = build_experiment(cfg, DistributedContext())
     teacher = exp.distiller.teacher
     before = state_hash(teacher.state_dict())
     optimized = {id(p) for group in exp.optimizer.param_groups for p in group["params"]}

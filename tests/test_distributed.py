@@ -1,0 +1,358 @@
+"""DDP on CPU with gloo (RELIABILITY.md E1, E3, E7): 2 processes are the same experiment as 1."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import models
+import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
+from conftest import REPO_ROOT, tiny_run_config, write_yaml
+from ctkd.build import build_experiment, build_split, build_split_loader
+from ctkd.config import load_config
+from ctkd.distributed import DistributedContext, broadcast_buffers, init_distributed, shutdown_distributed
+from ctkd.engine import evaluate
+from ctkd.trainer import run, seed_everything
+
+WORLD = 2
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
+    """Process entry for mp.spawn: the environment torchrun would set, then one of this module's workers."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    clean = False
+    try:
+        globals()[fn_name](rank, *args)
+        clean = True
+    finally:
+        shutdown_distributed(clean)
+
+
+def spawn(fn_name: str, *args: object, world: int = WORLD) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), fn_name, args), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("teacher") / "resnet14.pth"
+    torch.save({"model": models.build_model("resnet14", num_classes=10).state_dict()}, path)
+    return path
+
+
+def ctkd_config(tmp_path: Path, teacher_file: Path, name: str, **sections: dict) -> Path:
+    """A tiny global-CTKD config file (global batch 32, 160 training images: 5 steps per epoch)."""
+    data = tiny_run_config(
+        tmp_path, name, method="kd", teacher={"name": "resnet14", "checkpoint": str(teacher_file)},
+        temperature={"name": "global"}, curriculum={"name": "cosine", "loops": 2},
+        distributed={"timeout_s": 30.0}, logging={"tensorboard": True, "progress_bar": False},
+    )
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return write_yaml(tmp_path / f"{name}.yaml", data)
+
+
+def flat_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.detach().double().flatten() for v in state.values()])
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key, value in state.items():
+        digest.update(key.encode() + value.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def last_state(output_dir: Path) -> dict:
+    return torch.load(output_dir / "last.pth", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _worker_train_steps(rank: int, config: str, out: str) -> None:
+    """Train one epoch under DDP, then save this rank's trainable state and the samples it saw."""
+    cfg = load_config(config)
+    ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
+    seed_everything(cfg.seed)
+    exp = build_experiment(cfg, ctx)
+    exp.distiller.wrap_ddp()
+    seen = []
+    exp.train_loader.sampler.set_epoch(1)
+    for images, targets in exp.train_loader:
+        seen.append(targets)
+        out_step = exp.distiller(images, targets, 1.0)
+        exp.optimizer.zero_grad()
+        sum(out_step.losses.values()).backward()
+        exp.optimizer.step()
+    trainable = exp.distiller.unwrapped
+    params, synced = [None] * ctx.world_size, [None] * ctx.world_size
+    dist.all_gather_object(params, state_hash(dict(trainable.named_parameters())))
+    state = {k: v.clone() for k, v in trainable.state_dict().items()}  # BN buffers: this rank's last update
+    broadcast_buffers(trainable)  # what the trainer does before evaluating and saving
+    dist.all_gather_object(synced, state_hash(trainable.state_dict()))
+    torch.save({"state": state, "seen": torch.cat(seen), "params": params, "synced": synced},
+               Path(out) / f"rank{rank}.pt")
+
+
+def _worker_run(rank: int, config: str, resume: str | None, fault: str | None) -> None:
+    """The whole training run, as train.py runs it under torchrun."""
+    if fault:
+        os.environ["CTKD_INJECT_FAULT"] = fault
+    run(load_config(config), resume=resume)
+
+
+def _worker_evaluate(rank: int, config: str, weights: str, out: str) -> None:
+    cfg = load_config(config)
+    ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
+    model = models.build_model(cfg.student.name, num_classes=10)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    loader = build_split_loader(cfg, build_split(cfg, train=False), train=False, ctx=ctx)
+    metrics = evaluate(model, loader, ctx.device)
+    seen = sum(len(t) for _, t in loader)
+    Path(out, f"eval{rank}.json").write_text(json.dumps({**metrics, "seen": seen}))
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_student_and_temperature_stay_identical_on_every_rank(tmp_path: Path, teacher_file: Path) -> None:
+    config = ctkd_config(tmp_path, teacher_file, "sync")
+    spawn("_worker_train_steps", str(config), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    # Hashes all-gathered on the ranks themselves: every parameter (student and τ) is identical ...
+    assert ranks[0]["params"][0] == ranks[0]["params"][1]
+    # ... and so is the whole state, BN statistics included, once rank 0's buffers are broadcast.
+    assert ranks[0]["synced"][0] == ranks[0]["synced"][1]
+    assert torch.equal(ranks[0]["state"]["temperature.raw"], ranks[1]["state"]["temperature.raw"])
+    assert ranks[0]["state"]["temperature.raw"].item() != 1.0  # τ did train
+    assert ranks[0]["seen"].numel() == ranks[1]["seen"].numel() == 80  # each rank its half of every batch
+
+
+def test_ddp_equals_per_rank_half_batches_bit_for_bit(tmp_path: Path, teacher_file: Path) -> None:
+    """RELIABILITY.md X8/E1: DDP with plain BN = one process running each rank's half batch and averaging."""
+    config = ctkd_config(tmp_path, teacher_file, "parity")
+    spawn("_worker_train_steps", str(config), str(tmp_path))
+    ddp_state = torch.load(tmp_path / "rank0.pt", weights_only=True)["state"]
+
+    cfg = load_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the CPU kernels' reduction order depends on the thread count
+    try:
+        distiller = _emulate_two_ranks_in_one_process(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in distiller.unwrapped.state_dict().items():
+        assert torch.equal(value, ddp_state[key]), key
+
+
+def _emulate_two_ranks_in_one_process(cfg):
+    """One epoch where each global batch is run as its two rank halves and the two losses are averaged."""
+    seed_everything(cfg.seed)  # same seed → the initial weights DDP broadcasts from rank 0
+    exp = build_experiment(cfg, DistributedContext())
+    distiller = exp.distiller.train()
+    exp.train_loader.sampler.set_epoch(1)
+    for images, targets in exp.train_loader:
+        half = images.shape[0] // WORLD
+        out0 = distiller(images[:half], targets[:half], 1.0)
+        # Rank 1 updates BN statistics of its own, which DDP then replaces by rank 0's: give the second half
+        # throw-away copies of the buffers (restoring in place would invalidate what autograd saved).
+        rank0 = [(m, k, b) for m in distiller.unwrapped.modules() for k, b in m._buffers.items() if b is not None]
+        for module, key, buffer in rank0:
+            module._buffers[key] = buffer.clone()
+        out1 = distiller(images[half:], targets[half:], 1.0)
+        for module, key, buffer in rank0:
+            module._buffers[key] = buffer
+        loss = (sum(out0.losses.values()) + sum(out1.losses.values())) / WORLD
+        exp.optimizer.zero_grad()
+        loss.backward()
+        exp.optimizer.step()
+    return distiller
+
+
+def test_ddp_without_batchnorm_matches_full_batch_single_process(tmp_path: Path, teacher_file: Path) -> None:
+    config = ctkd_config(tmp_path, teacher_file, "nobn", student={"name": "tiny_mlp"}, epochs=2)
+    spawn("_worker_run", str(config), None, None)
+    ddp = last_state(tmp_path / "nobn")
+    single_config = ctkd_config(tmp_path, teacher_file, "nobn_single", student={"name": "tiny_mlp"}, epochs=2)
+    run(load_config(single_config))
+    single = last_state(tmp_path / "nobn_single")
+    torch.testing.assert_close(flat_state(ddp["student"]), flat_state(single["student"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["temperature"]["raw"], single["temperature"]["raw"], rtol=1e-5, atol=1e-6)
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+
+
+def test_shards_of_each_global_batch_equal_the_single_process_batch(tmp_path: Path) -> None:
+    """Same samples and augmentations per global batch for world sizes 1 and 2 (rank r: its piece of each)."""
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", tiny_run_config(tmp_path)))
+    dataset = build_split(cfg, train=True)
+    single = build_split_loader(cfg, dataset, train=True, ctx=DistributedContext())
+    shards = [build_split_loader(cfg, dataset, train=True, ctx=DistributedContext(rank=r, world_size=WORLD))
+              for r in range(WORLD)]
+    for epoch in (1, 2):
+        for loader in (single, *shards):
+            loader.sampler.set_epoch(epoch)
+        for (images, targets), *pieces in zip(single, *shards):
+            assert torch.equal(torch.cat([p[0] for p in pieces]), images)
+            assert torch.equal(torch.cat([p[1] for p in pieces]), targets)
+
+
+def test_distributed_evaluation_counts_each_image_once(tmp_path: Path) -> None:
+    """71 test images over 2 ranks: no padding duplicates; every rank gets the single-process numbers."""
+    config = write_yaml(tmp_path / "e.yaml", tiny_run_config(tmp_path, data={
+        "synthetic": {"num_classes": 10, "train_size": 32, "test_size": 71, "seed": 0}}))
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(models.build_model("resnet8", num_classes=10).state_dict(), weights)
+    spawn("_worker_evaluate", str(config), str(weights), str(tmp_path))
+    cfg = load_config(config)
+    model = models.build_model("resnet8", num_classes=10)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    loader = build_split_loader(cfg, build_split(cfg, train=False), train=False, ctx=DistributedContext())
+    expected = evaluate(model, loader, torch.device("cpu"))
+    ranks = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(WORLD)]
+    assert sum(r["seen"] for r in ranks) == 71
+    for result in ranks:
+        assert result["acc1"] == expected["acc1"] and result["acc5"] == expected["acc5"]
+        assert result["loss"] == pytest.approx(expected["loss"], rel=1e-6)  # fp32 logits from other batch splits
+
+
+def test_resume_across_process_counts_and_after_a_crash(tmp_path: Path, teacher_file: Path) -> None:
+    straight = ctkd_config(tmp_path, teacher_file, "straight")
+    spawn("_worker_run", str(straight), None, None)
+
+    crashed = ctkd_config(tmp_path, teacher_file, "crashed")
+    with pytest.raises(Exception, match="fault injected"):
+        spawn("_worker_run", str(crashed), None, "1:3:raise")
+    assert last_state(tmp_path / "crashed")["epoch"] == 2
+    two_epochs = tmp_path / "after2.pth"
+    two_epochs.write_bytes((tmp_path / "crashed" / "last.pth").read_bytes())
+    spawn("_worker_run", str(crashed), "auto", None)  # 2 processes → 2 processes
+    a, b = last_state(tmp_path / "straight"), last_state(tmp_path / "crashed")
+    assert state_hash(a["student"]) == state_hash(b["student"])
+    assert torch.equal(a["temperature"]["raw"], b["temperature"]["raw"])
+    lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "crashed")]
+    strip = [[{k: v for k, v in json.loads(x).items() if k != "epoch_time"} for x in ls] for ls in lines]
+    assert strip[0] == strip[1] and len(strip[0]) == 3
+
+    one = ctkd_config(tmp_path, teacher_file, "two_to_one")  # 2 processes → 1
+    run(load_config(one), resume=str(two_epochs))
+    assert last_state(tmp_path / "two_to_one")["epoch"] == 3 and last_state(tmp_path / "two_to_one")["world_size"] == 1
+
+    single = ctkd_config(tmp_path, teacher_file, "one_to_two", epochs=2)  # 1 process → 2
+    run(load_config(single))
+    more = ctkd_config(tmp_path, teacher_file, "one_to_two", epochs=3)
+    spawn("_worker_run", str(more), "auto", None)
+    resumed = last_state(tmp_path / "one_to_two")
+    assert resumed["epoch"] == 3 and resumed["world_size"] == 2
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", tiny_run_config(tmp_path, data={"batch_size": 33})))
+    with pytest.raises(ValueError, match=r"data\.batch_size = 33 .* number of processes \(2\)"):
+        build_split_loader(cfg, build_split(cfg, train=True), train=True, ctx=DistributedContext(world_size=2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with cuda, device auto picks the GPU, where SyncBN is allowed")
+def test_sync_bn_is_refused_on_cpu(tmp_path: Path, teacher_file: Path) -> None:
+    config = ctkd_config(tmp_path, teacher_file, "syncbn", device="auto", distributed={"sync_bn": True})
+    with pytest.raises(ValueError, match="sync_bn: true needs CUDA"):
+        build_experiment(load_config(config), DistributedContext())
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _launch(command: list[str], fault: str | None = None, env: dict | None = None,
+            timeout: float = 120) -> tuple[int, str, float]:
+    """Run a launcher from the repository root; returns (exit code, output, seconds)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if fault:
+        full_env["CTKD_INJECT_FAULT"] = fault
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - start
+
+
+def _processes_mentioning(token: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if token in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def _assert_one_writer(out: Path, output: str, epochs: int) -> None:
+    """Rank 0 alone wrote the run: one metrics line per epoch, one event file, one console line per epoch."""
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, epochs + 1))
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert output.count(f"epoch 1/{epochs} ") == 1  # the other rank prints errors only
+    assert last_state(out)["world_size"] == 2
+
+
+def test_single_node_launcher(tmp_path: Path, teacher_file: Path) -> None:
+    config = ctkd_config(tmp_path, teacher_file, "one_node", epochs=2)
+    code, output, _ = _launch(["bash", "scripts/dist_train.sh", "2", "--config", str(config)])
+    assert code == 0, output
+    _assert_one_writer(tmp_path / "one_node", output, 2)
+
+
+def test_multi_node_launcher_with_c10d_rendezvous(tmp_path: Path, teacher_file: Path) -> None:
+    """One node of the multi-node launcher: rendezvous through c10d at HOST:PORT."""
+    config = ctkd_config(tmp_path, teacher_file, "multi_node", epochs=1)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    code, output, _ = _launch(["bash", "scripts/dist_train_multinode.sh", "1", "2", endpoint, "--config", str(config)])
+    assert code == 0, output
+    _assert_one_writer(tmp_path / "multi_node", output, 1)
+
+
+def test_slurm_launcher_runs_torchrun_with_sigusr1_forwarded(tmp_path: Path, teacher_file: Path) -> None:
+    """The sbatch script with stand-ins for srun and scontrol (this machine has no SLURM)."""
+    script = (REPO_ROOT / "scripts/slurm_train.sbatch").read_text()
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script  # RELIABILITY.md X4
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho 127.0.0.1\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    config = ctkd_config(tmp_path, teacher_file, "slurm", epochs=1)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+           "SLURM_JOB_ID": "42", "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": str(_free_port()),
+           "SLURM_SUBMIT_DIR": str(REPO_ROOT)}
+    code, output, _ = _launch(["bash", "scripts/slurm_train.sbatch", "--config", str(config)], env=env)
+    assert code == 0, output
+    _assert_one_writer(tmp_path / "slurm", output, 1)
+
+
+@pytest.mark.parametrize("kind", ["raise", "kill"])
+def test_failing_rank_ends_the_job_naming_it(tmp_path: Path, teacher_file: Path, kind: str) -> None:
+    config = ctkd_config(tmp_path, teacher_file, f"fail_{kind}", epochs=3)
+    code, output, seconds = _launch(["bash", "scripts/dist_train.sh", "2", "--config", str(config)],
+                                    fault=f"1:2:{kind}", timeout=90)
+    assert code != 0 and seconds < 60, output
+    assert "rank: 1" in output  # torchrun's failure summary names the failed rank
+    if kind == "raise":
+        assert "rank 1: error: fault injected" in output
+    else:
+        assert "Signal 9 (SIGKILL)" in output or "exitcode: -9" in output
+    assert _processes_mentioning(str(config)) == []  # no orphaned worker
