@@ -48,6 +48,12 @@ def build_split_loader(
             f"{key} = {batch_size} is the global batch and must be divisible by the number of processes "
             f"({ctx.world_size}); choose a multiple of {ctx.world_size}"
         )
+    leftover = len(dataset) % batch_size
+    if train and 0 < leftover < ctx.world_size:
+        raise ValueError(
+            f"the last training batch has {leftover} samples, fewer than the {ctx.world_size} processes that must "
+            f"share it; choose a data.batch_size for which {len(dataset)} % batch_size is 0 or ≥ {ctx.world_size}"
+        )
     return build_loader(
         dataset,
         batch_size=batch_size,

@@ -356,3 +356,10 @@ def test_failing_rank_ends_the_job_naming_it(tmp_path: Path, teacher_file: Path,
     else:
         assert "Signal 9 (SIGKILL)" in output or "exitcode: -9" in output
     assert _processes_mentioning(str(config)) == []  # no orphaned worker
+
+
+def test_last_batch_too_small_to_share_is_refused(tmp_path: Path) -> None:
+    data = {"batch_size": 32, "synthetic": {"num_classes": 10, "train_size": 161, "test_size": 20, "seed": 0}}
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", tiny_run_config(tmp_path, data=data)))
+    with pytest.raises(ValueError, match=r"last training batch has 1 samples, fewer than the 2 processes"):
+        build_split_loader(cfg, build_split(cfg, train=True), train=True, ctx=DistributedContext(world_size=2))
