@@ -1,4 +1,8 @@
-"""One training epoch and one evaluation pass; no Python-side sync inside the batch loop."""
+"""One training epoch and one evaluation pass.
+
+Statistics stay on the device during the epoch; the only host sync per step is the finiteness check of the loss,
+which must stop every rank before a bad optimizer step.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -6,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.distributed import ReduceOp
 from torch import Tensor, nn
+from torch.distributed import ReduceOp
 from tqdm import tqdm
 
 from ctkd.distiller import Distiller

@@ -304,3 +304,15 @@ def test_cifar100_files_train_end_to_end_and_damage_is_reported(
     assert train_cli.main(["--config", str(path), "output_dir=" + str(tmp_path / "run2")]) == 1
     assert str(train_file) in capsys.readouterr().out
     assert not (tmp_path / "run2" / "last.pth").exists()
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path: Path, teacher_file: Path) -> None:
+    """A NaN teacher makes the KD term NaN: training stops with each term's value and writes no checkpoint."""
+    state = torch.load(teacher_file, weights_only=True)
+    state["model"]["fc.weight"] = torch.full_like(state["model"]["fc.weight"], float("nan"))
+    nan_teacher = tmp_path / "nan_teacher.pth"
+    torch.save(state, nan_teacher)
+    cfg = load(ctkd_config(tmp_path, nan_teacher, epochs=1), tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss in epoch 1 on rank\(s\) \[0\].*loss_kd=nan"):
+        run(cfg)
+    assert not (Path(cfg.output_dir) / "last.pth").exists()
