@@ -101,6 +101,26 @@ def check_model_names(cfg: Config) -> None:
         models.MODELS.get(cfg.teacher.name)
 
 
+def build_networks(cfg: Config, num_classes: int, ctx: DistributedContext) -> Distiller:
+    """Student, teacher (loaded strictly) and temperature module, assembled by the config's method."""
+    student = models.build_model(cfg.student.name, num_classes=num_classes)
+    teacher, temperature = None, None
+    if cfg.method != "vanilla":
+        teacher = load_teacher(cfg, num_classes)
+        t = cfg.temperature
+        temperature = build_temperature(
+            t.name, num_classes=num_classes, value=t.value, t_start=t.t_start, t_range=t.t_range,
+            init_raw=t.init_raw, hidden_dim=t.hidden_dim,
+        )
+    distiller = build_distiller(
+        cfg.method, student=student, teacher=teacher, temperature=temperature,
+        ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
+    ).to(ctx.device)
+    if cfg.distributed.sync_bn and ctx.enabled:  # the teacher keeps plain BN: it only runs in eval mode
+        distiller.unwrapped.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped.student)
+    return distiller
+
+
 @dataclass
 class Experiment:
     """Everything a training run manipulates."""
@@ -134,24 +154,9 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
         train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
     train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
     test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
-    num_classes = train_set.num_classes
-    student = models.build_model(cfg.student.name, num_classes=num_classes)
-    teacher = load_teacher(cfg, num_classes) if cfg.method != "vanilla" else None
-    temperature = None
-    if cfg.method != "vanilla":
-        t = cfg.temperature
-        temperature = build_temperature(
-            t.name, num_classes=num_classes, value=t.value, t_start=t.t_start, t_range=t.t_range,
-            init_raw=t.init_raw, hidden_dim=t.hidden_dim,
-        )
-    distiller = build_distiller(
-        cfg.method, student=student, teacher=teacher, temperature=temperature,
-        ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
-    ).to(ctx.device)
-    if cfg.distributed.sync_bn and ctx.enabled:
-        distiller.trainable.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.trainable.student)
+    distiller = build_networks(cfg, train_set.num_classes, ctx)
     optimizer = build_sgd(
-        distiller.trainable, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
+        distiller.unwrapped, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
         weight_decay=cfg.optimizer.weight_decay, temperature_lr=cfg.temperature.lr,
         temperature_weight_decay=cfg.temperature.weight_decay,
     )
