@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{metrics['model']} on {metrics['dataset']} test: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%")
+        name = f"{metrics['model']} on {metrics['dataset']}"
+        print(f"{name} test: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%")
     return 0
 
 

@@ -13,8 +13,8 @@ import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import Config
 from ctkd.curriculum import Curriculum, build_curriculum
-from ctkd.distributed import DistributedContext, main_process_first
 from ctkd.distiller import Distiller, build_distiller
+from ctkd.distributed import DistributedContext, main_process_first
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader

@@ -6,7 +6,7 @@ authors' code (PAPER.md §6.2), so resuming needs nothing but the epoch number.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ctkd.registry import Registry
 

@@ -75,7 +75,7 @@ class Distiller(nn.Module):
         """
         self.trainable = nn.parallel.DistributedDataParallel(self.unwrapped, device_ids=device_ids)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         """Switch the trainable part; the teacher stays in eval mode so its BN statistics never move."""
         super().train(mode)
         if self.teacher is not None:

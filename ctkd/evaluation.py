@@ -6,9 +6,9 @@ from typing import Any
 
 import models
 from ctkd.build import build_split, build_split_loader, identify_architectures
-from ctkd.distributed import DistributedContext, resolve_device
 from ctkd.checkpoint import load_weights_strict
 from ctkd.config import Config
+from ctkd.distributed import DistributedContext, resolve_device
 from ctkd.engine import evaluate
 
 

@@ -213,7 +213,10 @@ def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
 
 
 def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, metrics: MetricsLog) -> dict[str, Any]:
-    """Train and evaluate one epoch, log it, then checkpoint (metrics first: a resume drops lines past the checkpoint)."""
+    """Train and evaluate one epoch, log it, then checkpoint.
+
+    The metrics line is written before the checkpoint: a resume drops lines past the checkpoint's epoch.
+    """
     start = time.perf_counter()
     lr = exp.schedule.set_epoch(epoch)
     grl_lambda = exp.curriculum(epoch) if cfg.method != "vanilla" else 0.0

@@ -20,8 +20,8 @@ from ctkd.registry import Registry
 # Defined before the submodule imports below, which register into it.
 DATASETS = Registry("dataset")
 
-from .base import DatasetError, ImageDataset  # noqa: E402
 from . import cifar, synthetic  # noqa: E402,F401  (importing registers "cifar100" and "synthetic")
+from .base import DatasetError, ImageDataset  # noqa: E402
 from .loader import BatchedDataset, EpochBatchSampler, build_loader  # noqa: E402
 
 __all__ = [

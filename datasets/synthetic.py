@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import DATASETS
 from .base import ImageDataset
-from .cifar import MEAN as CIFAR_MEAN, STD as CIFAR_STD
+from .cifar import MEAN as CIFAR_MEAN
+from .cifar import STD as CIFAR_STD
 from .hashing import seed_for
 
 SIZE = 32

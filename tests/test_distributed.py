@@ -4,10 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -238,7 +236,9 @@ def test_resume_across_process_counts_and_after_a_crash(tmp_path: Path, teacher_
     spawn("_worker_run", str(straight), None, None)
 
     crashed = ctkd_config(tmp_path, teacher_file, "crashed")
-    with pytest.raises(Exception, match="fault injected"):
+    # Rank 1 raises in epoch 3; whichever rank's error mp.spawn reports first (the injected fault, or rank 0's
+    # "connection closed" as its peer vanished), the job dies after epoch 2's checkpoint.
+    with pytest.raises(mp.ProcessRaisedException, match="fault injected|Connection closed by peer"):
         spawn("_worker_run", str(crashed), None, "1:3:raise")
     assert last_state(tmp_path / "crashed")["epoch"] == 2
     two_epochs = tmp_path / "after2.pth"

@@ -17,8 +17,8 @@ from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd import engine, trainer
 from ctkd.build import build_experiment
 from ctkd.config import config_from_dict, load_config
-from ctkd.distributed import DistributedContext
 from ctkd.curriculum import build_curriculum
+from ctkd.distributed import DistributedContext
 from ctkd.trainer import RunDirectoryError, run
 
 
