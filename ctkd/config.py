@@ -635,12 +635,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict keyed by dotted keys; lists are leaves."""
+def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict keyed by dotted keys (e.g. "optimizer.lr"); lists are leaves."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -657,5 +657,5 @@ def _show(value: Any) -> str:
 
 def diff_configs(a: Config, b: Config) -> list[str]:
     """Lines "key: old → new", one per dotted key whose value differs between `a` (old) and `b` (new)."""
-    old, new = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    old, new = flatten_keys(config_to_dict(a)), flatten_keys(config_to_dict(b))
     return [f"{key}: {_show(old[key])} → {_show(new[key])}" for key in old if old[key] != new[key]]

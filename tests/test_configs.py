@@ -67,18 +67,9 @@ def test_readme_config_reference_lists_every_key_with_its_default() -> None:
     """The README's config table documents exactly the schema's keys, with the schema's defaults."""
     import re
 
-    from ctkd.config import Config, config_to_dict
+    from ctkd.config import Config, config_to_dict, flatten_keys
 
-    def flatten(tree: dict, prefix: str = "") -> dict:
-        flat = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[f"{prefix}{key}"] = value
-        return flat
-
-    defaults = flatten(config_to_dict(Config()))
+    defaults = flatten_keys(config_to_dict(Config()))
     rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", (REPO_ROOT / "README.md").read_text(), re.MULTILINE)
     documented = dict(rows)
     assert documented.keys() == defaults.keys()
