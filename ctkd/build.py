@@ -67,14 +67,17 @@ def build_split_loader(
 
 
 def identify_architectures(state: dict[str, torch.Tensor], num_classes: int) -> list[str]:
-    """Registered models whose state_dict keys and shapes equal `state` (built on the meta device: no memory)."""
-    matches = []
+    """Registered models whose state_dict fits `state`: same keys and shapes, or else (say, when the file was
+    trained for another number of classes) the same keys. Models are built on the meta device: no memory."""
+    same_keys, same_shapes = [], []
     for name in models.list_models():
         with torch.device("meta"):
             expected = models.build_model(name, num_classes=num_classes).state_dict()
-        if expected.keys() == state.keys() and all(state[k].shape == v.shape for k, v in expected.items()):
-            matches.append(name)
-    return matches
+        if expected.keys() == state.keys():
+            same_keys.append(name)
+            if all(state[k].shape == v.shape for k, v in expected.items()):
+                same_shapes.append(name)
+    return same_shapes or same_keys
 
 
 def load_teacher(cfg: Config, num_classes: int) -> nn.Module:

@@ -133,3 +133,11 @@ def test_rng_state_round_trip_is_plain_and_exact(tmp_path: Path) -> None:
     assert [random.random() for _ in range(100)] == expected[0]
     assert np.array_equal(np.random.standard_normal(100), expected[1])
     assert torch.equal(torch.rand(100), expected[2])
+
+
+def test_file_for_another_class_count_is_still_identified(tmp_path: Path) -> None:
+    path = tmp_path / "wrn.pth"
+    torch.save({"model": models.build_model("wrn_40_2", num_classes=100).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"matches architecture\(s\): wrn_40_2;"):
+        load_weights_strict(models.build_model("resnet8", num_classes=10), path, arch="resnet8",
+                            identify=lambda sd: identify_architectures(sd, 10))
