@@ -63,6 +63,7 @@ def build_split_loader(
         rank=ctx.rank,
         world_size=ctx.world_size,
         pin_memory=ctx.device.type == "cuda",
+        persistent_workers=True,  # batches are pure functions of their key: no reason to re-fork workers per epoch
     )
 
 
