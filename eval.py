@@ -8,7 +8,8 @@ import argparse
 import json
 import sys
 
-from ctkd.config import ConfigError, load_config
+from ctkd.config import load_config
+from ctkd.errors import UserError
 from ctkd.evaluation import evaluate_checkpoint
 from ctkd.logging import get_logger, setup_console
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         metrics = evaluate_checkpoint(cfg, args.checkpoint)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except UserError as err:  # anything else is a bug or a system failure: it keeps its traceback
         get_logger().error(f"error: {err}")
         return 1
     if args.json:

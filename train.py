@@ -12,8 +12,9 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ctkd.config import ConfigError, load_config
+from ctkd.config import load_config
 from ctkd.distributed import shutdown_distributed
+from ctkd.errors import UserError
 from ctkd.logging import get_logger, setup_console
 from ctkd.trainer import run
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @record  # under torchrun, a crash's traceback goes into torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
-    """Load the config, run training, report user errors in one line (rank-prefixed under torchrun)."""
+    """Load the config and train; input errors are reported in one line (rank-prefixed under torchrun)."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_console(logging.INFO if rank == 0 else logging.ERROR)  # other ranks print errors only
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run(cfg, resume=args.resume)
         clean = True
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except UserError as err:  # anything else is a bug or a system failure: it keeps its traceback
         get_logger().error(f"{where}error: {err}")
         return 1
     finally:

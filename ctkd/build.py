@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 import datasets
 import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
-from ctkd.config import Config
+from ctkd.config import Config, ConfigError
 from ctkd.curriculum import Curriculum, build_curriculum
 from ctkd.distiller import Distiller, build_distiller
 from ctkd.distributed import DistributedContext, main_process_first
@@ -44,13 +44,13 @@ def build_split_loader(
     key, batch_size = ("data.batch_size", cfg.data.batch_size) if train else (
         "data.test_batch_size", cfg.data.effective_test_batch_size)
     if batch_size % ctx.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"{key} = {batch_size} is the global batch and must be divisible by the number of processes "
             f"({ctx.world_size}); choose a multiple of {ctx.world_size}"
         )
     leftover = len(dataset) % batch_size
     if train and 0 < leftover < ctx.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"the last training batch has {leftover} samples, fewer than the {ctx.world_size} processes that must "
             f"share it; choose a data.batch_size for which {len(dataset)} % batch_size is 0 or ≥ {ctx.world_size}"
         )
@@ -150,7 +150,7 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     """
     check_model_names(cfg)
     if cfg.distributed.sync_bn and ctx.device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             "distributed.sync_bn: true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
             "set distributed.sync_bn=false or run on GPUs"
         )

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ctkd.errors import UserError
 from ctkd.fileio import atomic_write_text
 
 # Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
@@ -36,7 +37,7 @@ _BASE_KEY = "_base_"
 _KeyPath = tuple[Any, ...]  # a dotted key as a tuple of its parts: ("optimizer", "lr")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid configuration: the message names the source file or override, the dotted key and a fix."""
 
 

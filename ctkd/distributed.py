@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ctkd.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -47,7 +49,7 @@ def _env_int(name: str, default: int) -> int:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The config's device choice for this process: 'auto' → cuda:LOCAL_RANK when CUDA is available, else CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available; use device=auto or cpu")
+        raise ConfigError("device: cuda was requested but no CUDA device is available; use device=auto or cpu")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

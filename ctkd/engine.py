@@ -16,6 +16,11 @@ from tqdm import tqdm
 
 from ctkd.distiller import Distiller
 from ctkd.distributed import all_reduce, get_rank, get_world_size
+from ctkd.errors import UserError
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or infinite (divergence: too high a learning rate, a broken teacher, ...)."""
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
@@ -108,8 +113,8 @@ def train_one_epoch(
 ) -> tuple[dict[str, float], Tensor | None]:
     """Train `distiller.trainable` for one pass over `loader` with a fixed λ.
 
-    Returns the epoch summary (weighted loss terms, train top-1/top-5, τ statistics) and, in instance mode, every
-    per-sample τ of the epoch (for the histogram). A non-finite loss stops training before the optimizer step.
+    Returns the epoch summary (weighted loss terms, train top-1/top-5, τ statistics) and, in instance mode, the
+    per-sample τ of this rank's samples (for the histogram). A non-finite loss stops training before the step.
     """
     distiller.train()
     totals = EpochTotals()
@@ -119,9 +124,11 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         out = distiller(images, targets, grl_lambda)
         loss = sum(out.losses.values())
-        _check_finite(loss, out.losses, epoch)
+        global_batch = _check_finite_and_count(loss, out.losses, targets.shape[0], epoch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients uniformly; weighting each rank's mean loss by its share of the global
+        # batch makes that average the gradient of the global batch mean, also when the last batch splits unevenly.
+        (loss * (targets.shape[0] * get_world_size() / global_batch)).backward()
         optimizer.step()
         totals.add(targets.shape[0], out.losses, topk_correct(out.logits.detach(), targets), out.temperature)
     bar.close()
@@ -129,21 +136,24 @@ def train_one_epoch(
     return totals.summary(), tau_values
 
 
-def _check_finite(loss: Tensor, terms: dict[str, Tensor], epoch: int) -> None:
-    """Raise on every rank before the optimizer step if any rank's loss is not finite.
+def _check_finite_and_count(loss: Tensor, terms: dict[str, Tensor], batch_size: int, epoch: int) -> int:
+    """The global batch size of this step; raises on every rank before the step if any rank's loss is not finite.
 
-    The flags are all-reduced so all ranks stop at the same step with the same message (a rank stopping alone would
-    leave the others waiting in the gradient all-reduce).
+    One all-reduce carries both: each rank's non-finite flag in its own slot, and its batch size in the last slot.
+    All ranks thus stop at the same step with the same message (a rank stopping alone would leave the others
+    waiting in the gradient all-reduce).
     """
     world, rank = get_world_size(), get_rank()
-    bad = torch.zeros(world, device=loss.device)
-    bad[rank] = (~torch.isfinite(loss.detach())).float()
-    if all_reduce(bad).sum().item() == 0:
-        return
-    ranks = [r for r in range(world) if bad[r] > 0]
+    flags_and_count = torch.zeros(world + 1, device=loss.device)
+    flags_and_count[rank] = (~torch.isfinite(loss.detach())).float()
+    flags_and_count[world] = batch_size
+    flags_and_count = all_reduce(flags_and_count).tolist()
+    bad = [r for r in range(world) if flags_and_count[r] > 0]
+    if not bad:
+        return int(flags_and_count[world])
     values = ", ".join(f"{name}={value.item():.6g}" for name, value in terms.items())
-    raise FloatingPointError(
-        f"non-finite loss in epoch {epoch} on rank(s) {ranks} (this rank {rank}: {values}); no update was applied"
+    raise NonFiniteLossError(
+        f"non-finite loss in epoch {epoch} on rank(s) {bad} (this rank {rank}: {values}); no update was applied"
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ctkd.errors import UserError
 from ctkd.fileio import atomic_write_text
 
 LOGGER_NAME = "ctkd"
@@ -50,6 +51,10 @@ def write_json_atomic(data: Any, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+class MetricsFileError(UserError, ValueError):
+    """A damaged `metrics.jsonl` in a run directory that is being resumed."""
+
+
 class MetricsLog:
     """Per-epoch records in `metrics.jsonl` and TensorBoard, consistent across interruptions.
 
@@ -74,14 +79,30 @@ class MetricsLog:
         """Keep only the records of epochs ≤ `last_epoch`."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+        kept = [line for line, record in self._parse() if record["epoch"] <= last_epoch]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def _parse(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) pairs of the file. A last line cut short by a crash mid-append is dropped with a warning;
+        a damaged line elsewhere is an error naming the file and line."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        parsed = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                parsed.append((line, json.loads(line)))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise MetricsFileError(
+                        f"{self.path}, line {number}: not a JSON record ({err}); repair or remove that line"
+                    ) from err
+                get_logger().warning(f"{self.path}: dropping an incomplete last line (a crash while writing it)")
+        return parsed
 
     def records(self) -> list[dict[str, Any]]:
         """All records written so far."""
         if not self.enabled or not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [record for _, record in self._parse()]
 
     def log_epoch(self, record: dict[str, Any], temperatures: torch.Tensor | None = None) -> None:
         """Append one epoch's record; scalars go to TensorBoard under 'train/', 'test/' or 'params/' groups."""

@@ -5,7 +5,13 @@ import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ctkd.errors import UserError
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UnknownNameError(UserError, ValueError):
+    """A config names a component that is not registered."""
 
 
 class Registry:
@@ -37,11 +43,11 @@ class Registry:
         return name in self._builders
 
     def get(self, name: str) -> Callable[..., Any]:
-        """The builder registered as `name`; an unknown name raises a ValueError listing close matches."""
+        """The builder registered as `name`; an unknown name raises UnknownNameError listing close matches."""
         if name not in self._builders:
             close = difflib.get_close_matches(name, self._builders, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
+            raise UnknownNameError(
                 f"Unknown {self.kind} '{name}'.{hint} Registered {self.kind}s: {', '.join(self.names())}"
             )
         return self._builders[name]

@@ -15,12 +15,13 @@ from ctkd.build import Experiment, build_experiment
 from ctkd.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    CheckpointError,
     atomic_save,
     capture_rng_state,
     load_run_checkpoint,
     restore_rng_state,
 )
-from ctkd.config import Config, config_from_dict, config_to_dict, diff_configs, load_config, save_config
+from ctkd.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs, load_config, save_config
 from ctkd.distributed import (
     DistributedContext,
     broadcast_buffers,
@@ -29,12 +30,13 @@ from ctkd.distributed import (
     inject_fault_if_requested,
 )
 from ctkd.engine import evaluate, train_one_epoch
+from ctkd.errors import UserError
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(UserError, RuntimeError):
     """The output directory already holds a run that this command would overwrite."""
 
 
@@ -61,19 +63,16 @@ def resolve_resume(cfg: Config, resume: str | None, ctx: DistributedContext) -> 
 
     Every rank raises the same error when rank 0's decision is an error.
     """
-    decision: tuple[str, str | None] = ("ok", None)
+    decision: Path | UserError | None = None
     if ctx.is_main:
         try:
-            path = _find_resume_checkpoint(cfg, resume)
-            decision = ("ok", None if path is None else str(path))
-        except (RunDirectoryError, FileNotFoundError) as err:
-            decision = (type(err).__name__, str(err))
-    kind, value = broadcast_object(decision)
-    if kind == "RunDirectoryError":
-        raise RunDirectoryError(value)
-    if kind == "FileNotFoundError":
-        raise FileNotFoundError(value)
-    return None if value is None else Path(value)
+            decision = _find_resume_checkpoint(cfg, resume)
+        except UserError as err:
+            decision = err
+    decision = broadcast_object(decision)
+    if isinstance(decision, UserError):
+        raise decision
+    return decision
 
 
 def _find_resume_checkpoint(cfg: Config, resume: str | None) -> Path | None:
@@ -86,7 +85,7 @@ def _find_resume_checkpoint(cfg: Config, resume: str | None) -> Path | None:
     if resume is not None:
         path = Path(resume)
         if not path.is_file():
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
+            raise CheckpointError(f"--resume {path}: no such checkpoint file")
         return path
     existing = [name for name in RUN_FILES if (output_dir / name).exists()]
     if existing:
@@ -97,22 +96,25 @@ def _find_resume_checkpoint(cfg: Config, resume: str | None) -> Path | None:
     return None
 
 
-def ensure_teacher_checkpoint(cfg: Config) -> None:
+def ensure_teacher_checkpoint(cfg: Config, ctx: DistributedContext) -> None:
     """If the teacher checkpoint is missing and `teacher.train_config` is set, train that teacher first.
 
-    The teacher run is an ordinary run of its own config (resumed if it was interrupted), so its result is reused
-    by every later student run.
+    The teacher run is an ordinary run of its own config file (resumed if it was interrupted; the student's
+    command-line overrides do not apply to it), so its result is reused by every later student run. Rank 0 decides,
+    so all ranks enter the same run.
     """
-    if cfg.method == "vanilla" or cfg.teacher.checkpoint is None or Path(cfg.teacher.checkpoint).is_file():
+    if cfg.method == "vanilla" or cfg.teacher.checkpoint is None or cfg.teacher.train_config is None:
+        return  # without train_config, load_teacher reports a missing file with instructions
+    missing = broadcast_object(not Path(cfg.teacher.checkpoint).is_file() if ctx.is_main else None)
+    if not missing:
         return
-    if cfg.teacher.train_config is None:
-        return  # load_teacher reports the missing file with instructions
-    log = get_logger()
-    log.info(f"teacher checkpoint {cfg.teacher.checkpoint} not found: training it with {cfg.teacher.train_config}")
+    get_logger().info(
+        f"teacher checkpoint {cfg.teacher.checkpoint} not found: training it with {cfg.teacher.train_config}"
+    )
     teacher_cfg = load_config(cfg.teacher.train_config)
     run(teacher_cfg, resume="auto")
     if not Path(cfg.teacher.checkpoint).is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"teacher.train_config {cfg.teacher.train_config} finished but did not produce teacher.checkpoint "
             f"{cfg.teacher.checkpoint}; its output_dir ({teacher_cfg.output_dir}) must contain that file"
         )
@@ -142,12 +144,38 @@ def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[s
     }
 
 
+# Keys a resumed run may change: where data and outputs live, how long to train, how to log and launch. Any other
+# change (model, method, loss, temperature, curriculum, optimizer, batch, seed, data) would silently make the resumed
+# run a different experiment from the one its checkpoint, metrics and config.yaml describe.
+RESUMABLE_CHANGES = (
+    "output_dir", "epochs", "device", "data.root", "data.download", "data.num_workers", "data.test_batch_size",
+    "teacher.checkpoint", "teacher.train_config", "logging.", "distributed.",
+)
+
+
+def _resumable(key: str) -> bool:
+    """Whether a resumed run may change dotted config `key` (a section name ending in '.' covers its keys)."""
+    return any(key == item or (item.endswith(".") and key.startswith(item)) for item in RESUMABLE_CHANGES)
+
+
+def check_resume_config(saved: Config, current: Config, path: Path) -> None:
+    """Refuse a resume whose config changes the experiment; log the harmless changes."""
+    changes = diff_configs(saved, current)
+    refused = [line for line in changes if not _resumable(line.split(":", 1)[0])]
+    if refused:
+        raise ConfigError(
+            f"--resume {path}: the config differs from the checkpoint's in keys that define the experiment:\n  "
+            + "\n  ".join(refused)
+            + "\nRevert these changes to continue the run, or start a new run (another output_dir) instead."
+        )
+    for line in changes:
+        get_logger().info(f"resume: {line}")
+
+
 def restore(exp: Experiment, cfg: Config, path: Path) -> Progress:
-    """Load a run checkpoint into `exp`; warn about every config key that differs from the saved one."""
+    """Load a run checkpoint into `exp` (after checking that `cfg` continues the same experiment)."""
     state = load_run_checkpoint(path)
-    saved_cfg = config_from_dict(state["config"], source=f"{path} (saved config)")
-    for line in diff_configs(saved_cfg, cfg):
-        get_logger().warning(f"resume: config differs from the checkpoint's: {line}")
+    check_resume_config(config_from_dict(state["config"], source=f"{path} (saved config)"), cfg, path)
     trainable = exp.distiller.unwrapped
     trainable.student.load_state_dict(state["student"], strict=True)
     if trainable.temperature is not None:
@@ -169,7 +197,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """
     ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
     resume_path = resolve_resume(cfg, resume, ctx)
-    ensure_teacher_checkpoint(cfg)
+    ensure_teacher_checkpoint(cfg, ctx)
     seed_everything(cfg.seed)
     exp = build_experiment(cfg, ctx)
     progress = Progress()
@@ -223,7 +251,7 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     exp.train_loader.sampler.set_epoch(epoch)
     train_stats, tau_values = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
-        progress=cfg.logging.progress_bar and _stderr_is_terminal(),
+        progress=cfg.logging.progress_bar and exp.ctx.is_main and _stderr_is_terminal(),
     )
     broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
     test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ctkd.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """Dataset files are missing, unreadable or malformed.
 
     A ValueError because the fix is a different configuration value or different files (``data.root``,

@@ -58,19 +58,13 @@ class EpochBatchSampler(Sampler[BatchKey]):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
         self.epoch = 0
-        self.start_batch = 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch to iterate next; `start_batch` > 0 skips batches already done (mid-epoch resume).
-
-        Skipping here, rather than by drawing and discarding batches from the loader, costs no data loading.
-        """
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}] for this epoch, got {start_batch}")
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate next."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        """Number of batches in a whole epoch (also after `set_epoch(..., start_batch=k)`)."""
+        """Number of batches in an epoch."""
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -89,7 +83,7 @@ class EpochBatchSampler(Sampler[BatchKey]):
 
     def __iter__(self) -> Iterator[BatchKey]:
         order = self.order()
-        for b in range(self.start_batch, len(self)):
+        for b in range(len(self)):
             global_batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.epoch, self._shard(global_batch).tolist()
 
@@ -121,8 +115,8 @@ def ignore_sigterm(worker_id: int) -> None:
     """DataLoader worker_init_fn: workers ignore SIGTERM.
 
     SLURM and Kubernetes send SIGTERM to the whole process group; if workers die of it the main process
-    crashes ("DataLoader worker ... killed by signal") before it can save its preemption checkpoint
-    (RELIABILITY.md X3). Workers still exit through the loader's shutdown protocol, and torch's watchdog ends
+    crashes at once ("DataLoader worker ... killed by signal", RELIABILITY.md X3) instead of handling the
+    signal itself. Workers still exit through the loader's shutdown protocol, and torch's watchdog ends
     them if the main process dies.
     """
     del worker_id

@@ -144,7 +144,6 @@ def test_adversarial_sign_temperature_step_raises_kd_loss_student_step_lowers_it
     student = (torch.randn(8, 10) * 3).requires_grad_()
     # Start τ low (raw −2 → τ ≈ 3.4 for global) so the loss is sensitive to τ.
     temp = build_temperature(kind, num_classes=10, hidden_dim=16, init_raw=-2.0)
-    optimizer = torch.optim.SGD([student, *temp.parameters()], lr=0.5)
 
     def loss_now() -> float:
         with torch.no_grad():
@@ -163,7 +162,6 @@ def test_adversarial_sign_temperature_step_raises_kd_loss_student_step_lowers_it
     with torch.no_grad():
         student -= 0.5 * student_grad
     assert loss_now() < after_temp
-    del optimizer
 
 
 # ---------------------------------------------------------------- KD loss

@@ -16,9 +16,11 @@ import train as train_cli
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd import engine, trainer
 from ctkd.build import build_experiment
-from ctkd.config import config_from_dict, load_config
+from ctkd.checkpoint import CheckpointError
+from ctkd.config import ConfigError, config_from_dict, load_config
 from ctkd.curriculum import build_curriculum
 from ctkd.distributed import DistributedContext
+from ctkd.errors import UserError
 from ctkd.trainer import RunDirectoryError, run
 
 
@@ -190,7 +192,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
 
 def test_explicit_resume_of_missing_or_foreign_file_fails(tmp_path: Path, teacher_file: Path) -> None:
     cfg = load(tiny_run_config(tmp_path, epochs=1), tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(CheckpointError, match="nope.pth"):
         run(cfg, resume=str(tmp_path / "nope.pth"))
     with pytest.raises(RuntimeError, match="not a ctkd run checkpoint"):
         run(cfg, resume=str(teacher_file))
@@ -254,7 +256,7 @@ def test_train_cli_reports_bad_input_in_one_line(
 
 def test_missing_teacher_checkpoint_explains_how_to_get_it(tmp_path: Path, teacher_file: Path) -> None:
     cfg = load(ctkd_config(tmp_path, teacher_file, teacher={"checkpoint": str(tmp_path / "none.pth")}), tmp_path)
-    with pytest.raises(RuntimeError, match=r"none\.pth does not exist.*configs/cifar100/teachers/resnet14\.yaml"):
+    with pytest.raises(CheckpointError, match=r"none\.pth does not exist.*configs/cifar100/teachers/resnet14\.yaml"):
         run(cfg)
 
 
@@ -316,3 +318,28 @@ def test_non_finite_loss_stops_before_the_update(tmp_path: Path, teacher_file: P
     with pytest.raises(FloatingPointError, match=r"non-finite loss in epoch 1 on rank\(s\) \[0\].*loss_kd=nan"):
         run(cfg)
     assert not (Path(cfg.output_dir) / "last.pth").exists()
+
+
+def test_resume_refuses_config_changes_that_alter_the_experiment(tmp_path: Path, teacher_file: Path) -> None:
+    run(load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path))
+    changed = load(ctkd_config(tmp_path, teacher_file, epochs=2, optimizer={"lr": 0.1},
+                               temperature={"name": "global", "init_raw": 0.0}), tmp_path, "changed.yaml")
+    with pytest.raises(ConfigError, match=r"temperature\.init_raw: 1\.0 → 0\.0\n  optimizer\.lr: 0\.05 → 0\.1\n"):
+        run(changed, resume="auto")
+    longer = load(ctkd_config(tmp_path, teacher_file, epochs=2, data={"num_workers": 2}), tmp_path, "longer.yaml")
+    assert run(longer, resume="auto")["epochs"] == 2  # more epochs and other workers continue the same run
+
+
+def test_resume_survives_a_torn_last_metrics_line(tmp_path: Path, teacher_file: Path) -> None:
+    run(load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    intact = metrics.read_text()
+    with metrics.open("a") as handle:
+        handle.write('{"epoch": 2, "lr": 0.0')  # killed in the middle of appending epoch 2
+    run(load(ctkd_config(tmp_path, teacher_file, epochs=2), tmp_path, "more.yaml"), resume="auto")
+    lines = metrics.read_text().splitlines()
+    assert lines[0] == intact.strip() and [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+    metrics.write_text(lines[0][:20] + "\n" + lines[1] + "\n")  # damage that is not a torn last line
+    with pytest.raises(UserError, match=r"metrics\.jsonl, line 1: not a JSON record"):
+        run(load(ctkd_config(tmp_path, teacher_file, epochs=3), tmp_path, "three.yaml"), resume="auto")
