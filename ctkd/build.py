@@ -13,7 +13,7 @@ import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import Config, ConfigError
 from ctkd.curriculum import Curriculum, build_curriculum
-from ctkd.distiller import Distiller, build_distiller
+from ctkd.distiller import DISTILLERS, Distiller, build_distiller
 from ctkd.distributed import DistributedContext, main_process_first
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import build_temperature
@@ -101,7 +101,7 @@ def load_teacher(cfg: Config, num_classes: int) -> nn.Module:
 def check_model_names(cfg: Config) -> None:
     """Fail fast on an unknown student or teacher name (with close matches), before loading any data."""
     models.MODELS.get(cfg.student.name)
-    if cfg.method != "vanilla" and cfg.teacher.name is not None:
+    if DISTILLERS.get(cfg.method).uses_teacher and cfg.teacher.name is not None:
         models.MODELS.get(cfg.teacher.name)
 
 
@@ -109,16 +109,11 @@ def build_networks(cfg: Config, num_classes: int, ctx: DistributedContext) -> Di
     """Student, teacher (loaded strictly) and temperature module, assembled by the config's method."""
     student = models.build_model(cfg.student.name, num_classes=num_classes)
     teacher, temperature = None, None
-    if cfg.method != "vanilla":
+    if DISTILLERS.get(cfg.method).uses_teacher:
         teacher = load_teacher(cfg, num_classes)
-        t = cfg.temperature
-        temperature = build_temperature(
-            t.name, num_classes=num_classes, value=t.value, t_start=t.t_start, t_range=t.t_range,
-            init_raw=t.init_raw, hidden_dim=t.hidden_dim,
-        )
+        temperature = build_temperature(cfg.temperature, num_classes=num_classes)
     distiller = build_distiller(
-        cfg.method, student=student, teacher=teacher, temperature=temperature,
-        ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
+        cfg.method, student=student, teacher=teacher, temperature=temperature, loss=cfg.loss
     ).to(ctx.device)
     if cfg.distributed.sync_bn and ctx.enabled:  # the teacher keeps plain BN: it only runs in eval mode
         distiller.unwrapped.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped.student)

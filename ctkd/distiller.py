@@ -6,6 +6,7 @@ wraps; the teacher stays outside it, frozen, in eval mode, and out of every chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from torch import Tensor, nn
 from ctkd.distributed import unwrap
 from ctkd.losses import kd_loss
 from ctkd.registry import Registry
+
+if TYPE_CHECKING:
+    from ctkd.config import LossConfig
 
 DISTILLERS = Registry("method")
 
@@ -47,6 +51,8 @@ class TrainableModule(nn.Module):
 
 class Distiller(nn.Module):
     """Base class: holds `trainable` and an optional frozen `teacher`; subclasses define the loss terms."""
+
+    uses_teacher: bool = True  # whether the method needs a teacher and a temperature module
 
     def __init__(self, trainable: TrainableModule, teacher: nn.Module | None = None) -> None:
         super().__init__()
@@ -82,6 +88,13 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    @classmethod
+    def from_parts(
+        cls, *, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None, loss: LossConfig
+    ) -> Distiller:
+        """Build from networks and the config's loss weights."""
+        raise NotImplementedError
+
     def forward(self, images: Tensor, targets: Tensor, grl_lambda: float = 0.0) -> StepOutput:
         """One training forward; returns the weighted loss terms."""
         raise NotImplementedError
@@ -90,6 +103,15 @@ class Distiller(nn.Module):
 @DISTILLERS.register("vanilla")
 class Vanilla(Distiller):
     """Plain cross-entropy training (teachers and student baselines); the loss weights do not apply."""
+
+    uses_teacher = False
+
+    @classmethod
+    def from_parts(
+        cls, *, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None, loss: LossConfig
+    ) -> Vanilla:
+        """The student alone."""
+        return cls(TrainableModule(student))
 
     def forward(self, images: Tensor, targets: Tensor, grl_lambda: float = 0.0) -> StepOutput:
         """Cross-entropy on the student's logits."""
@@ -110,6 +132,13 @@ class KD(Distiller):
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
 
+    @classmethod
+    def from_parts(
+        cls, *, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None, loss: LossConfig
+    ) -> KD:
+        """Student and temperature in the trainable module, the frozen teacher beside it."""
+        return cls(TrainableModule(student, temperature), teacher, ce_weight=loss.ce_weight, kd_weight=loss.kd_weight)
+
     def forward(self, images: Tensor, targets: Tensor, grl_lambda: float = 0.0) -> StepOutput:
         """Teacher logits without gradient, then student logits and τ from the trainable module."""
         with torch.no_grad():
@@ -128,11 +157,7 @@ def build_distiller(
     student: nn.Module,
     teacher: nn.Module | None,
     temperature: nn.Module | None,
-    ce_weight: float,
-    kd_weight: float,
+    loss: LossConfig,
 ) -> Distiller:
     """Assemble the distiller registered as `method` around the given networks."""
-    factory = DISTILLERS.get(method)
-    if method == "vanilla":
-        return factory(TrainableModule(student))
-    return factory(TrainableModule(student, temperature), teacher, ce_weight=ce_weight, kd_weight=kd_weight)
+    return DISTILLERS.get(method).from_parts(student=student, teacher=teacher, temperature=temperature, loss=loss)

@@ -1,17 +1,23 @@
 """Temperature modules: fixed τ (plain KD), one learnable global τ, or a per-sample τ from an MLP (CTKD).
 
-All share one call signature, ``module(student_logits, teacher_logits, grl_lambda) -> τ``, so a config swaps them
-by name. The learnable ones are trained *adversarially*: their raw output passes through a gradient-reversal layer
-(PAPER.md §2.4) whose strength λ ≥ 0 follows the curriculum, then is mapped into (t_start, t_start + t_range) by
-τ = t_start + t_range·sigmoid(raw) (PAPER.md §2.6).
+All share one call signature, ``module(student_logits, teacher_logits, grl_lambda) -> τ``, and one constructor from
+the config, ``from_config(cfg, num_classes=...)``, so a config swaps them by name. The learnable ones are trained
+*adversarially*: their raw output passes through a gradient-reversal layer (PAPER.md §2.4) whose strength λ ≥ 0
+follows the curriculum, then is mapped into (t_start, t_start + t_range) by τ = t_start + t_range·sigmoid(raw)
+(PAPER.md §2.6).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.registry import Registry
+
+if TYPE_CHECKING:
+    from ctkd.config import TemperatureConfig
 
 TEMPERATURES = Registry("temperature")
 
@@ -66,6 +72,11 @@ class FixedTemperature(nn.Module):
             raise ValueError(f"a fixed temperature must be > 0, got {value}")
         self.register_buffer("value", torch.tensor(float(value)), persistent=False)
 
+    @classmethod
+    def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> FixedTemperature:
+        """Build from the config's temperature section."""
+        return cls(cfg.value)
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
         """Return τ as a 0-d tensor."""
         return self.value
@@ -81,6 +92,11 @@ class GlobalTemperature(BoundedTemperature):
     def __init__(self, t_start: float = 1.0, t_range: float = 20.0, init_raw: float = 1.0) -> None:
         super().__init__(t_start, t_range)
         self.raw = nn.Parameter(torch.tensor(float(init_raw)))
+
+    @classmethod
+    def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> GlobalTemperature:
+        """Build from the config's temperature section."""
+        return cls(cfg.t_start, cfg.t_range, cfg.init_raw)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
         """Return τ as a 0-d tensor; the logits are not used."""
@@ -104,6 +120,11 @@ class InstanceTemperature(BoundedTemperature):
             nn.Linear(hidden_dim, 1),
         )
 
+    @classmethod
+    def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> InstanceTemperature:
+        """Build from the config's temperature section."""
+        return cls(num_classes, cfg.hidden_dim, cfg.t_start, cfg.t_range)
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
         """Return τ of shape [B]."""
         probs = torch.cat(
@@ -114,19 +135,6 @@ class InstanceTemperature(BoundedTemperature):
         return self.bound(raw, grl_lambda)
 
 
-def build_temperature(
-    name: str,
-    *,
-    num_classes: int,
-    value: float = 4.0,
-    t_start: float = 1.0,
-    t_range: float = 20.0,
-    init_raw: float = 1.0,
-    hidden_dim: int = 256,
-) -> nn.Module:
-    """Build the temperature module registered as `name` from the config's temperature fields."""
-    if name == "fixed":
-        return TEMPERATURES.build(name, value=value)
-    if name == "global":
-        return TEMPERATURES.build(name, t_start=t_start, t_range=t_range, init_raw=init_raw)
-    return TEMPERATURES.build(name, num_classes=num_classes, hidden_dim=hidden_dim, t_start=t_start, t_range=t_range)
+def build_temperature(cfg: TemperatureConfig, *, num_classes: int) -> nn.Module:
+    """The temperature module registered as `cfg.name`, built from the config's temperature section."""
+    return TEMPERATURES.get(cfg.name).from_config(cfg, num_classes=num_classes)

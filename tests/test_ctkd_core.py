@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from ctkd.config import TemperatureConfig
 from ctkd.curriculum import build_curriculum
 from ctkd.losses import kd_loss
 from ctkd.temperature import (
@@ -129,11 +130,14 @@ def test_instance_temperature_reverses_gradient_only_into_its_mlp() -> None:
 
 
 def test_build_temperature_by_name() -> None:
-    assert isinstance(build_temperature("fixed", num_classes=10, value=3.0), FixedTemperature)
-    assert isinstance(build_temperature("global", num_classes=10), GlobalTemperature)
-    assert isinstance(build_temperature("instance", num_classes=10, hidden_dim=8), InstanceTemperature)
+    fixed = build_temperature(TemperatureConfig(name="fixed", value=3.0), num_classes=10)
+    assert isinstance(fixed, FixedTemperature) and fixed.value.item() == 3.0
+    glob = build_temperature(TemperatureConfig(name="global", t_start=2.0, t_range=10.0, init_raw=0.0), num_classes=10)
+    assert isinstance(glob, GlobalTemperature) and glob(None, None, 0.0).item() == pytest.approx(7.0)  # 2 + 10·σ(0)
+    instance = build_temperature(TemperatureConfig(name="instance", hidden_dim=8), num_classes=10)
+    assert isinstance(instance, InstanceTemperature) and instance.mlp[0].weight.shape == (8, 20)
     with pytest.raises(ValueError, match="Did you mean 'global'"):
-        build_temperature("globl", num_classes=10)
+        build_temperature(TemperatureConfig(name="globl"), num_classes=10)
 
 
 @pytest.mark.parametrize("kind", ["global", "instance"])
@@ -143,7 +147,7 @@ def test_adversarial_sign_temperature_step_raises_kd_loss_student_step_lowers_it
     teacher = torch.randn(8, 10) * 4
     student = (torch.randn(8, 10) * 3).requires_grad_()
     # Start τ low (raw −2 → τ ≈ 3.4 for global) so the loss is sensitive to τ.
-    temp = build_temperature(kind, num_classes=10, hidden_dim=16, init_raw=-2.0)
+    temp = build_temperature(TemperatureConfig(name=kind, hidden_dim=16, init_raw=-2.0), num_classes=10)
 
     def loss_now() -> float:
         with torch.no_grad():

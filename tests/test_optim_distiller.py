@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctkd.config import LossConfig
 from ctkd.distiller import KD, TrainableModule, Vanilla, build_distiller
 from ctkd.losses import kd_loss
 from ctkd.optim import StepLRSchedule, build_sgd
@@ -53,7 +54,7 @@ def test_kd_distiller_loss_is_weighted_ce_plus_kd() -> None:
     torch.manual_seed(0)
     student, teacher = _net(), _net()
     distiller = build_distiller("kd", student=student, teacher=teacher, temperature=FixedTemperature(4.0),
-                                ce_weight=0.1, kd_weight=0.9)
+                                loss=LossConfig(ce_weight=0.1, kd_weight=0.9))
     assert isinstance(distiller, KD)
     images, targets = torch.randn(6, 3, 2, 2), torch.randint(0, 5, (6,))
     out = distiller(images, targets, grl_lambda=1.0)
@@ -67,8 +68,7 @@ def test_kd_distiller_loss_is_weighted_ce_plus_kd() -> None:
 def test_vanilla_distiller_is_plain_cross_entropy_without_teacher() -> None:
     torch.manual_seed(0)
     student = _net()
-    distiller = build_distiller("vanilla", student=student, teacher=None, temperature=None, ce_weight=0.1,
-                                kd_weight=0.9)
+    distiller = build_distiller("vanilla", student=student, teacher=None, temperature=None, loss=LossConfig())
     assert isinstance(distiller, Vanilla) and distiller.teacher is None
     images, targets = torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))
     out = distiller(images, targets)
@@ -79,7 +79,7 @@ def test_vanilla_distiller_is_plain_cross_entropy_without_teacher() -> None:
 def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
     teacher = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12), nn.Linear(12, 5))
     distiller = build_distiller("kd", student=_net(), teacher=teacher, temperature=GlobalTemperature(),
-                                ce_weight=0.1, kd_weight=0.9)
+                                loss=LossConfig())
     distiller.train()
     assert distiller.trainable.training and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -88,4 +88,4 @@ def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
 
 def test_unknown_method_lists_close_matches() -> None:
     with pytest.raises(ValueError, match="Unknown method 'kdd'. Did you mean 'kd'"):
-        build_distiller("kdd", student=_net(), teacher=_net(), temperature=None, ce_weight=0.1, kd_weight=0.9)
+        build_distiller("kdd", student=_net(), teacher=_net(), temperature=None, loss=LossConfig())
