@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 import datasets
 import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
-from ctkd.config import Config, ConfigError
+from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError
 from ctkd.curriculum import Curriculum, build_curriculum
 from ctkd.distiller import DISTILLERS, Distiller, build_distiller
 from ctkd.distributed import DistributedContext, main_process_first
@@ -145,10 +145,7 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     """
     check_model_names(cfg)
     if cfg.distributed.sync_bn and ctx.device.type != "cuda":
-        raise ConfigError(
-            "distributed.sync_bn: true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-            "set distributed.sync_bn=false or run on GPUs"
-        )
+        raise ConfigError(SYNC_BN_NEEDS_CUDA)
     with main_process_first(ctx):  # rank 0 downloads, the others then read what it wrote
         train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
     train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)

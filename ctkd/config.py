@@ -249,6 +249,13 @@ class LoggingConfig(_Section):
     progress_bar: bool = True  # show a tqdm bar (also quiet automatically when stderr is not a terminal)
 
 
+# Checked here for device: cpu, and again at start-up for device: auto on a machine without CUDA.
+SYNC_BN_NEEDS_CUDA = (
+    "'distributed.sync_bn' needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+    "set distributed.sync_bn=false or run on GPUs"
+)
+
+
 @dataclass(frozen=True)
 class DistributedConfig(_Section):
     """Multi-process training under torchrun (ignored by single-process runs)."""
@@ -291,8 +298,7 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
     if cfg.distributed.sync_bn and cfg.device == "cpu":
         problems.append((
             ("distributed", "sync_bn"),
-            "'distributed.sync_bn' needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-            "set it to false for device: cpu",
+            SYNC_BN_NEEDS_CUDA,
         ))
     teacher_fields = dataclasses.asdict(cfg.teacher)
     if cfg.method == "kd":

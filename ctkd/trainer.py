@@ -22,6 +22,7 @@ from ctkd.checkpoint import (
     restore_rng_state,
 )
 from ctkd.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs, load_config, save_config
+from ctkd.distiller import DISTILLERS
 from ctkd.distributed import (
     DistributedContext,
     broadcast_buffers,
@@ -103,8 +104,8 @@ def ensure_teacher_checkpoint(cfg: Config, ctx: DistributedContext) -> None:
     command-line overrides do not apply to it), so its result is reused by every later student run. Rank 0 decides,
     so all ranks enter the same run.
     """
-    if cfg.method == "vanilla" or cfg.teacher.checkpoint is None or cfg.teacher.train_config is None:
-        return  # without train_config, load_teacher reports a missing file with instructions
+    if cfg.teacher.checkpoint is None or cfg.teacher.train_config is None:
+        return  # no teacher (vanilla), or load_teacher reports a missing file with instructions
     missing = broadcast_object(not Path(cfg.teacher.checkpoint).is_file() if ctx.is_main else None)
     if not missing:
         return
@@ -247,7 +248,7 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     """
     start = time.perf_counter()
     lr = exp.schedule.set_epoch(epoch)
-    grl_lambda = exp.curriculum(epoch) if cfg.method != "vanilla" else 0.0
+    grl_lambda = exp.curriculum(epoch) if exp.distiller.teacher is not None else 0.0
     exp.train_loader.sampler.set_epoch(epoch)
     train_stats, tau_values = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
@@ -297,7 +298,7 @@ def _results(
         "method": cfg.method,
         "student": cfg.student.name,
         "teacher": cfg.teacher.name,
-        "temperature": cfg.temperature.name if cfg.method != "vanilla" else None,
+        "temperature": cfg.temperature.name if DISTILLERS.get(cfg.method).uses_teacher else None,
         "epochs": progress.epoch,
         "best_acc1": progress.best_acc1,
         "best_acc5": progress.best_acc5,

@@ -18,7 +18,7 @@ import models
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd.build import build_experiment, build_split, build_split_loader
-from ctkd.config import load_config
+from ctkd.config import ConfigError, load_config
 from ctkd.distributed import DistributedContext, broadcast_buffers, init_distributed, shutdown_distributed
 from ctkd.engine import evaluate
 from ctkd.trainer import run, seed_everything
@@ -289,7 +289,7 @@ def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with cuda, device auto picks the GPU, where SyncBN is allowed")
 def test_sync_bn_is_refused_on_cpu(tmp_path: Path, teacher_file: Path) -> None:
     config = ctkd_config(tmp_path, teacher_file, "syncbn", device="auto", distributed={"sync_bn": True})
-    with pytest.raises(ValueError, match="sync_bn: true needs CUDA"):
+    with pytest.raises(ValueError, match="'distributed.sync_bn' needs CUDA devices"):
         build_experiment(load_config(config), DistributedContext())
 
 
@@ -380,3 +380,9 @@ def test_last_batch_too_small_to_share_is_refused(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path / "c.yaml", tiny_run_config(tmp_path, data=data)))
     with pytest.raises(ValueError, match=r"last training batch has 1 samples, fewer than the 2 processes"):
         build_split_loader(cfg, build_split(cfg, train=True), train=True, ctx=DistributedContext(world_size=2))
+
+
+def test_sync_bn_with_device_cpu_is_refused_by_the_config(tmp_path: Path, teacher_file: Path) -> None:
+    config = ctkd_config(tmp_path, teacher_file, "syncbn_cpu", distributed={"sync_bn": True})  # device: cpu
+    with pytest.raises(ConfigError, match=r"syncbn_cpu\.yaml: 'distributed\.sync_bn' needs CUDA devices"):
+        load_config(config)
