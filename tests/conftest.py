@@ -1,45 +1,26 @@
-"""Shared test fixtures: the read-only specification folder ../shared/reference (golden values, zoo manifest)."""
+"""Shared test helpers: the repository root, the reference values of tests/data (see golden.py), tiny run configs."""
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+import golden as golden_module
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # tests import the project packages from the checkout
-
-
-def _reference_dir() -> Path:
-    """The spec's reference folder: $CTKD_REFERENCE_DIR, else ../shared/reference beside the checkout."""
-    path = Path(os.environ.get("CTKD_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
-    if not (path / "golden.py").is_file():
-        raise FileNotFoundError(
-            f"The reference folder {path} (golden.py, zoo.json) is missing: tests compare against it. "
-            "Place the specification's shared/ folder beside the checkout or set CTKD_REFERENCE_DIR."
-        )
-    return path
 
 
 @pytest.fixture(scope="session")
 def golden() -> ModuleType:
-    """The spec's golden.py module: deterministic weights, fixed inputs and the authors' logits and losses."""
-    path = _reference_dir() / "golden.py"
-    spec = importlib.util.spec_from_file_location("ctkd_reference_golden", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """tests/golden.py: deterministic weights, fixed inputs and the authors' logits and loss values."""
+    return golden_module
 
 
 @pytest.fixture(scope="session")
 def zoo() -> dict:
-    """The spec's zoo.json: per architecture, state_dict keys/shapes, parameter count and feature shapes."""
-    return json.loads((_reference_dir() / "zoo.json").read_text())
+    """The authors' zoo (tests/data/zoo.json): per architecture, state_dict layout, parameter count, feature shapes."""
+    return golden_module.zoo()
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -35,13 +35,13 @@ def _single_thread() -> Iterator[None]:
 def _golden_model(golden: ModuleType, name: str) -> FeatureClassifier:
     """`name` built for 100 classes with the spec's deterministic weights loaded strictly."""
     model = build_model(name)
-    model.load_state_dict(golden.make_state_dict(name), strict=True)
+    model.load_state_dict(golden.reference_state_dict(name), strict=True)
     return model
 
 
 def _input(golden: ModuleType, batch: int = 2) -> Tensor:
     """The first `batch` images of the golden input (2, 3, 32, 32)."""
-    return golden.make_input()[:batch]
+    return golden.reference_input()[:batch]
 
 
 def _batches_tracked(model: nn.Module) -> set[int]:
@@ -52,7 +52,7 @@ def _batches_tracked(model: nn.Module) -> set[int]:
 def test_registry_holds_exactly_the_zoo(golden: ModuleType) -> None:
     # Tests may register helper models of their own (tests/tiny_models.py); the package registers the zoo.
     zoo = [name for name in list_models() if MODELS.get(name).__module__.startswith("models.")]
-    assert zoo == sorted(NAMES) == golden.ARCHS
+    assert zoo == sorted(NAMES) == golden.architectures()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -84,7 +84,7 @@ def test_golden_logits(name: str, mode: str, golden: ModuleType) -> None:
     model = _golden_model(golden, name).train(mode == "train")
     with torch.no_grad():
         logits = model(_input(golden))
-    torch.testing.assert_close(logits, golden.expected(name, mode), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, golden.reference_logits(name, mode), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
