@@ -1,7 +1,7 @@
-"""The curriculum on λ, the strength of the gradient reversal (PAPER.md §2.5, Eqs. 9-11).
+"""The curriculum on λ, the strength of the gradient reversal (Eqs. 9-11 of the paper; docs/method.md, Curriculum).
 
 λ is a pure function of the epoch, set once per epoch (never per iteration) with epochs counted from 1 as in the
-authors' code (PAPER.md §6.2), so resuming needs nothing but the epoch number.
+authors' code (docs/method.md, Curriculum (Eq. 11)), so resuming needs nothing but the epoch number.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def cosine(lambda_min: float = 0.0, lambda_max: float = 1.0, loops: int = 10) ->
 def linear(lambda_min: float = 0.0, lambda_max: float = 1.0, loops: int = 10) -> Curriculum:
     """A linear ramp λ_n = λ_min + (λ_max − λ_min)·min(E_n, E_loops)/E_loops.
 
-    This is the ramp the authors' `LinearDecay` meant; theirs ignores λ_max as an offset and stops at 0.9 (§2.5).
+    This is the ramp the authors' `LinearDecay` meant; theirs ignores the start value as an offset and stops at
+    0.9 of the range (docs/differences.md, Linear curriculum).
     """
 
     def schedule(epoch: int) -> float:
@@ -51,7 +52,7 @@ def linear(lambda_min: float = 0.0, lambda_max: float = 1.0, loops: int = 10) ->
 
 @CURRICULA.register("constant")
 def constant(lambda_min: float = 0.0, lambda_max: float = 1.0, loops: int = 10) -> Curriculum:
-    """No curriculum: λ = λ_max from the first epoch (ablation A2)."""
+    """No curriculum: λ = λ_max from the first epoch (for ablations)."""
 
     def schedule(epoch: int) -> float:
         return lambda_max

@@ -59,7 +59,7 @@ class Distiller(nn.Module):
         self.trainable: nn.Module = trainable  # a TrainableModule, possibly inside DDP (see `wrap_ddp`)
         self.teacher = teacher
         if teacher is not None:
-            teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradient bookkeeping (REFERENCE M4)
+            teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradient bookkeeping
             teacher.eval()
 
     @property
@@ -77,7 +77,7 @@ class Distiller(nn.Module):
 
         DDP broadcasts rank 0's parameters and buffers at construction; gradients of every trainable parameter,
         the temperature's included, are then averaged over ranks at each step (the authors' code never
-        synchronises τ, REFERENCE.md D1).
+        synchronises τ; docs/differences.md).
         """
         self.trainable = nn.parallel.DistributedDataParallel(self.unwrapped, device_ids=device_ids)
 

@@ -64,7 +64,7 @@ class EpochTotals:
             self.tau_sum, self.tau_min, self.tau_max = (
                 self.tau_sum + total, torch.minimum(self.tau_min, low), torch.maximum(self.tau_max, high)
             )
-        self.tau_last = tau.mean()  # the authors plot the τ of the last batch of each epoch (PAPER.md §5)
+        self.tau_last = tau.mean()  # the paper plots the τ of the last batch of each epoch (Fig. 3)
         if tau.dim() == 1:
             self.tau_values.append(tau.detach())
 

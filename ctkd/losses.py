@@ -15,7 +15,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
             τ receives its gradient through both the softmaxes and the τ² factor.
 
     The per-sample form is the vectorised version of the authors' README loop, without its 1e-7 on the teacher's
-    probabilities (PAPER.md §6.16). fp32 because a near-zero KL in bf16 comes out negative.
+    probabilities (docs/differences.md, Per-sample KD). fp32 because a near-zero KL in bf16 comes out negative.
     """
     student = student_logits.float()
     teacher = teacher_logits.float()

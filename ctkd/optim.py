@@ -1,4 +1,4 @@
-"""The optimizer and step LR schedule of the CRD/CTKD protocol (REFERENCE.md §3)."""
+"""The optimizer and step LR schedule of the CRD/CTKD protocol (docs/settings.md, CIFAR-100 protocol)."""
 from __future__ import annotations
 
 import bisect
@@ -18,8 +18,8 @@ def build_sgd(
     temperature_lr: float | None = None,
     temperature_weight_decay: float | None = None,
 ) -> torch.optim.SGD:
-    """One SGD over every trainable parameter (PAPER.md §6.6): the temperature module shares the student's LR schedule,
-    momentum and weight decay unless it is given its own LR or weight decay (second parameter group)."""
+    """One SGD over every trainable parameter (Eqs. 6-7 of the paper): the temperature module shares the student's
+    LR schedule, momentum and weight decay unless it is given its own LR or weight decay (second parameter group)."""
     temperature = getattr(trainable, "temperature", None)
     temperature_params = [p for p in temperature.parameters()] if temperature is not None else []
     temperature_ids = {id(p) for p in temperature_params}
@@ -41,7 +41,7 @@ class StepLRSchedule:
     """LR = base·rate^(number of milestones < epoch), epochs counted from 1, set at the start of each epoch.
 
     With milestones 150, 180, 210: epochs 1-150 at the base LR, 151-180 ×0.1, 181-210 ×0.01, 211- ×0.001, exactly as
-    the authors', CRD's and mdistiller's `adjust_learning_rate` (REFERENCE.md §3). Stateless apart from the base LRs,
+    the authors', CRD's and mdistiller's `adjust_learning_rate`. Stateless apart from the base LRs,
     so a resumed run only needs the epoch.
     """
 

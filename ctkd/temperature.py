@@ -2,9 +2,9 @@
 
 All share one call signature, ``module(student_logits, teacher_logits, grl_lambda) -> τ``, and one constructor from
 the config, ``from_config(cfg, num_classes=...)``, so a config swaps them by name. The learnable ones are trained
-*adversarially*: their raw output passes through a gradient-reversal layer (PAPER.md §2.4) whose strength λ ≥ 0
-follows the curriculum, then is mapped into (t_start, t_start + t_range) by τ = t_start + t_range·sigmoid(raw)
-(PAPER.md §2.6).
+*adversarially*: their raw output passes through a gradient-reversal layer (docs/method.md, Gradient reversal) whose
+strength λ ≥ 0 follows the curriculum, then is mapped into (t_start, t_start + t_range) by
+τ = t_start + t_range·sigmoid(raw) (docs/method.md, Range mapping).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class _GradientReversal(torch.autograd.Function):
 
 
 def gradient_reversal(x: Tensor, grl_lambda: float) -> Tensor:
-    """Gradient-reversal layer (PAPER.md §2.4): forward is the identity, backward multiplies the gradient by −λ.
+    """Gradient-reversal layer (Eq. 8 of the paper): forward is the identity, backward multiplies the gradient by −λ.
 
     ``grl_lambda`` is the non-negative magnitude of the curriculum (Eq. 11); the minus sign lives here, in code. The
     authors' code instead multiplies by +λ and feeds a negative λ from the config (decay_max 0, decay_min −1), a trap
@@ -58,7 +58,7 @@ class BoundedTemperature(nn.Module):
         self.t_range = t_range
 
     def bound(self, raw: Tensor, grl_lambda: float) -> Tensor:
-        """τ = t_start + t_range·sigmoid(GRL_λ(raw)); the sigmoid after the GRL as in the authors' code (§6.4)."""
+        """τ = t_start + t_range·sigmoid(GRL_λ(raw)); the sigmoid after the GRL as in the authors' code."""
         return self.t_start + self.t_range * torch.sigmoid(gradient_reversal(raw, grl_lambda))
 
 
@@ -84,7 +84,7 @@ class FixedTemperature(nn.Module):
 
 @TEMPERATURES.register("global")
 class GlobalTemperature(BoundedTemperature):
-    """Global-T (PAPER.md §2.6a): one learnable raw scalar shared by every sample.
+    """Global-T (Fig. 2a of the paper): one learnable raw scalar shared by every sample.
 
     ``init_raw`` = 1.0 as in the authors' code, so τ₀ = 1 + 20·sigmoid(1) ≈ 15.62 with the default range.
     """
@@ -105,11 +105,12 @@ class GlobalTemperature(BoundedTemperature):
 
 @TEMPERATURES.register("instance")
 class InstanceTemperature(BoundedTemperature):
-    """Instance-T (PAPER.md §2.6b, §6.7): a 2-layer MLP maps [softmax(z_t), softmax(z_s)] ([B, 2C]) to one τ per sample.
+    """Instance-T (Fig. 2b of the paper): a 2-layer MLP maps [softmax(z_t), softmax(z_s)] ([B, 2C]) to one τ each.
 
-    The authors never released this module; the layout follows PAPER.md §6.7: Linear(2C, hidden) → ReLU → Linear(hidden,
-    1). The inputs are detached so the reversed gradient reaches only the MLP, never the student through its logits
-    (otherwise the student would be pushed to *raise* the KD loss).
+    The authors never released this module; the layout is our assumption (docs/differences.md, Instance-T
+    architecture): Linear(2C, hidden) → ReLU → Linear(hidden, 1). The inputs are detached so the reversed gradient
+    reaches only the MLP, never the student through its logits (otherwise the student would be pushed to *raise* the
+    KD loss).
     """
 
     def __init__(self, num_classes: int, hidden_dim: int = 256, t_start: float = 1.0, t_range: float = 20.0) -> None:

@@ -7,7 +7,7 @@ Expected layout (what the official archive extracts to)::
     <root>/cifar-100-python/meta    the 100 fine class names
 
 torchvision.datasets.CIFAR100 is deliberately not used for reading: for a missing root and for garbage
-files alike it says only "Dataset not found or corrupted", without a path (RELIABILITY.md X12).
+files alike it says only "Dataset not found or corrupted", without a path.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _md5(path: Path) -> str:
 
 
 def _file_error(path: Path, problem: str) -> DatasetError:
-    """An error for a file that exists but is unusable, with its checksum verdict (RELIABILITY.md G2)."""
+    """An error for a file that exists but is unusable, with its checksum verdict (damaged or not the official file)."""
     actual = _md5(path)
     expected = FILE_MD5[path.name]
     if actual == expected:

@@ -2,7 +2,8 @@
 
 Data randomness (crop offsets, flips, epoch permutations) is derived from these hashes instead of a stateful
 RNG, so it does not depend on which worker handles a sample, on how samples are batched, or on the global
-torch RNG; a resumed run and runs with any number of workers see identical data (RELIABILITY.md X1/X2).
+torch RNG; a resumed run and runs with any number of workers see identical data (augmentation drawn from a worker's
+own RNG makes a resumed run diverge).
 """
 from __future__ import annotations
 

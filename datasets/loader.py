@@ -4,7 +4,7 @@ The sampler yields whole batches as ``(epoch, indices)`` keys and `BatchedDatase
 transformed batch, so the batch order comes from a (seed, epoch)-seeded permutation and each sample's
 augmentation from (seed, epoch, index). Nothing depends on worker RNG, on the number of workers or on the
 global torch RNG, which is what lets a resumed run see the same data as an uninterrupted one
-(RELIABILITY.md X1/X2, B1/B3).
+(bit-identical resume, every sample exactly once per epoch).
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def ignore_sigterm(worker_id: int) -> None:
     """DataLoader worker_init_fn: workers ignore SIGTERM.
 
     SLURM and Kubernetes send SIGTERM to the whole process group; if workers die of it the main process
-    crashes at once ("DataLoader worker ... killed by signal", RELIABILITY.md X3) instead of handling the
+    crashes at once ("DataLoader worker ... killed by signal") instead of handling the
     signal itself. Workers still exit through the loader's shutdown protocol, and torch's watchdog ends
     them if the main process dies.
     """

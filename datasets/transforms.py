@@ -1,8 +1,8 @@
 """Batched CIFAR transforms whose randomness is a pure function of (seed, epoch, sample index).
 
 Train: RandomCrop(32, padding=4) with zero padding, then RandomHorizontalFlip(p=0.5), then ToTensor and
-Normalize, as in the authors' pipeline (REFERENCE.md §2.1). Test: ToTensor and Normalize only. The crop
-offsets and the flip of sample i in epoch e come from a hash of (seed, e, i) (see `hashing`), so they do not
+Normalize, as in the authors' pipeline (docs/settings.md, CIFAR-100 protocol). Test: ToTensor and Normalize only.
+The crop offsets and the flip of sample i in epoch e come from a hash of (seed, e, i) (see `hashing`), so they do not
 depend on worker RNG, batch composition or the global torch RNG.
 """
 from __future__ import annotations

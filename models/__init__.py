@@ -6,7 +6,7 @@ MobileNetV2 (CIFAR "mobile_half": width 0.5, expansion 6), ShuffleV1, ShuffleV2,
 
 Build one with ``build_model(name, num_classes=100)``; an unknown name raises a ValueError that lists close matches.
 Each model's ordered state_dict (keys, shapes, dtypes) equals the authors', so their teacher checkpoints load with
-``strict=True``, and it computes the same function (checked against the spec's golden logits).
+``strict=True``, and it computes the same function (checked against golden logits of the authors' models).
 
 Interface of every model (``models.base.FeatureClassifier``):
 
@@ -18,9 +18,11 @@ Interface of every model (``models.base.FeatureClassifier``):
   ResNet/ShuffleNet, the stage before its ReLU for VGG, the following BN's output for WRN; MobileNetV2's stage
   outputs have no final ReLU, so they are unchanged). Models without such features (ResNet50) raise ValueError.
   In train mode every BatchNorm runs once per call, with or without ``preact`` (the authors' WRN re-applies three
-  BNs when ``preact=True``, updating their running statistics twice; bug Z3).
+  BNs when ``preact=True``, updating their running statistics twice;
+  docs/differences.md).
 * ``get_classifier() -> nn.Linear``: the final linear layer, i.e. ``get_classifier()(features[-1]) == logits``
-  for every model (the authors' lookup via ``get_feat_modules()[-1]`` is wrong for several families, bug L1).
+  for every model (the authors' lookup via ``get_feat_modules()[-1]`` is wrong for several families;
+  docs/differences.md, Classifier lookup).
 """
 from __future__ import annotations
 

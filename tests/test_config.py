@@ -1,4 +1,4 @@
-"""ctkd.config: YAML loading (_base_, overrides, YAML 1.2), strict schema errors, round trips (RELIABILITY §6 F)."""
+"""ctkd.config: YAML loading (_base_, overrides, YAML 1.2), strict schema errors, round trips."""
 from __future__ import annotations
 
 import dataclasses

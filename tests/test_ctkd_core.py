@@ -1,4 +1,4 @@
-"""CTKD core pinned to PAPER.md: gradient reversal, temperature modules, λ curriculum, KD loss."""
+"""CTKD core pinned to the paper (docs/method.md): gradient reversal, temperature modules, λ curriculum, KD loss."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from ctkd.temperature import (
     gradient_reversal,
 )
 
-# PAPER.md §2.5: λ per epoch for E_loops = 10 (1-based epochs, as the authors' code).
+# docs/method.md, λ per epoch: E_loops = 10 (1-based epochs, as the authors' code).
 PAPER_LAMBDA_TABLE = [0.0245, 0.0955, 0.2061, 0.3455, 0.5000, 0.6545, 0.7939, 0.9045, 0.9755, 1.0]
 
 
@@ -45,7 +45,7 @@ def test_cosine_curriculum_matches_paper_table() -> None:
 
 
 def test_cosine_curriculum_equals_authors_code_with_sign_flipped() -> None:
-    """PAPER.md §6.1: our λ equals −CosineDecay(max=0, min=−1, loops=L).get_value(epoch) of the authors' code."""
+    """Our λ equals −CosineDecay(max=0, min=−1, loops=L).get_value(epoch) of the authors' code (docs/differences.md)."""
 
     def authors_value(i: int, max_value: float = 0.0, min_value: float = -1.0, loops: int = 10) -> float:
         i = min(max(i, 0), loops)
@@ -118,7 +118,7 @@ def test_instance_temperature_gives_one_tau_per_sample_in_range() -> None:
 
 
 def test_instance_temperature_reverses_gradient_only_into_its_mlp() -> None:
-    """The MLP's inputs are detached: the student's logits get no gradient through τ (PAPER.md §6.7)."""
+    """The MLP's inputs are detached: the student's logits get no gradient through τ (docs/method.md, Instance-T)."""
     torch.manual_seed(0)
     temp = InstanceTemperature(num_classes=10, hidden_dim=16)
     student = torch.randn(4, 10, requires_grad=True)

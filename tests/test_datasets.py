@@ -186,7 +186,7 @@ def test_corrupt_file_error_names_file_and_problem(cifar_root: Path, file: str, 
     message = str(info.value)
     assert f"CIFAR-100 file {path} is unusable" in message
     assert expected in message
-    # RELIABILITY G2: the verdict compares against the official file's MD5
+    # the verdict compares against the official file's MD5
     assert f"Checksum mismatch: its MD5 is {hashlib.md5(path.read_bytes()).hexdigest()}" in message
     assert cifar.FILE_MD5[file] in message
 
@@ -525,7 +525,7 @@ def test_loader_leaves_global_rng_alone() -> None:
 
 
 def test_workers_survive_sigterm() -> None:
-    """SIGTERM to the process group must not kill workers before the main process checkpoints (X3)."""
+    """SIGTERM to the process group must not kill workers before the main process checkpoints."""
     loader = build_loader(_synthetic(train_size=256), batch_size=16, train=True, seed=0, num_workers=2)
     loader.sampler.set_epoch(0)
     iterator = iter(loader)

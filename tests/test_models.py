@@ -1,4 +1,4 @@
-"""The CIFAR model zoo against the spec: checkpoint layout (zoo.json), golden logits, features, classifier, registry."""
+"""The CIFAR model zoo against the authors': checkpoint layout, golden logits, features, classifier, registry."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -33,7 +33,7 @@ def _single_thread() -> Iterator[None]:
 
 
 def _golden_model(golden: ModuleType, name: str) -> FeatureClassifier:
-    """`name` built for 100 classes with the spec's deterministic weights loaded strictly."""
+    """`name` built for 100 classes with the reference data's deterministic weights loaded strictly."""
     model = build_model(name)
     model.load_state_dict(golden.reference_state_dict(name), strict=True)
     return model
@@ -143,7 +143,7 @@ def test_preact_features_follow_authors_definition(name: str, golden: ModuleType
     "name,preact", [(name, False) for name in NAMES] + [(name, True) for name in PREACT_NAMES]
 )
 def test_train_forward_updates_each_batchnorm_once(name: str, preact: bool, golden: ModuleType) -> None:
-    """Bug Z3: the authors' WRN re-applies three BNs for preact; ours runs every BN exactly once per call."""
+    """The authors' WRN re-applies three BNs for preact; ours runs every BN exactly once per call."""
     model = _golden_model(golden, name).train()
     with torch.no_grad():
         model.forward_with_features(_input(golden), preact=preact)
@@ -165,7 +165,7 @@ def test_forward_matches_forward_with_features(name: str, golden: ModuleType, ca
 @pytest.mark.parametrize("num_classes", [100, 10])
 @pytest.mark.parametrize("name", NAMES)
 def test_get_classifier_is_the_final_linear(name: str, num_classes: int, golden: ModuleType) -> None:
-    """Bug L1: the classifier must be the layer mapping the pooled vector to the logits, for every family."""
+    """The classifier maps the pooled vector to the logits in every family (docs/differences.md)."""
     model = build_model(name, num_classes=num_classes).eval()
     classifier = model.get_classifier()
     assert isinstance(classifier, nn.Linear) and classifier.out_features == num_classes

@@ -1,4 +1,4 @@
-"""LR schedule of REFERENCE.md §3, the optimizer's parameter groups, and the distillers' loss composition."""
+"""LR schedule of the CRD/CTKD protocol, the optimizer's parameter groups, and the distillers' loss composition."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,7 @@ def _net(classes: int = 5) -> nn.Module:
     [(1, 1.0), (150, 1.0), (151, 0.1), (180, 0.1), (181, 0.01), (210, 0.01), (211, 0.001), (240, 0.001)],
 )
 def test_step_schedule_matches_authors_adjust_learning_rate(epoch: int, factor: float) -> None:
-    """REFERENCE.md §3: epochs 1-150 base, 151-180 ×0.1, 181-210 ×0.01, 211-240 ×0.001 (1-based epochs)."""
+    """epochs 1-150 base, 151-180 ×0.1, 181-210 ×0.01, 211-240 ×0.001 (1-based epochs)."""
     optimizer = torch.optim.SGD(_net().parameters(), lr=0.05)
     schedule = StepLRSchedule(optimizer, [150, 180, 210], 0.1)
     assert schedule.set_epoch(epoch) == pytest.approx(0.05 * factor)

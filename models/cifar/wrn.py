@@ -54,7 +54,7 @@ class WideResNet(FeatureClassifier):
     Pre-activation features (authors' definition): each stage output passed through the *next* BN without ReLU,
     i.e. block2's first bn1, block3's first bn1 and the final bn1. Those BNs already run in the forward pass, so
     their outputs are reused rather than recomputed: in train mode every BN updates its running statistics once
-    per forward, with or without preact (the authors re-apply the three BNs when preact=True, bug Z3).
+    per forward, with or without preact (the authors re-apply the three BNs when preact=True).
     """
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100) -> None:

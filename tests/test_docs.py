@@ -1,0 +1,230 @@
+"""docs/: the paper's numbers are consistent data that match the shipped configs, and the repository stands alone."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import models
+from conftest import REPO_ROOT
+from ctkd.config import load_config
+
+PAPER_RESULTS = REPO_ROOT / "docs" / "paper_results.yaml"
+PLUGIN_METHODS = ("pkt", "sp", "vid", "crd", "srrl", "dkd")
+IMAGENET_ROWS = ("teacher", "student") + tuple(
+    f"{m}{s}" for m in ("kd", "pkt", "rkd", "srrl", "dkd") for s in ("", "_ctkd")
+)
+TOLERANCE = 0.011  # printed numbers have two decimals: a difference of two of them is exact to ±0.01
+
+# Files of the private specification that a user's clone never has; built from pieces so this file does not match.
+FORBIDDEN = ("../" + "shared", "PAPER" + ".md", "REFERENCE" + ".md", "RELIABILITY" + ".md", "STYLE" + ".md",
+             "CTKD_" + "REFERENCE_DIR")  # fmt: skip
+SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}  # anywhere, and at the root (outputs):
+SKIPPED_ROOT_DIRS = {"runs", "data", "build", "plots", "checkpoints"}
+
+
+@cache
+def paper() -> dict[str, Any]:
+    """docs/paper_results.yaml, parsed."""
+    return yaml.safe_load(PAPER_RESULTS.read_text(encoding="utf-8"))
+
+
+def _typos() -> set[tuple[str, str, str, str | None]]:
+    """(table, row, column, field) of every cell listed under known_typos."""
+    return {(t["table"], t["row"], t["column"], t["field"]) for t in paper()["known_typos"]}
+
+
+# ---------------------------------------------------------------------------------------------- paper_results.yaml
+def test_paper_results_has_the_documented_tables() -> None:
+    assert set(paper()) == {
+        "teachers", "students", "cifar_kd", "cifar_plugin", "imagenet", "temperature_grid", "known_typos"
+    }  # fmt: skip
+    assert len(paper()["cifar_kd"]) == 11
+    assert len(paper()["cifar_plugin"]) == 7
+    assert tuple(paper()["imagenet"]) == IMAGENET_ROWS
+    assert len(paper()["temperature_grid"]) == 4
+
+
+def test_cifar_kd_rows_name_registered_models_and_consistent_numbers() -> None:
+    registered = set(models.list_models())
+    teachers, students = paper()["teachers"], paper()["students"]
+    for row, r in paper()["cifar_kd"].items():
+        assert row == f"{r['teacher']}_{r['student']}"
+        assert {r["teacher"], r["student"]} <= registered, row
+        assert r["teacher_acc"] == teachers[r["teacher"]]["top1"], row
+        assert r["student_acc"] == students[r["student"]]["top1"], row
+        assert r["delta"] == pytest.approx(r["ctkd"] - r["kd"], abs=TOLERANCE), row
+        assert r["architecture"] == ("same" if r["student"] in {"resnet20", "resnet32", "wrn_16_2", "wrn_40_1", "vgg8"}
+                                     else "cross"), row  # fmt: skip
+
+
+def test_cifar_teachers_and_students_are_registered_models() -> None:
+    registered = set(models.list_models())
+    for table in ("teachers", "students"):
+        for name, r in paper()[table].items():
+            assert r["dataset"] in {"cifar100", "imagenet"}
+            if r["dataset"] == "cifar100":
+                assert name in registered, name
+            else:
+                assert set(r) == {"dataset", "top1", "top5"}, name
+
+
+def test_cifar_plugin_cells_and_deltas_are_consistent_except_the_documented_typos() -> None:
+    found = set()
+    for row, r in paper()["cifar_plugin"].items():
+        kd_row = paper()["cifar_kd"][row]
+        assert (r["teacher"], r["student"]) == (kd_row["teacher"], kd_row["student"]), row
+        for column, table in (("teacher_acc", "teachers"), ("student_acc", "students")):
+            if r[column] != paper()[table][r[column.split("_")[0]]]["top1"]:
+                found.add(("cifar_plugin", row, column, None))
+        for method in PLUGIN_METHODS:
+            base, ctkd = r[method], r[f"{method}_ctkd"]
+            assert set(base) == {"mean", "std"} and set(ctkd) == {"mean", "std", "delta"}, (row, method)
+            assert all(isinstance(v, float) and 0 <= v <= 100 for v in (*base.values(), ctkd["mean"], ctkd["std"]))
+            if abs(ctkd["delta"] - (ctkd["mean"] - base["mean"])) > TOLERANCE:
+                found.add(("cifar_plugin", row, f"{method}_ctkd", "delta"))
+    assert found == _typos()
+
+
+def test_known_typos_name_the_stored_value_and_the_consistent_one() -> None:
+    assert len(paper()["known_typos"]) == 3  # SN-V1 70.70 vs 70.50, and two printed Δs
+    for typo in paper()["known_typos"]:
+        cell = paper()[typo["table"]][typo["row"]][typo["column"]]
+        stored = cell if typo["field"] is None else cell[typo["field"]]
+        assert stored == typo["printed"]
+        if typo["field"] == "delta":
+            base = paper()[typo["table"]][typo["row"]][typo["column"].removesuffix("_ctkd")]
+            assert typo["expected"] == pytest.approx(cell["mean"] - base["mean"], abs=TOLERANCE)
+        else:
+            assert typo["expected"] == paper()["students"][paper()[typo["table"]][typo["row"]]["student"]]["top1"]
+
+
+def test_imagenet_table() -> None:
+    rows = paper()["imagenet"]
+    assert all(set(r) == {"top1", "top5"} and r["top1"] < r["top5"] for r in rows.values())
+    assert rows["teacher"] == {k: paper()["teachers"]["ResNet34"][k] for k in ("top1", "top5")}
+    assert rows["student"] == {k: paper()["students"]["ResNet18"][k] for k in ("top1", "top5")}
+
+
+def test_temperature_grid_agrees_with_the_cifar_table() -> None:
+    for row, r in paper()["temperature_grid"].items():
+        assert row == f"{r['teacher']}_{r['student']}" and row in paper()["cifar_kd"]
+        assert r["ctkd"] == paper()["cifar_kd"][row]["ctkd"], row
+        assert r["ctkd_final_tau"] in r["fixed"], row  # one fixed run uses the τ CTKD ends at
+        assert 4 in r["fixed"] and all(isinstance(t, (int, float)) and t > 0 for t in r["fixed"]), row
+
+
+@pytest.mark.parametrize("kind", ["kd", "ctkd"])
+def test_cifar_pairs_have_configs_naming_their_models(kind: str) -> None:
+    for row, r in paper()["cifar_kd"].items():
+        path = REPO_ROOT / "configs" / "cifar100" / kind / f"{row}.yaml"
+        assert path.is_file(), f"{path} is missing for the paper's pair {row}"
+        cfg = load_config(path)
+        assert (cfg.teacher.name, cfg.student.name) == (r["teacher"], r["student"]), path
+        assert cfg.temperature.name == ("fixed" if kind == "kd" else "global"), path
+    for teacher in {r["teacher"] for r in paper()["cifar_kd"].values()}:
+        assert (REPO_ROOT / "configs" / "cifar100" / "teachers" / f"{teacher}.yaml").is_file(), teacher
+
+
+# ---------------------------------------------------------------------------------------------- stands alone
+@cache
+def repo_files() -> tuple[Path, ...]:
+    """Files a commit of the working tree would hold: tracked or untracked-but-not-ignored (a tree walk without git)."""
+    if (REPO_ROOT / ".git").exists() and shutil.which("git"):
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT, capture_output=True, check=True,
+        ).stdout.decode()
+        names = [name for name in out.split("\0") if name]
+    else:
+        names = []
+        for folder, dirs, files in os.walk(REPO_ROOT):
+            skipped = SKIPPED_DIRS | (SKIPPED_ROOT_DIRS if Path(folder) == REPO_ROOT else set())
+            dirs[:] = [d for d in dirs if d not in skipped and not d.endswith(".egg-info")]
+            names += [os.path.relpath(os.path.join(folder, f), REPO_ROOT) for f in files]
+    return tuple(sorted(REPO_ROOT / name for name in names if (REPO_ROOT / name).is_file()))
+
+
+def _text_files(*suffixes: str) -> list[Path]:
+    """The repository's files with one of `suffixes`."""
+    return [p for p in repo_files() if p.suffix in suffixes]
+
+
+def _rel(path: Path) -> str:
+    """`path` relative to the repository root, for messages."""
+    return path.relative_to(REPO_ROOT).as_posix()
+
+
+def test_no_file_refers_to_the_private_specification() -> None:
+    offenders = []
+    for path in repo_files():
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            offenders += [f"{_rel(path)}:{lineno}: {needle}" for needle in FORBIDDEN if needle in line]
+    assert not offenders, "files a user's clone does not have are referred to:\n" + "\n".join(offenders)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _headings(path: Path) -> list[str]:
+    """The text of every heading of a Markdown file, outside code blocks."""
+    return [m.group(1).strip() for m in re.finditer(r"^#{1,6}\s+(.+)$", _without_code(path.read_text("utf-8")), re.M)]
+
+
+def _without_code(text: str) -> str:
+    """Markdown text with fenced code blocks and inline code removed."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
+def test_markdown_links_point_to_existing_files_and_headings() -> None:
+    broken = []
+    for path in _text_files(".md"):
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", _without_code(path.read_text("utf-8"))):
+            if re.match(r"[a-z]+:", target):
+                continue  # http:, https:, mailto:
+            file_part, _, anchor = target.partition("#")
+            dest = (path.parent / file_part).resolve() if file_part else path
+            if not dest.exists():
+                broken.append(f"{_rel(path)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in {_slug(h) for h in _headings(dest)}:
+                broken.append(f"{_rel(path)}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_docs_paths_named_in_code_configs_and_markdown_exist() -> None:
+    missing = []
+    for path in _text_files(".py", ".yaml", ".yml", ".md", ".sh", ".sbatch", ".toml"):
+        for match in re.finditer(r"(?<![\w/.-])docs/[\w./-]+", path.read_text("utf-8")):
+            name = match.group(0).rstrip(".-/")
+            if not (REPO_ROOT / name).is_file():
+                missing.append(f"{_rel(path)}: {name}")
+    assert not missing, "docs/ paths that do not exist:\n" + "\n".join(missing)
+
+
+def test_section_citations_name_existing_headings_and_tables() -> None:
+    """'docs/method.md, Curriculum' must name a heading of method.md; 'docs/paper_results.yaml: cifar_kd' a table."""
+    wrong = []
+    for path in _text_files(".py", ".yaml", ".yml", ".md", ".sh", ".sbatch"):
+        text = path.read_text("utf-8")
+        for match in re.finditer(r"(?<![\w/.-])docs/([\w.-]+\.md), ([^\n]+)", text):
+            cited = re.split(r"[).;:,'\"`]", match.group(2), maxsplit=1)[0].strip()
+            doc = REPO_ROOT / "docs" / match.group(1)
+            if not cited or cited[0] in "abcdefghijklmnopqrstuvwxyz" or not doc.is_file():
+                continue  # a sentence that goes on ("docs/method.md, which ..."), or a missing file (tested above)
+            if not any(h.lower().startswith(cited.lower()) for h in _headings(doc)):
+                wrong.append(f"{_rel(path)}: {match.group(0)[:80]}")
+        for match in re.finditer(re.escape(_rel(PAPER_RESULTS)) + r": `?(\w+)`?(?:, (\w+))?", text):
+            table, row = match.groups()
+            if table not in paper() or (row is not None and row not in paper()[table]):
+                wrong.append(f"{_rel(path)}: {match.group(0)}")
+    assert not wrong, "citations of sections or tables that do not exist:\n" + "\n".join(wrong)
