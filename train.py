@@ -1,6 +1,7 @@
 """Train a teacher or distil a student from a YAML config, on one process or under torchrun.
 
     python train.py --config FILE [--resume PATH|auto] [KEY=VALUE ...]
+    python train.py --config FILE --print-config [KEY=VALUE ...]   # the resolved config; nothing is run or written
     torchrun --nproc_per_node=N train.py --config FILE [...]
 """
 from __future__ import annotations
@@ -8,15 +9,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ctkd.config import load_config
+from ctkd.config import config_to_yaml, load_config
 from ctkd.distributed import shutdown_distributed
 from ctkd.errors import UserError
 from ctkd.logging import get_logger, setup_console
-from ctkd.trainer import run
+from ctkd.trainer import RunInterrupted, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML experiment config")
     parser.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <output_dir>/last.pth")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config (with output_dir) as YAML and exit without running")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/cifar epochs=10")
     return parser.parse_args(argv)
 
@@ -38,14 +42,33 @@ def main(argv: list[str] | None = None) -> int:
     clean = False
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config_to_yaml(cfg), end="")
+            clean = True
+            return 0
         run(cfg, resume=args.resume)
         clean = True
     except UserError as err:  # anything else is a bug or a system failure: it keeps its traceback
         get_logger().error(f"{where}error: {err}")
         return 1
+    except RunInterrupted as stop:
+        if rank == 0:  # every rank stops; one line says how to continue
+            get_logger().error(interrupted_message(stop, args))
+        return 130  # the shell's code for a Ctrl-C
     finally:
         shutdown_distributed(clean)
     return 0
+
+
+def interrupted_message(stop: RunInterrupted, args: argparse.Namespace) -> str:
+    """One line on a Ctrl-C: what is saved, and the exact command that continues from it."""
+    command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume", "auto"])
+    if stop.saved_epoch is None:
+        return f"interrupted before the first epoch was saved in {stop.output_dir}; start again with: {command}"
+    return (
+        f"interrupted: {stop.output_dir}/last.pth holds epoch {stop.saved_epoch} (an unfinished epoch is run again); "
+        f"continue with: {command}"
+    )
 
 
 if __name__ == "__main__":

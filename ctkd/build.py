@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 import datasets
 import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
-from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError
+from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError, load_config
 from ctkd.curriculum import Curriculum, build_curriculum
 from ctkd.distiller import DISTILLERS, Distiller, build_distiller
-from ctkd.distributed import DistributedContext, main_process_first
+from ctkd.distributed import DistributedContext, main_process_first, resolve_device
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader
@@ -87,15 +87,53 @@ def load_teacher(cfg: Config, num_classes: int) -> nn.Module:
     teacher = models.build_model(cfg.teacher.name, num_classes=num_classes)
     path = Path(cfg.teacher.checkpoint)
     if not path.is_file():
-        raise CheckpointError(
-            f"teacher.checkpoint {path} does not exist. Download the teacher (e.g. the CRD/mdistiller "
-            f"cifar_teachers.tar) or train one with configs/cifar100/teachers/{cfg.teacher.name}.yaml, "
-            f"then pass teacher.checkpoint=PATH"
-        )
+        raise CheckpointError(_missing_teacher_message(cfg))
     load_weights_strict(
-        teacher, path, arch=cfg.teacher.name, identify=lambda state: identify_architectures(state, num_classes)
+        teacher, path, arch=cfg.teacher.name, key="teacher.name",
+        identify=lambda state: identify_architectures(state, num_classes),
     )
     return teacher
+
+
+def _missing_teacher_message(cfg: Config) -> str:
+    """Why the teacher file is missing and how to get one (naming a shipped teacher config only if it exists)."""
+    shipped = Path("configs/cifar100/teachers") / f"{cfg.teacher.name}.yaml"
+    train = (
+        f"train one with {shipped}" if shipped.is_file()
+        else f"train one with a config of method vanilla and student.name={cfg.teacher.name} "
+        f"(e.g. a copy of configs/quickstart_teacher.yaml)"
+    )
+    return (
+        f"teacher.checkpoint {cfg.teacher.checkpoint} does not exist. Download the teacher (e.g. the CRD/mdistiller "
+        f"cifar_teachers.tar) or {train}, then pass teacher.checkpoint=PATH (or set teacher.train_config to that "
+        f"config to train it automatically)"
+    )
+
+
+def check_teacher_source(cfg: Config) -> None:
+    """The teacher file exists, or `teacher.train_config` trains exactly the teacher and file the config names.
+
+    Checked before anything runs, so a wrong path never trains (or resumes) some other teacher run first.
+    """
+    if not DISTILLERS.get(cfg.method).uses_teacher or Path(cfg.teacher.checkpoint).is_file():
+        return
+    if cfg.teacher.train_config is None:
+        raise CheckpointError(_missing_teacher_message(cfg))
+    teacher_cfg = load_config(cfg.teacher.train_config)
+    produced = Path(teacher_cfg.output_dir)
+    wanted = Path(cfg.teacher.checkpoint)
+    if wanted.resolve().parent != produced.resolve() or wanted.name not in ("best.pth", "last.pth"):
+        raise ConfigError(
+            f"teacher.checkpoint {wanted} does not exist, and teacher.train_config {cfg.teacher.train_config} "
+            f"would not produce it (it writes {produced / 'best.pth'}). Set teacher.checkpoint="
+            f"{produced / 'best.pth'} to train and use that teacher, or point teacher.checkpoint at an existing "
+            f"file and set teacher.train_config=null"
+        )
+    if teacher_cfg.student.name != cfg.teacher.name:
+        raise ConfigError(
+            f"teacher.train_config {cfg.teacher.train_config} trains {teacher_cfg.student.name}, but teacher.name "
+            f"is {cfg.teacher.name}; make them name the same architecture"
+        )
 
 
 def check_model_names(cfg: Config) -> None:
@@ -103,6 +141,16 @@ def check_model_names(cfg: Config) -> None:
     models.MODELS.get(cfg.student.name)
     if DISTILLERS.get(cfg.method).uses_teacher and cfg.teacher.name is not None:
         models.MODELS.get(cfg.teacher.name)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Every fix-the-input error (names, teacher file, dataset files) before any file is written or run started."""
+    check_model_names(cfg)
+    if cfg.distributed.sync_bn and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError(SYNC_BN_NEEDS_CUDA)
+    check_teacher_source(cfg)
+    if not cfg.data.download:  # with download, missing files are fetched later (by rank 0)
+        build_split(cfg, train=False)
 
 
 def build_networks(cfg: Config, num_classes: int, ctx: DistributedContext) -> Distiller:
@@ -144,8 +192,6 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     The trainable module is not wrapped in DDP here: a resumed run loads its state first (see `Distiller.wrap_ddp`).
     """
     check_model_names(cfg)
-    if cfg.distributed.sync_bn and ctx.device.type != "cuda":
-        raise ConfigError(SYNC_BN_NEEDS_CUDA)
     with main_process_first(ctx):  # rank 0 downloads, the others then read what it wrote
         train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
     train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)

@@ -1,9 +1,10 @@
 """Checkpoints: atomic writes, plain-type contents readable with ``weights_only=True``, and teacher loading.
 
 Our run checkpoints (`last.pth`, `best.pth`) hold the student, the temperature module, optimizer, LR schedule, epoch,
-best accuracy, RNG states and the resolved config. Teacher files come in the layouts in circulation (REFERENCE.md §8):
-``{"model": state_dict, ...}`` (CRD, mdistiller, CTKD CIFAR teachers), ``{"state_dict": ...}``, a bare state_dict,
-or one of our own run checkpoints (``{"student": ...}``), possibly saved from DDP or ``torch.compile``.
+best accuracy, RNG states and the resolved config. Teacher files come in the layouts in circulation
+(docs/differences.md, Teacher loading): ``{"model": state_dict, ...}`` (CRD, mdistiller, CTKD CIFAR teachers),
+``{"state_dict": ...}``, a bare state_dict, or one of our own run checkpoints (``{"student": ...}``), possibly saved
+from DDP or ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -137,11 +138,13 @@ def load_weights_strict(
     path: str | Path,
     *,
     arch: str,
+    key: str = "student.name",
     identify: Callable[[dict[str, torch.Tensor]], list[str]] | None = None,
 ) -> None:
     """Load the weights of the file at `path` into `model` strictly; a mismatch names missing/unexpected keys.
 
-    `identify`, given the file's state_dict, returns the architectures it matches (shown in the error).
+    `identify`, given the file's state_dict, returns the architectures it matches; the error then says which config
+    `key` to set to which of them.
     """
     state = extract_state_dict(load_file(path, extra_safe_globals=(argparse.Namespace,)), path)
     expected = model.state_dict()
@@ -153,13 +156,14 @@ def load_weights_strict(
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or wrong_shape:
-        raise CheckpointError(_mismatch_message(path, arch, missing, unexpected, wrong_shape, identify, state))
+        raise CheckpointError(_mismatch_message(path, arch, key, missing, unexpected, wrong_shape, identify, state))
     model.load_state_dict(state, strict=True)
 
 
 def _mismatch_message(
     path: str | Path,
     arch: str,
+    key: str,
     missing: list[str],
     unexpected: list[str],
     wrong_shape: list[str],
@@ -180,5 +184,7 @@ def _mismatch_message(
     )
     matches = identify(state) if identify is not None else []
     if matches:
-        message += f"\n  The file matches architecture(s): {', '.join(matches)}; set the model name accordingly."
+        message += f"\n  The file matches architecture(s): {', '.join(matches)}; set {key}={matches[0]}"
+        if len(matches) > 1:
+            message += f" (or {' / '.join(matches[1:])})"
     return message

@@ -1,9 +1,10 @@
 """Experiment configuration: YAML files (``_base_`` inheritance, ``KEY=VALUE`` overrides) → frozen dataclasses.
 
-The schema is strict (STYLE.md §3.3, RELIABILITY.md §6 F): an unknown key, a wrong type, an out-of-range value or a
-violated cross-field rule raises :class:`ConfigError` before any heavy work, naming the file (or command-line
-override) the value came from, the full dotted key and a fix. YAML is read with YAML 1.2 floats and booleans and
-duplicate keys are an error, which closes the PyYAML traps listed in RELIABILITY.md X10.
+The schema is strict, so that a typo cannot silently change an experiment: an unknown key, a wrong type, an
+out-of-range value or a violated cross-field rule raises :class:`ConfigError` before any heavy work, naming the file
+(or command-line override) the value came from, the full dotted key and a fix. YAML is read with YAML 1.2 floats and
+booleans and duplicate keys are an error, which closes PyYAML's traps (a duplicate key silently wins, `1e-3` is a
+string, `yes` is True).
 """
 from __future__ import annotations
 
@@ -596,13 +597,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """
     path = Path(path)
     raw, provenance = _read_tree(path, ())
-    for item in overrides:
-        tree, source = _override_tree(item)
-        _merge(raw, provenance, tree, {p: source for p in _paths(tree)})
+    if provenance.get(("output_dir",), os.path.normpath(path)) != os.path.normpath(path):
+        # A run directory belongs to the experiment of the file that names it: a config built on another one with
+        # `_base_` is a new experiment and gets its own default, instead of writing into the base's runs.
+        del raw["output_dir"], provenance[("output_dir",)]
+    _apply_overrides(raw, provenance, overrides)
     cfg = _Builder(provenance, os.path.normpath(path)).build(raw)
     if cfg.output_dir is None:
         cfg = dataclasses.replace(cfg, output_dir=default_output_dir(path))
     return cfg
+
+
+def _apply_overrides(raw: dict, provenance: _Provenance, overrides: Sequence[str]) -> None:
+    """Merge `KEY=VALUE` overrides into a raw tree in place, recording each as the source of its keys."""
+    for item in overrides:
+        tree, source = _override_tree(item)
+        _merge(raw, provenance, tree, {p: source for p in _paths(tree)})
 
 
 def default_output_dir(path: Path) -> str:
@@ -618,9 +628,12 @@ def default_output_dir(path: Path) -> str:
     return f"runs/{path.stem}"
 
 
-def config_from_dict(data: Mapping[str, Any], source: str) -> Config:
-    """Validate a plain dict (e.g. the config stored in a checkpoint) as strictly as a file; `source` names it."""
-    cfg = _Builder({}, source).build(dict(data))
+def config_from_dict(data: Mapping[str, Any], source: str, overrides: Sequence[str] = ()) -> Config:
+    """Validate a plain dict (e.g. the config stored in a checkpoint), with `KEY=VALUE` overrides applied, as
+    strictly as a file; `source` names it in errors."""
+    raw, provenance = copy.deepcopy(dict(data)), {}
+    _apply_overrides(raw, provenance, overrides)
+    cfg = _Builder(provenance, source).build(raw)
     if cfg.output_dir is None:
         raise ConfigError(f"{source}: 'output_dir' must be set; a resolved config always names its run directory")
     return cfg
@@ -637,9 +650,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(cfg)
 
 
+def config_to_yaml(cfg: Config) -> str:
+    """The config as the YAML text of a run's `config.yaml` (loadable as a config file)."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML atomically (see ctkd.fileio); creates the folder."""
-    atomic_write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, config_to_yaml(cfg))
 
 
 def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,15 +1,35 @@
 """Stand-alone evaluation of a saved model on the test split of a config's dataset."""
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import models
 from ctkd.build import build_split, build_split_loader, identify_architectures
-from ctkd.checkpoint import load_weights_strict
-from ctkd.config import Config
+from ctkd.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, load_file, load_weights_strict
+from ctkd.config import Config, config_from_dict
 from ctkd.distributed import DistributedContext, resolve_device
 from ctkd.engine import evaluate
+
+
+def config_of_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The resolved config stored in one of our run checkpoints, with `KEY=VALUE` overrides applied.
+
+    Any other file (a teacher in a published layout) carries no config: the error says which keys to give.
+    """
+    state = load_file(checkpoint, extra_safe_globals=(argparse.Namespace,))
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return config_from_dict(state["config"], source=f"{checkpoint} (saved config)", overrides=overrides)
+    matches = identify_architectures(extract_state_dict(state, checkpoint), num_classes=100)
+    arch = matches[0] if matches else "ARCH"
+    found = f" (its weights match: {', '.join(matches)})" if matches else ""
+    raise CheckpointError(
+        f"{checkpoint} is not a ctkd run checkpoint and carries no config{found}: pass --config FILE for the dataset "
+        f"and student.name={arch}, e.g. eval.py --config configs/cifar100/teachers/{arch}.yaml "
+        f"--checkpoint {checkpoint} student.name={arch}"
+    )
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
@@ -19,7 +39,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     test_loader = build_split_loader(cfg, test_set, train=False, ctx=DistributedContext(device=device))
     model = models.build_model(cfg.student.name, num_classes=test_set.num_classes)
     load_weights_strict(
-        model, checkpoint, arch=cfg.student.name,
+        model, checkpoint, arch=cfg.student.name, key="student.name",
         identify=lambda state: identify_architectures(state, test_set.num_classes),
     )
     metrics = evaluate(model.to(device), test_loader, device)

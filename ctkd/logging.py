@@ -129,7 +129,10 @@ class MetricsLog:
 
 
 def _tensorboard_tag(key: str) -> str:
-    """'train_loss_kd' → 'train/loss_kd', 'test_acc1' → 'test/acc1', 'tau_mean' → 'params/tau_mean'."""
+    """'train_loss_kd' → 'train/loss_kd', 'test_acc1' → 'test/acc1', 'epoch_time' → 'time/epoch_s',
+    'tau_mean' → 'params/tau_mean' (the schedule's and the temperature's values)."""
+    if key == "epoch_time":
+        return "time/epoch_s"
     for group in ("train", "test"):
         if key.startswith(group + "_"):
             return f"{group}/{key[len(group) + 1:]}"

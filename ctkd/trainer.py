@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctkd.build import Experiment, build_experiment
+from ctkd.build import Experiment, build_experiment, check_inputs
 from ctkd.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -39,6 +39,14 @@ RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
 class RunDirectoryError(UserError, RuntimeError):
     """The output directory already holds a run that this command would overwrite."""
+
+
+class RunInterrupted(Exception):
+    """Training was stopped by Ctrl-C; says what was saved so the command-line entry can tell how to continue."""
+
+    def __init__(self, output_dir: str, saved_epoch: int | None) -> None:
+        super().__init__(f"interrupted: {output_dir}")
+        self.output_dir, self.saved_epoch = output_dir, saved_epoch
 
 
 @dataclass
@@ -90,11 +98,29 @@ def _find_resume_checkpoint(cfg: Config, resume: str | None) -> Path | None:
         return path
     existing = [name for name in RUN_FILES if (output_dir / name).exists()]
     if existing:
-        raise RunDirectoryError(
-            f"output_dir {output_dir} already holds a run ({', '.join(existing)}). Continue it with "
-            f"--resume auto, or start a new run elsewhere with output_dir=runs/<new name>."
-        )
+        raise RunDirectoryError(_occupied_message(cfg, existing))
     return None
+
+
+def _occupied_message(cfg: Config, existing: list[str]) -> str:
+    """Why an occupied output_dir is refused, advising --resume only when the saved run is this experiment."""
+    output_dir = Path(cfg.output_dir)
+    elsewhere = "start a new run elsewhere with output_dir=runs/<new name>"
+    try:
+        saved = load_config(output_dir / "config.yaml")
+        changed = [line for line in diff_configs(saved, cfg) if not _resumable(line.split(":", 1)[0])]
+    except (OSError, UserError):  # no readable config.yaml: nothing tells whether it is the same experiment
+        changed = None
+    if changed:
+        return (
+            f"output_dir {output_dir} already holds a run of a different experiment ({', '.join(existing)}; "
+            f"its config differs in {', '.join(line.split(':', 1)[0] for line in changed)}). Choose another "
+            f"directory: {elsewhere}."
+        )
+    return (
+        f"output_dir {output_dir} already holds a run ({', '.join(existing)}). Continue it with --resume auto, "
+        f"or {elsewhere}."
+    )
 
 
 def ensure_teacher_checkpoint(cfg: Config, ctx: DistributedContext) -> None:
@@ -112,13 +138,7 @@ def ensure_teacher_checkpoint(cfg: Config, ctx: DistributedContext) -> None:
     get_logger().info(
         f"teacher checkpoint {cfg.teacher.checkpoint} not found: training it with {cfg.teacher.train_config}"
     )
-    teacher_cfg = load_config(cfg.teacher.train_config)
-    run(teacher_cfg, resume="auto")
-    if not Path(cfg.teacher.checkpoint).is_file():
-        raise CheckpointError(
-            f"teacher.train_config {cfg.teacher.train_config} finished but did not produce teacher.checkpoint "
-            f"{cfg.teacher.checkpoint}; its output_dir ({teacher_cfg.output_dir}) must contain that file"
-        )
+    run(load_config(cfg.teacher.train_config), resume="auto")  # check_teacher_source: it writes that file
 
 
 def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[str, Any]:
@@ -173,8 +193,8 @@ def check_resume_config(saved: Config, current: Config, path: Path) -> None:
         get_logger().info(f"resume: {line}")
 
 
-def restore(exp: Experiment, cfg: Config, path: Path) -> Progress:
-    """Load a run checkpoint into `exp` (after checking that `cfg` continues the same experiment)."""
+def restore(exp: Experiment, cfg: Config, path: Path, progress: Progress) -> None:
+    """Load a run checkpoint into `exp` and `progress` (after checking that `cfg` continues the same experiment)."""
     state = load_run_checkpoint(path)
     check_resume_config(config_from_dict(state["config"], source=f"{path} (saved config)"), cfg, path)
     trainable = exp.distiller.unwrapped
@@ -184,10 +204,8 @@ def restore(exp: Experiment, cfg: Config, path: Path) -> Progress:
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.schedule.load_state_dict(state["lr_schedule"])
     restore_rng_state(state["rng"])
-    return Progress(
-        epoch=state["epoch"], best_acc1=state["best_acc1"], best_acc5=state["best_acc5"],
-        best_epoch=state["best_epoch"], elapsed_s=state["elapsed_s"],
-    )
+    for name in vars(progress):
+        setattr(progress, name, state[name])
 
 
 def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
@@ -197,13 +215,30 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     and only rank 0 writes files.
     """
     ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
+    check_inputs(cfg)  # input errors first: they are the user's to fix, whatever the run directory holds
     resume_path = resolve_resume(cfg, resume, ctx)
     ensure_teacher_checkpoint(cfg, ctx)
+    progress = Progress()
+    try:
+        return _train(cfg, ctx, resume_path, progress)
+    except KeyboardInterrupt:
+        raise RunInterrupted(cfg.output_dir, _saved_epoch(Path(cfg.output_dir) / "last.pth")) from None
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch stored in checkpoint `path`, or None if there is none (or it was cut short by the interrupt)."""
+    try:  # memory-mapped: only the small 'epoch' entry is read, whatever the model's size
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # noqa: BLE001 - missing, partial or foreign file: nothing to continue from
+        return None
+
+
+def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None, progress: Progress) -> dict[str, Any]:
+    """Build the experiment, restore it if resuming, run the remaining epochs and write the results."""
     seed_everything(cfg.seed)
     exp = build_experiment(cfg, ctx)
-    progress = Progress()
     if resume_path is not None:
-        progress = restore(exp, cfg, resume_path)
+        restore(exp, cfg, resume_path, progress)
         get_logger().info(f"resumed from {resume_path} after epoch {progress.epoch}")
     if ctx.enabled:
         exp.distiller.wrap_ddp([ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -248,7 +283,8 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     """
     start = time.perf_counter()
     lr = exp.schedule.set_epoch(epoch)
-    grl_lambda = exp.curriculum(epoch) if exp.distiller.teacher is not None else 0.0
+    distilling = exp.distiller.teacher is not None
+    grl_lambda = exp.curriculum(epoch) if distilling else 0.0
     exp.train_loader.sampler.set_epoch(epoch)
     train_stats, tau_values = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
@@ -257,8 +293,9 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
     test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device)
     epoch_time = time.perf_counter() - start
-    record = {"epoch": epoch, "lr": lr, "lambda": grl_lambda, **train_stats}
+    record = {"epoch": epoch, "lr": lr, **({"lambda": grl_lambda} if distilling else {}), **train_stats}
     record.update({f"test_{k}": v for k, v in test_stats.items()}, epoch_time=epoch_time)
+    record = {key: _round(value) for key, value in record.items()}
     metrics.log_epoch(record, tau_values)
     improved = test_stats["acc1"] > progress.best_acc1
     progress.epoch = epoch
@@ -278,13 +315,20 @@ def _stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def _round(value: Any) -> Any:
+    """Floats to 12 significant digits: the schedule's 0.24999999999999978 is logged as 0.25, accuracies unchanged."""
+    return float(f"{value:.12g}") if isinstance(value, float) else value
+
+
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One console line per epoch."""
-    tau = f" τ {record['tau_mean']:.3f}" if "tau_mean" in record else ""
+    """One console line per epoch; τ is the last batch's (what results.json's final_tau and the paper report)."""
+    ctkd = f" λ {record['lambda']:.4f}" if "lambda" in record else ""
+    if "tau_last" in record:
+        ctkd += f" τ {record['tau_last']:.3f} (epoch mean {record['tau_mean']:.3f})"
     return (
-        f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g} λ {record['lambda']:.4f}{tau} "
-        f"loss {record['train_loss']:.4f} train {record['train_acc1']:.2f}% "
-        f"test {record['test_acc1']:.2f}%/{record['test_acc5']:.2f}% ({record['epoch_time']:.1f}s)"
+        f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g}{ctkd} loss {record['train_loss']:.4f} "
+        f"train top-1 {record['train_acc1']:.2f}% | test top-1 {record['test_acc1']:.2f}% "
+        f"top-5 {record['test_acc5']:.2f}% ({record['epoch_time']:.1f}s)"
     )
 
 

@@ -5,8 +5,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 import golden as golden_module
+import models
+from ctkd.config import Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,3 +59,32 @@ def tiny_run_config(tmp_path: Path, name: str = "run", **sections: dict) -> dict
         else:
             config[key] = value
     return config
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet14 teacher saved in the CRD/mdistiller layout ({'epoch', 'model', 'accuracy', 'optimizer'})."""
+    torch.manual_seed(123)
+    teacher = models.build_model("resnet14", num_classes=10)
+    path = tmp_path_factory.mktemp("teacher") / "resnet14_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"epoch": 240, "model": teacher.state_dict(), "accuracy": torch.tensor(71.0), "optimizer": {}}, path)
+    return path
+
+
+def ctkd_config(tmp_path: Path, teacher_file: Path, name: str = "run", **sections: dict) -> dict:
+    """A tiny global-CTKD config distilling resnet8 from the resnet14 teacher file."""
+    base = tiny_run_config(
+        tmp_path,
+        name,
+        method="kd",
+        teacher={"name": "resnet14", "checkpoint": str(teacher_file)},
+        temperature={"name": "global"},
+        curriculum={"name": "cosine", "loops": 2},
+    )
+    return {**base, **{k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in sections.items()}}
+
+
+def load(data: dict, tmp_path: Path, file: str = "cfg.yaml") -> Config:
+    """Write `data` as tmp_path/file and load it as a config."""
+    return load_config(write_yaml(tmp_path / file, data))

@@ -1,6 +1,6 @@
 """Reference values of the authors' code, kept under tests/data (provenance: tests/data/README.md).
 
-- `zoo()`: per architecture of the authors' model zoo, the ordered state_dict layout, parameter count and feature shapes.
+- `zoo()`: per architecture of the authors' model zoo, the ordered state_dict layout, parameter count, feature shapes.
 - `reference_state_dict(name)` and `reference_input()`: deterministic weights and a fixed batch. Loaded into the
   authors' model, they produce `reference_logits(name, mode)`; a model of ours that loads the same weights strictly and
   returns the same logits computes the same function.

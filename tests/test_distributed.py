@@ -1,4 +1,4 @@
-"""DDP on CPU with gloo (RELIABILITY.md E1, E3, E7): 2 processes are the same experiment as 1."""
+"""DDP on CPU with gloo (parity, rank failures, rank-0-only outputs): 2 processes are the same experiment as 1."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import models
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
-from ctkd.build import build_experiment, build_split, build_split_loader
+from ctkd.build import build_experiment, build_split, build_split_loader, check_inputs
 from ctkd.config import ConfigError, load_config
 from ctkd.distributed import DistributedContext, broadcast_buffers, init_distributed, shutdown_distributed
 from ctkd.engine import evaluate
@@ -48,14 +48,6 @@ def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
 
 def spawn(fn_name: str, *args: object, world: int = WORLD) -> None:
     mp.spawn(_entry, args=(world, _free_port(), fn_name, args), nprocs=world, join=True)
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("teacher") / "resnet14.pth"
-    torch.save({"model": models.build_model("resnet14", num_classes=10).state_dict()}, path)
-    return path
 
 
 def ctkd_config(tmp_path: Path, teacher_file: Path, name: str, **sections: dict) -> Path:
@@ -144,7 +136,7 @@ def test_student_and_temperature_stay_identical_on_every_rank(tmp_path: Path, te
 
 
 def test_ddp_equals_per_rank_half_batches_bit_for_bit(tmp_path: Path, teacher_file: Path) -> None:
-    """RELIABILITY.md X8/E1: DDP with plain BN = one process running each rank's half batch and averaging."""
+    """DDP with plain BN = one process running each rank's half batch and averaging."""
     config = ctkd_config(tmp_path, teacher_file, "parity")
     spawn("_worker_train_steps", str(config), str(tmp_path))
     ddp_state = torch.load(tmp_path / "rank0.pt", weights_only=True)["state"]
@@ -290,7 +282,7 @@ def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
 def test_sync_bn_is_refused_on_cpu(tmp_path: Path, teacher_file: Path) -> None:
     config = ctkd_config(tmp_path, teacher_file, "syncbn", device="auto", distributed={"sync_bn": True})
     with pytest.raises(ValueError, match="'distributed.sync_bn' needs CUDA devices"):
-        build_experiment(load_config(config), DistributedContext())
+        check_inputs(load_config(config))
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -345,7 +337,7 @@ def test_multi_node_launcher_with_c10d_rendezvous(tmp_path: Path, teacher_file: 
 def test_slurm_launcher_runs_torchrun_with_sigusr1_forwarded(tmp_path: Path, teacher_file: Path) -> None:
     """The sbatch script with stand-ins for srun and scontrol (this machine has no SLURM)."""
     script = (REPO_ROOT / "scripts/slurm_train.sbatch").read_text()
-    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script  # RELIABILITY.md X4
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script  # else SIGUSR1 kills torchrun
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
