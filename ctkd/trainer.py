@@ -234,9 +234,19 @@ def _saved_epoch(path: Path) -> int | None:
 
 
 def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None, progress: Progress) -> dict[str, Any]:
-    """Build the experiment, restore it if resuming, run the remaining epochs and write the results."""
+    """Build the experiment and train it, stopping its loader workers however training ends."""
     seed_everything(cfg.seed)
     exp = build_experiment(cfg, ctx)
+    try:
+        return _train_experiment(exp, cfg, ctx, resume_path, progress)
+    finally:
+        exp.close()
+
+
+def _train_experiment(
+    exp: Experiment, cfg: Config, ctx: DistributedContext, resume_path: Path | None, progress: Progress
+) -> dict[str, Any]:
+    """Restore `exp` if resuming, run the remaining epochs and write the results."""
     if resume_path is not None:
         restore(exp, cfg, resume_path, progress)
         get_logger().info(f"resumed from {resume_path} after epoch {progress.epoch}")
