@@ -12,12 +12,12 @@ def registries() -> dict[str, Registry]:
     import datasets
     import models
     from ctkd.curriculum import CURRICULA
-    from ctkd.distiller import DISTILLERS
+    from ctkd.methods import METHODS
     from ctkd.temperature import TEMPERATURES
 
     return {
         "models": models.MODELS,
-        "methods": DISTILLERS,
+        "methods": METHODS,
         "temperatures": TEMPERATURES,
         "curricula": CURRICULA,
         "datasets": datasets.DATASETS,

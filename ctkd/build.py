@@ -13,8 +13,9 @@ import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError, load_config
 from ctkd.curriculum import Curriculum, build_curriculum
-from ctkd.distiller import DISTILLERS, Distiller, build_distiller
+from ctkd.distiller import Distiller, build_distiller, measure_setup
 from ctkd.distributed import DistributedContext, main_process_first, resolve_device
+from ctkd.methods import METHODS
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader
@@ -49,10 +50,18 @@ def build_split_loader(
             f"({ctx.world_size}); choose a multiple of {ctx.world_size}"
         )
     leftover = len(dataset) % batch_size
-    if train and 0 < leftover < ctx.world_size:
+    # every rank needs a sample of every batch, and a method with BatchNorm in its heads (SRRL) needs two
+    need = ctx.world_size * METHODS.get(cfg.method.name).min_samples_per_rank
+    if train and batch_size < need:
         raise ConfigError(
-            f"the last training batch has {leftover} samples, fewer than the {ctx.world_size} processes that must "
-            f"share it; choose a data.batch_size for which {len(dataset)} % batch_size is 0 or ≥ {ctx.world_size}"
+            f"data.batch_size = {batch_size} gives each of the {ctx.world_size} processes fewer than the "
+            f"{need // ctx.world_size} samples per batch that method {cfg.method.name} needs; use at least {need}"
+        )
+    if train and 0 < leftover < need:
+        raise ConfigError(
+            f"the last training batch has {leftover} samples, fewer than the {need} that {ctx.world_size} "
+            f"process(es) of method {cfg.method.name} need; choose a data.batch_size for which "
+            f"{len(dataset)} % batch_size is 0 or ≥ {need}"
         )
     return build_loader(
         dataset,
@@ -115,7 +124,7 @@ def check_teacher_source(cfg: Config) -> None:
 
     Checked before anything runs, so a wrong path never trains (or resumes) some other teacher run first.
     """
-    if not DISTILLERS.get(cfg.method).uses_teacher or Path(cfg.teacher.checkpoint).is_file():
+    if not METHODS.get(cfg.method.name).uses_teacher or Path(cfg.teacher.checkpoint).is_file():
         return
     if cfg.teacher.train_config is None:
         raise CheckpointError(_missing_teacher_message(cfg))
@@ -139,7 +148,7 @@ def check_teacher_source(cfg: Config) -> None:
 def check_model_names(cfg: Config) -> None:
     """Fail fast on an unknown student or teacher name (with close matches), before loading any data."""
     models.MODELS.get(cfg.student.name)
-    if DISTILLERS.get(cfg.method).uses_teacher and cfg.teacher.name is not None:
+    if METHODS.get(cfg.method.name).uses_teacher and cfg.teacher.name is not None:
         models.MODELS.get(cfg.teacher.name)
 
 
@@ -153,15 +162,21 @@ def check_inputs(cfg: Config) -> None:
         build_split(cfg, train=False)
 
 
-def build_networks(cfg: Config, num_classes: int, ctx: DistributedContext) -> Distiller:
-    """Student, teacher (loaded strictly) and temperature module, assembled by the config's method."""
+def build_networks(cfg: Config, train_set: datasets.ImageDataset, ctx: DistributedContext) -> Distiller:
+    """Student, teacher (loaded strictly), temperature module and the method's heads and state."""
+    num_classes = train_set.num_classes
     student = models.build_model(cfg.student.name, num_classes=num_classes)
+    method = METHODS.get(cfg.method.name)
     teacher, temperature = None, None
-    if DISTILLERS.get(cfg.method).uses_teacher:
+    if method.uses_teacher:
         teacher = load_teacher(cfg, num_classes)
         temperature = build_temperature(cfg.temperature, num_classes=num_classes)
+    setup = measure_setup(
+        student, teacher, image_shape=tuple(train_set.images.shape[1:]), num_classes=num_classes,
+        train_targets=train_set.targets, seed=cfg.seed, features=method.features,
+    )
     distiller = build_distiller(
-        cfg.method, student=student, teacher=teacher, temperature=temperature, loss=cfg.loss
+        cfg.method, student=student, teacher=teacher, temperature=temperature, loss=cfg.loss, setup=setup
     ).to(ctx.device)
     if cfg.distributed.sync_bn and ctx.enabled:  # the teacher keeps plain BN: it only runs in eval mode
         distiller.unwrapped.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped.student)
@@ -208,7 +223,7 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
         train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
     train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
     test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
-    distiller = build_networks(cfg, train_set.num_classes, ctx)
+    distiller = build_networks(cfg, train_set, ctx)
     optimizer = build_sgd(
         distiller.unwrapped, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
         weight_decay=cfg.optimizer.weight_decay, temperature_lr=cfg.temperature.lr,

@@ -24,7 +24,7 @@ from ctkd.errors import UserError
 from ctkd.fileio import atomic_write
 
 CHECKPOINT_FORMAT = "ctkd-run"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 1: "student" and "temperature" states; 2: the whole trainable module and method state
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 _STATE_DICT_KEYS = ("student", "model", "state_dict")  # ours, CRD/mdistiller/CTKD, generic
 
@@ -98,16 +98,27 @@ def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a ctkd run checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "
             "--resume takes the last.pth or best.pth of a ctkd run"
         )
+    if state.get("version") == 1:
+        state = _upgrade_from_version_1(state)
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path}: unsupported checkpoint version {state.get('version')} (supported: {CHECKPOINT_VERSION})"
+            f"{path}: unsupported checkpoint version {state.get('version')} (supported: 1, {CHECKPOINT_VERSION})"
         )
     return state
+
+
+def _upgrade_from_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 checkpoint (separate student and temperature states, methods vanilla and kd only) as version 2."""
+    trainable = {f"student.{key}": value for key, value in state.pop("student").items()}
+    trainable.update({f"temperature.{key}": value for key, value in state.pop("temperature").items()})
+    return {**state, "version": 2, "trainable": trainable, "method_state": {}}
 
 
 # ---------------------------------------------------------------------------------------------- model weights
 def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights inside a loaded file of any supported layout, with wrapper prefixes stripped."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("trainable"), Mapping):  # our run checkpoint: the student
+        obj = {key[len("student."):]: value for key, value in obj["trainable"].items() if key.startswith("student.")}
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             if isinstance(obj.get(key), Mapping):

@@ -28,7 +28,6 @@ from ctkd.errors import UserError
 from ctkd.fileio import atomic_write_text
 
 # Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
-METHOD_CHOICES: tuple[str, ...] = ("vanilla", "kd")
 TEMPERATURE_CHOICES: tuple[str, ...] = ("fixed", "global", "instance")
 CURRICULUM_CHOICES: tuple[str, ...] = ("cosine", "linear", "constant")
 DATASET_CHOICES: tuple[str, ...] = ("cifar100", "synthetic")
@@ -200,6 +199,29 @@ class TeacherConfig(_Section):
 
 
 @dataclass(frozen=True)
+class MethodConfig(_Section):
+    """Base of every method's options (declared beside the method in ctkd/methods/); `name` selects the method.
+
+    In YAML, ``method: kd`` is short for ``method: {name: kd}``; the other keys of the section are validated
+    against the options class of the method that `name` selects.
+    """
+
+    name: str = "kd"  # registered method (python -m ctkd list methods)
+
+
+def method_class(name: str) -> Any:
+    """The method registered as `name` (imported here lazily: the methods import this module)."""
+    from ctkd.methods import METHODS
+
+    return METHODS.get(name)
+
+
+def _default_method() -> MethodConfig:
+    """The options of method kd with their defaults."""
+    return method_class("kd").Options()
+
+
+@dataclass(frozen=True)
 class LossConfig(_Section):
     """Weights of the loss terms: loss = ce_weight · CE + kd_weight · KD(τ)."""
 
@@ -215,6 +237,7 @@ class TemperatureConfig(_Section):
     value: float = _spec(4.0, gt=0)  # τ of the `fixed` temperature
     t_start: float = _spec(1.0, gt=0)  # lower bound of a learned τ: τ = t_start + t_range · sigmoid(raw)
     t_range: float = _spec(20.0, gt=0)  # width of the range of a learned τ
+    adversarial: bool = True  # learned τ maximises the loss through the reversal (CTKD); false: it minimises it
     init_raw: float = 1.0  # `global`: initial raw value (τ₀ = 1 + 20 · σ(1) ≈ 15.62)
     hidden_dim: int = _spec(256, ge=1)  # `instance`: hidden width of the MLP that predicts τ
     lr: float | None = _spec(None, gt=0)  # learning rate of the temperature; None → the student's LR schedule
@@ -272,8 +295,8 @@ class Config(_Section):
     output_dir: str | None = None  # run directory; None → runs/<config path below configs/> (set by load_config)
     seed: int = _spec(0, ge=0)  # global random seed
     device: str = _spec("auto", choices=DEVICE_CHOICES)  # auto: cuda when available, else cpu
-    # vanilla: cross-entropy only (teachers, baselines); kd: γ·CE + α·KD(τ)
-    method: str = _spec("kd", choices=METHOD_CHOICES)
+    # the distillation method and its options: `kd`, `vanilla` (no teacher), `dkd`, ... (python -m ctkd list methods)
+    method: MethodConfig = field(default_factory=_default_method)
     epochs: int = _spec(240, ge=1)  # number of training epochs
     data: DataConfig = field(default_factory=DataConfig)  # dataset and loaders
     student: ModelConfig = field(default_factory=ModelConfig)  # the network being trained
@@ -302,21 +325,22 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
             SYNC_BN_NEEDS_CUDA,
         ))
     teacher_fields = dataclasses.asdict(cfg.teacher)
-    if cfg.method == "kd":
+    name = cfg.method.name
+    if method_class(name).uses_teacher:
         missing = [f"teacher.{k}" for k in ("name", "checkpoint") if teacher_fields[k] is None]
         if missing:
             problems.append((
                 ("method",),
-                f"method: kd needs teacher.name and teacher.checkpoint, but {' and '.join(missing)} "
+                f"method: {name} needs teacher.name and teacher.checkpoint, but {' and '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set; "
                 "set it, or use method: vanilla to train without a teacher",
             ))
-    elif cfg.method == "vanilla":
+    else:
         used = [f"teacher.{k}" for k, v in teacher_fields.items() if v is not None]
         if used:
             problems.append((
                 ("teacher",),
-                f"teacher.* is unused with method: vanilla; remove it (set: {', '.join(used)})",
+                f"teacher.* is unused with method: {name}; remove it (set: {', '.join(used)})",
             ))
     return problems
 
@@ -527,6 +551,8 @@ class _Builder:
                 close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" Did you mean '{'.'.join(path + (close[0],))}'?" if close else ""
                 self.error(path + (key,), f"unknown key '{dotted}'.{hint} Valid keys {where}: {', '.join(fields)}")
+            elif hints[key] is MethodConfig:
+                kwargs[key] = self._method_section(value, path + (key,))
             elif dataclasses.is_dataclass(hints[key]):
                 kwargs[key] = self._section(hints[key], value, path + (key,))
             else:
@@ -535,6 +561,19 @@ class _Builder:
                 except _FieldError as err:
                     self.error(path + (key,), f"'{dotted}' {err}")
         return cls(**kwargs) if len(self.errors) == errors_before else None
+
+    def _method_section(self, data: Any, path: _KeyPath) -> Any:
+        """A section whose options class is chosen by its `name` (a bare string is the name alone)."""
+        data = {"name": data} if isinstance(data, str) else data
+        name = data.get("name", MethodConfig.name) if isinstance(data, dict) else None
+        if not isinstance(name, str):
+            return self._section(MethodConfig, data, path)  # reports the shape or type problem
+        try:
+            options = method_class(name).Options
+        except UserError as err:
+            self.error(path + ("name",), f"'{'.'.join(path)}.name': {err}")
+            return None
+        return self._section(options, data, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,70 +1,35 @@
-"""Distillers: a method's loss terms around one trainable module (student + temperature) and a frozen teacher.
+"""The distiller of a run: the method's trainable module (possibly DDP-wrapped), the frozen teacher, the method state.
 
-Everything that receives gradients lives in `Distiller.trainable`, the single module the optimizer sees and that DDP
-wraps; the teacher stays outside it, frozen, in eval mode, and out of every checkpoint.
+Everything that receives gradients lives in `Distiller.trainable`, one `Method` module that the optimizer sees, DDP
+wraps and checkpoints store whole; the teacher stays outside it, frozen, in eval mode and out of every checkpoint; a
+method's non-parameter state (CRD's memory bank) stays outside too, so DDP never re-broadcasts it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.distributed import unwrap
-from ctkd.losses import kd_loss
-from ctkd.registry import Registry
-
-if TYPE_CHECKING:
-    from ctkd.config import LossConfig
-
-DISTILLERS = Registry("method")
+from ctkd.methods import METHODS, Method, MethodSetup, StepContext, StepOutput, TeacherOutput
+from datasets.loader import Batch
 
 
-@dataclass
-class StepOutput:
-    """What one forward of a distiller gives the trainer."""
+class Distiller:
+    """One training step of a method: the teacher's view of the batch without gradient, then the method's loss."""
 
-    logits: Tensor  # (B, C) student logits, for accuracy
-    losses: dict[str, Tensor]  # weighted loss terms ("loss_ce", "loss_kd", ...); the trainer minimises their sum
-    temperature: Tensor | None  # detached τ: 0-d (fixed/global) or (B,) (instance); None without a teacher
-
-
-class TrainableModule(nn.Module):
-    """The student and the temperature module in one module, so one optimizer (and, later, one DDP) covers both."""
-
-    def __init__(self, student: nn.Module, temperature: nn.Module | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.temperature = temperature
-
-    def forward(
-        self, images: Tensor, teacher_logits: Tensor | None = None, grl_lambda: float = 0.0
-    ) -> tuple[Tensor, Tensor | None]:
-        """Student logits and, when a teacher's logits are given, τ for this batch."""
-        logits = self.student(images)
-        if teacher_logits is None or self.temperature is None:
-            return logits, None
-        return logits, self.temperature(logits, teacher_logits, grl_lambda)
-
-
-class Distiller(nn.Module):
-    """Base class: holds `trainable` and an optional frozen `teacher`; subclasses define the loss terms."""
-
-    uses_teacher: bool = True  # whether the method needs a teacher and a temperature module
-
-    def __init__(self, trainable: TrainableModule, teacher: nn.Module | None = None) -> None:
-        super().__init__()
-        self.trainable: nn.Module = trainable  # a TrainableModule, possibly inside DDP (see `wrap_ddp`)
+    def __init__(self, method: Method, teacher: nn.Module | None = None, state: nn.Module | None = None) -> None:
+        self.trainable: nn.Module = method  # the Method, possibly inside DDP (see `wrap_ddp`)
         self.teacher = teacher
+        self.state = state
         if teacher is not None:
             teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradient bookkeeping
             teacher.eval()
 
     @property
-    def unwrapped(self) -> TrainableModule:
-        """The trainable module without its DDP wrapper: what optimizers see and checkpoints store."""
+    def unwrapped(self) -> Method:
+        """The method module without its DDP wrapper: what optimizers see and checkpoints store."""
         return unwrap(self.trainable)
 
     @property
@@ -72,92 +37,88 @@ class Distiller(nn.Module):
         """The student network (unwrapped)."""
         return self.unwrapped.student
 
+    def to(self, device: torch.device) -> Distiller:
+        """Move every part to `device`."""
+        self.trainable.to(device)
+        for part in (self.teacher, self.state):
+            if part is not None:
+                part.to(device)
+        return self
+
     def wrap_ddp(self, device_ids: list[int] | None = None) -> None:
-        """Wrap the trainable module (never the teacher) in one DDP, so student and τ stay identical on all ranks.
+        """Wrap the trainable module (never the teacher or the state) in one DDP.
 
         DDP broadcasts rank 0's parameters and buffers at construction; gradients of every trainable parameter,
-        the temperature's included, are then averaged over ranks at each step (the authors' code never
-        synchronises τ; docs/differences.md).
+        the temperature's and the heads' included, are then averaged over ranks at each step (the authors' code
+        never synchronises τ; docs/differences.md).
         """
         self.trainable = nn.parallel.DistributedDataParallel(self.unwrapped, device_ids=device_ids)
 
     def train(self, mode: bool = True) -> Distiller:
         """Switch the trainable part; the teacher stays in eval mode so its BN statistics never move."""
-        super().train(mode)
+        self.trainable.train(mode)
         if self.teacher is not None:
             self.teacher.eval()
         return self
 
-    @classmethod
-    def from_parts(
-        cls, *, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None, loss: LossConfig
-    ) -> Distiller:
-        """Build from networks and the config's loss weights."""
-        raise NotImplementedError
+    @torch.no_grad()
+    def teacher_output(self, images: Tensor) -> TeacherOutput | None:
+        """The teacher's logits (and features, when the method uses them), without gradient."""
+        if self.teacher is None:
+            return None
+        if not self.unwrapped.features:
+            return TeacherOutput(self.teacher(images))
+        features, logits = self.teacher.forward_with_features(images)
+        return TeacherOutput(logits, features, self.teacher.get_classifier())
 
-    def forward(self, images: Tensor, targets: Tensor, grl_lambda: float = 0.0) -> StepOutput:
-        """One training forward; returns the weighted loss terms."""
-        raise NotImplementedError
+    def __call__(self, batch: Batch, ctx: StepContext) -> StepOutput:
+        """One training step's loss terms."""
+        return self.trainable(batch, self.teacher_output(batch.images), ctx, self.state)
 
-
-@DISTILLERS.register("vanilla")
-class Vanilla(Distiller):
-    """Plain cross-entropy training (teachers and student baselines); the loss weights do not apply."""
-
-    uses_teacher = False
-
-    @classmethod
-    def from_parts(
-        cls, *, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None, loss: LossConfig
-    ) -> Vanilla:
-        """The student alone."""
-        return cls(TrainableModule(student))
-
-    def forward(self, images: Tensor, targets: Tensor, grl_lambda: float = 0.0) -> StepOutput:
-        """Cross-entropy on the student's logits."""
-        logits, _ = self.trainable(images)
-        return StepOutput(logits, {"loss_ce": F.cross_entropy(logits, targets)}, None)
-
-
-@DISTILLERS.register("kd")
-class KD(Distiller):
-    """Eq. 2: γ·CE + α·τ²·KL(p_t^τ ‖ p_s^τ); τ from the temperature module (fixed = KD, global/instance = CTKD)."""
-
-    def __init__(
-        self, trainable: TrainableModule, teacher: nn.Module, *, ce_weight: float, kd_weight: float
-    ) -> None:
-        if teacher is None or trainable.temperature is None:
-            raise ValueError("method 'kd' needs a teacher and a temperature module")
-        super().__init__(trainable, teacher)
-        self.ce_weight = ce_weight
-        self.kd_weight = kd_weight
-
-    @classmethod
-    def from_parts(
-        cls, *, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None, loss: LossConfig
-    ) -> KD:
-        """Student and temperature in the trainable module, the frozen teacher beside it."""
-        return cls(TrainableModule(student, temperature), teacher, ce_weight=loss.ce_weight, kd_weight=loss.kd_weight)
-
-    def forward(self, images: Tensor, targets: Tensor, grl_lambda: float = 0.0) -> StepOutput:
-        """Teacher logits without gradient, then student logits and τ from the trainable module."""
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        logits, tau = self.trainable(images, teacher_logits, grl_lambda)
-        losses = {
-            "loss_ce": self.ce_weight * F.cross_entropy(logits, targets),
-            "loss_kd": self.kd_weight * kd_loss(logits, teacher_logits, tau),
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores: the whole trainable module and the method's state (never the teacher)."""
+        return {
+            "trainable": self.unwrapped.state_dict(),
+            "method_state": self.state.state_dict() if self.state is not None else {},
         }
-        return StepOutput(logits, losses, tau.detach())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output strictly: a head or bank missing from the file is an error."""
+        self.unwrapped.load_state_dict(state["trainable"], strict=True)
+        if self.state is not None:
+            self.state.load_state_dict(state["method_state"], strict=True)
+
+
+@torch.no_grad()
+def measure_setup(
+    student: nn.Module, teacher: nn.Module | None, *, image_shape: tuple[int, ...], num_classes: int,
+    train_targets: Tensor, seed: int, features: bool,
+) -> MethodSetup:
+    """Feature shapes of student and teacher, from one forward of a 2-image batch in eval mode (no state changes)."""
+
+    def shapes(model: nn.Module | None) -> list[tuple[int, ...]]:
+        if model is None or not features:
+            return []
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out, _ = model.forward_with_features(torch.zeros(2, *image_shape, device=device))
+        model.train(was_training)
+        return [tuple(f.shape[1:]) for f in out]
+
+    return MethodSetup(shapes(student), shapes(teacher), num_classes, train_targets, seed)
 
 
 def build_distiller(
-    method: str,
+    options: Any,
     *,
     student: nn.Module,
     teacher: nn.Module | None,
     temperature: nn.Module | None,
-    loss: LossConfig,
+    loss: Any,
+    setup: MethodSetup,
 ) -> Distiller:
-    """Assemble the distiller registered as `method` around the given networks."""
-    return DISTILLERS.get(method).from_parts(student=student, teacher=teacher, temperature=temperature, loss=loss)
+    """Assemble the method selected by `options.name` around the given networks."""
+    method_cls = METHODS.get(options.name)
+    method = method_cls(student, temperature, options=options, loss=loss, setup=setup)
+    return Distiller(method, teacher, method_cls.create_state(options, setup))

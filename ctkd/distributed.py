@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from ctkd.config import ConfigError
+from datasets.loader import shard_sizes
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,23 @@ def all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) 
     if dist.is_initialized():
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def gather_batch(x: Tensor, global_size: int) -> Tensor:
+    """All ranks' rows of a per-rank batch tensor, in rank order (= the single-process batch), with gradient.
+
+    Losses that relate the samples of a batch to each other (PKT, SP, RKD, CRD's negatives) use it so that N
+    processes compute the loss of the whole global batch, as one process does. Backward sums every rank's gradient
+    into the rows it contributed; DDP's averaging then yields the gradient of the global loss. Shard sizes follow
+    the sampler (`shard_sizes`), so uneven last batches need no extra collective.
+    """
+    world = get_world_size()
+    if world == 1:
+        return x
+    sizes = shard_sizes(global_size, world)
+    padded = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])]) if x.shape[0] < max(sizes) else x
+    parts = dist_nn.all_gather(padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -1,7 +1,8 @@
 """One training epoch and one evaluation pass.
 
 Statistics stay on the device during the epoch; the only host sync per step is the finiteness check of the loss,
-which must stop every rank before a bad optimizer step.
+which must stop every rank before a bad optimizer step. The global batch size comes with the batch (the sampler
+knows it), not from a collective.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from tqdm import tqdm
 from ctkd.distiller import Distiller
 from ctkd.distributed import all_reduce, get_rank, get_world_size
 from ctkd.errors import UserError
+from ctkd.methods import StepContext
+from datasets.loader import Batch
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -32,44 +35,55 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) 
 
 
 @dataclass
+class _StatTotals:
+    """Running sum over samples, min, max and last-batch mean of one logged statistic, on the device."""
+
+    total: Tensor
+    low: Tensor
+    high: Tensor
+    last: Tensor
+    values: list[Tensor] = field(default_factory=list)  # per-sample values (a (B,) statistic), for histograms
+
+
+@dataclass
 class EpochTotals:
     """Running sums over an epoch, kept on the device (a .item() per step would sync every batch)."""
 
     samples: int = 0
     losses: dict[str, Tensor] = field(default_factory=dict)
     correct: Tensor | None = None
-    tau_sum: Tensor | None = None
-    tau_min: Tensor | None = None
-    tau_max: Tensor | None = None
-    tau_last: Tensor | None = None
-    tau_values: list[Tensor] = field(default_factory=list)
+    stats: dict[str, _StatTotals] = field(default_factory=dict)
 
-    def add(self, batch_size: int, losses: dict[str, Tensor], correct: Tensor, tau: Tensor | None) -> None:
+    def add(self, batch_size: int, losses: dict[str, Tensor], correct: Tensor, stats: dict[str, Tensor]) -> None:
         """Accumulate one batch (losses are batch means, so they are weighted by the batch size)."""
         self.samples += batch_size
         for name, value in losses.items():
             weighted = value.detach().float() * batch_size
             self.losses[name] = self.losses[name] + weighted if name in self.losses else weighted
         self.correct = correct if self.correct is None else self.correct + correct
-        if tau is not None:
-            self._add_tau(tau.float(), batch_size)
+        for name, value in stats.items():
+            self._add_stat(name, value.detach().float(), batch_size)
 
-    def _add_tau(self, tau: Tensor, batch_size: int) -> None:
-        """Track sum, min and max of τ over samples; keep per-sample values (instance mode) for the histogram."""
-        low, high = tau.min(), tau.max()
-        total = tau.sum() if tau.dim() == 1 else tau * batch_size
-        if self.tau_sum is None:
-            self.tau_sum, self.tau_min, self.tau_max = total, low, high
+    def _add_stat(self, name: str, value: Tensor, batch_size: int) -> None:
+        """Sum over samples, min, max and the last batch's mean of a 0-d (per batch) or (B,) (per sample) value."""
+        total = value.sum() if value.dim() == 1 else value * batch_size
+        low, high, last = value.min(), value.max(), value.mean()  # the authors plot τ of each epoch's last batch
+        old = self.stats.get(name)
+        if old is None:
+            self.stats[name] = old = _StatTotals(total, low, high, last)
         else:
-            self.tau_sum, self.tau_min, self.tau_max = (
-                self.tau_sum + total, torch.minimum(self.tau_min, low), torch.maximum(self.tau_max, high)
-            )
-        self.tau_last = tau.mean()  # the paper plots the τ of the last batch of each epoch (Fig. 3)
-        if tau.dim() == 1:
-            self.tau_values.append(tau.detach())
+            old.total, old.low, old.high = old.total + total, torch.minimum(old.low, low), torch.maximum(old.high, high)
+            old.last = last
+        if value.dim() == 1:
+            old.values.append(value)
+
+    def per_sample_values(self) -> dict[str, Tensor]:
+        """This rank's per-sample values of each (B,) statistic over the epoch (e.g. instance-wise τ)."""
+        return {name: torch.cat(stat.values) for name, stat in self.stats.items() if stat.values}
 
     def summary(self) -> dict[str, float]:
-        """Epoch means over all ranks: losses, train accuracies (%), τ mean/min/max over samples, last-batch τ."""
+        """Epoch means over all ranks: losses, train accuracies (%), and per statistic its mean, min and max over
+        samples and its last batch's mean (`tau_mean`, `tau_min`, `tau_max`, `tau_last`)."""
         assert self.correct is not None
         names = sorted(self.losses)
         sums = torch.stack(
@@ -83,74 +97,74 @@ class EpochTotals:
         out = {f"train_{name}": value for name, value in zip(names, values)}
         out["train_loss"] = sum(values[: len(names)])
         out["train_acc1"], out["train_acc5"] = 100.0 * values[-2], 100.0 * values[-1]
-        if self.tau_sum is not None:
-            out.update(self._tau_summary(n))
+        for name in sorted(self.stats):
+            out.update(self._stat_summary(name, n))
         return out
 
-    def _tau_summary(self, samples: float) -> dict[str, float]:
-        """τ statistics over every rank's samples; `tau_last` is the mean over ranks of their last batch's τ."""
-        assert self.tau_min is not None and self.tau_max is not None and self.tau_last is not None
-        total_and_last = all_reduce(torch.stack([self.tau_sum, self.tau_last]))
-        low, high = all_reduce(self.tau_min.clone(), ReduceOp.MIN), all_reduce(self.tau_max.clone(), ReduceOp.MAX)
-        world = get_world_size()
+    def _stat_summary(self, name: str, samples: float) -> dict[str, float]:
+        """One statistic over every rank's samples; `_last` is the mean over ranks of their last batch's mean."""
+        stat = self.stats[name]
+        total_and_last = all_reduce(torch.stack([stat.total, stat.last]))
+        low, high = all_reduce(stat.low.clone(), ReduceOp.MIN), all_reduce(stat.high.clone(), ReduceOp.MAX)
         return {
-            "tau_mean": total_and_last[0].item() / samples,
-            "tau_min": low.item(),
-            "tau_max": high.item(),
-            "tau_last": total_and_last[1].item() / world,
+            f"{name}_mean": total_and_last[0].item() / samples,
+            f"{name}_min": low.item(),
+            f"{name}_max": high.item(),
+            f"{name}_last": total_and_last[1].item() / get_world_size(),
         }
 
 
 def train_one_epoch(
     distiller: Distiller,
     optimizer: torch.optim.Optimizer,
-    loader: Iterable[tuple[Tensor, Tensor]],
+    loader: Iterable[Batch],
     *,
     grl_lambda: float,
     device: torch.device,
     epoch: int,
     progress: bool = False,
-) -> tuple[dict[str, float], Tensor | None]:
+) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Train `distiller.trainable` for one pass over `loader` with a fixed λ.
 
-    Returns the epoch summary (weighted loss terms, train top-1/top-5, τ statistics) and, in instance mode, the
-    per-sample τ of this rank's samples (for the histogram). A non-finite loss stops training before the step.
+    Returns the epoch summary (weighted loss terms, train top-1/top-5, statistics such as τ) and this rank's
+    per-sample values of per-sample statistics (instance-wise τ, for histograms). A non-finite loss stops training
+    before the step.
     """
     distiller.train()
     totals = EpochTotals()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        out = distiller(images, targets, grl_lambda)
+    for step, batch in enumerate(bar):
+        batch = Batch(
+            batch.images.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
+            batch.indices.to(device, non_blocking=True), batch.global_size,
+        )
+        out = distiller(batch, StepContext(epoch=epoch, step=step, grl_lambda=grl_lambda))
         loss = sum(out.losses.values())
-        global_batch = _check_finite_and_count(loss, out.losses, targets.shape[0], epoch)
+        _check_finite(loss, out.losses, epoch)
         optimizer.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients uniformly; weighting each rank's mean loss by its share of the global
         # batch makes that average the gradient of the global batch mean, also when the last batch splits unevenly.
-        (loss * (targets.shape[0] * get_world_size() / global_batch)).backward()
+        local = batch.targets.shape[0]
+        (loss * (local * get_world_size() / batch.global_size)).backward()
         optimizer.step()
-        totals.add(targets.shape[0], out.losses, topk_correct(out.logits.detach(), targets), out.temperature)
+        totals.add(local, out.losses, topk_correct(out.logits.detach(), batch.targets), out.stats)
     bar.close()
-    tau_values = torch.cat(totals.tau_values) if totals.tau_values else None
-    return totals.summary(), tau_values
+    return totals.summary(), totals.per_sample_values()
 
 
-def _check_finite_and_count(loss: Tensor, terms: dict[str, Tensor], batch_size: int, epoch: int) -> int:
-    """The global batch size of this step; raises on every rank before the step if any rank's loss is not finite.
+def _check_finite(loss: Tensor, terms: dict[str, Tensor], epoch: int) -> None:
+    """Raise on every rank before the step if any rank's loss is not finite.
 
-    One all-reduce carries both: each rank's non-finite flag in its own slot, and its batch size in the last slot.
-    All ranks thus stop at the same step with the same message (a rank stopping alone would leave the others
-    waiting in the gradient all-reduce).
+    One all-reduce carries each rank's non-finite flag in its own slot, so all ranks stop at the same step with the
+    same message (a rank stopping alone would leave the others waiting in the gradient all-reduce).
     """
     world, rank = get_world_size(), get_rank()
-    flags_and_count = torch.zeros(world + 1, device=loss.device)
-    flags_and_count[rank] = (~torch.isfinite(loss.detach())).float()
-    flags_and_count[world] = batch_size
-    flags_and_count = all_reduce(flags_and_count).tolist()
-    bad = [r for r in range(world) if flags_and_count[r] > 0]
+    flags = torch.zeros(world, device=loss.device)
+    flags[rank] = (~torch.isfinite(loss.detach())).float()
+    flags = all_reduce(flags).tolist()
+    bad = [r for r in range(world) if flags[r] > 0]
     if not bad:
-        return int(flags_and_count[world])
+        return
     values = ", ".join(f"{name}={value.item():.6g}" for name, value in terms.items())
     raise NonFiniteLossError(
         f"non-finite loss in epoch {epoch} on rank(s) {bad} (this rank {rank}: {values}); no update was applied"
@@ -170,7 +184,7 @@ def evaluate(
     correct = torch.zeros(2, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for images, targets in loader:
+    for images, targets, *_ in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         logits = model(images)

@@ -104,8 +104,9 @@ class MetricsLog:
             return []
         return [record for _, record in self._parse()]
 
-    def log_epoch(self, record: dict[str, Any], temperatures: torch.Tensor | None = None) -> None:
-        """Append one epoch's record; scalars go to TensorBoard under 'train/', 'test/' or 'params/' groups."""
+    def log_epoch(self, record: dict[str, Any], per_sample: dict[str, torch.Tensor] | None = None) -> None:
+        """Append one epoch's record; scalars go to TensorBoard under 'train/', 'test/', 'params/' or 'time/', and
+        per-sample statistics (instance-wise τ) as histograms 'params/<name>'."""
         if not self.enabled:
             return
         with self.path.open("a") as handle:
@@ -118,8 +119,8 @@ class MetricsLog:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(_tensorboard_tag(key), value, epoch)
-        if temperatures is not None and temperatures.numel() > 1:
-            self.writer.add_histogram("params/tau", temperatures.float().cpu(), epoch)
+        for name, values in (per_sample or {}).items():
+            self.writer.add_histogram(f"params/{name}", values.float().cpu(), epoch)
         self.writer.flush()
 
     def close(self) -> None:

@@ -132,6 +132,12 @@ def config_value(config: Mapping[str, Any], dotted_key: str) -> Any:
     return value
 
 
+def _method_name(config: Mapping[str, Any]) -> str | None:
+    """The method's name: `method.name`, or `method` itself in configs written before methods had options."""
+    method = config.get("method")
+    return config_value(config, "method.name") if isinstance(method, Mapping) else method
+
+
 def _number(value: Any) -> float | None:
     """`value` as a float when it is a number (JSON null and junk become None)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -191,7 +197,7 @@ def summarize_run(run_dir: str | Path, root: str | Path | None = None) -> RunSum
     return RunSummary(
         name=name,
         path=path,
-        method=config_value(config, "method"),
+        method=_method_name(config),
         teacher=teacher,
         student=config_value(config, "student.name"),
         temperature=config_value(config, "temperature.name") if teacher else None,

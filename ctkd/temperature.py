@@ -22,17 +22,17 @@ if TYPE_CHECKING:
 TEMPERATURES = Registry("temperature")
 
 
-class _GradientReversal(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by −λ."""
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant factor."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, grl_lambda: float) -> Tensor:  # type: ignore[override]
-        ctx.grl_lambda = grl_lambda
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return -ctx.grl_lambda * grad, None
+        return ctx.factor * grad, None
 
 
 def gradient_reversal(x: Tensor, grl_lambda: float) -> Tensor:
@@ -44,22 +44,36 @@ def gradient_reversal(x: Tensor, grl_lambda: float) -> Tensor:
     """
     if grl_lambda < 0:
         raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
-    return _GradientReversal.apply(x, grl_lambda)
+    return _ScaleGradient.apply(x, -grl_lambda)
+
+
+def gradient_scale(x: Tensor, grl_lambda: float) -> Tensor:
+    """The same layer without the reversal (backward multiplies by +λ): the paper's "no GRL" ablation, where τ
+    minimises the loss like every other parameter, with the same curriculum on its strength."""
+    if grl_lambda < 0:
+        raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
+    return _ScaleGradient.apply(x, grl_lambda)
 
 
 class BoundedTemperature(nn.Module):
     """Base class of the learnable temperatures: maps a reversed raw output into (t_start, t_start + t_range)."""
 
-    def __init__(self, t_start: float, t_range: float) -> None:
+    def __init__(self, t_start: float, t_range: float, adversarial: bool = True) -> None:
         super().__init__()
         if t_start <= 0 or t_range <= 0:
             raise ValueError(f"t_start and t_range must be > 0, got {t_start} and {t_range}")
         self.t_start = t_start
         self.t_range = t_range
+        self.adversarial = adversarial
 
     def bound(self, raw: Tensor, grl_lambda: float) -> Tensor:
         """τ = t_start + t_range·sigmoid(GRL_λ(raw)); the sigmoid after the GRL as in the authors' code."""
-        return self.t_start + self.t_range * torch.sigmoid(gradient_reversal(raw, grl_lambda))
+        layer = gradient_reversal if self.adversarial else gradient_scale
+        return self.t_start + self.t_range * torch.sigmoid(layer(raw, grl_lambda))
+
+    def extra_repr(self) -> str:
+        """Range and direction in module printouts."""
+        return f"t_start={self.t_start}, t_range={self.t_range}, adversarial={self.adversarial}"
 
 
 @TEMPERATURES.register("fixed")
@@ -89,14 +103,16 @@ class GlobalTemperature(BoundedTemperature):
     ``init_raw`` = 1.0 as in the authors' code, so τ₀ = 1 + 20·sigmoid(1) ≈ 15.62 with the default range.
     """
 
-    def __init__(self, t_start: float = 1.0, t_range: float = 20.0, init_raw: float = 1.0) -> None:
-        super().__init__(t_start, t_range)
+    def __init__(
+        self, t_start: float = 1.0, t_range: float = 20.0, init_raw: float = 1.0, adversarial: bool = True
+    ) -> None:
+        super().__init__(t_start, t_range, adversarial)
         self.raw = nn.Parameter(torch.tensor(float(init_raw)))
 
     @classmethod
     def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> GlobalTemperature:
         """Build from the config's temperature section."""
-        return cls(cfg.t_start, cfg.t_range, cfg.init_raw)
+        return cls(cfg.t_start, cfg.t_range, cfg.init_raw, cfg.adversarial)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
         """Return τ as a 0-d tensor; the logits are not used."""
@@ -113,8 +129,11 @@ class InstanceTemperature(BoundedTemperature):
     KD loss).
     """
 
-    def __init__(self, num_classes: int, hidden_dim: int = 256, t_start: float = 1.0, t_range: float = 20.0) -> None:
-        super().__init__(t_start, t_range)
+    def __init__(
+        self, num_classes: int, hidden_dim: int = 256, t_start: float = 1.0, t_range: float = 20.0,
+        adversarial: bool = True,
+    ) -> None:
+        super().__init__(t_start, t_range, adversarial)
         self.mlp = nn.Sequential(
             nn.Linear(2 * num_classes, hidden_dim),
             nn.ReLU(inplace=True),
@@ -124,7 +143,7 @@ class InstanceTemperature(BoundedTemperature):
     @classmethod
     def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> InstanceTemperature:
         """Build from the config's temperature section."""
-        return cls(num_classes, cfg.hidden_dim, cfg.t_start, cfg.t_range)
+        return cls(num_classes, cfg.hidden_dim, cfg.t_start, cfg.t_range, cfg.adversarial)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
         """Return τ of shape [B]."""

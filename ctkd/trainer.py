@@ -22,7 +22,6 @@ from ctkd.checkpoint import (
     restore_rng_state,
 )
 from ctkd.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs, load_config, save_config
-from ctkd.distiller import DISTILLERS
 from ctkd.distributed import (
     DistributedContext,
     broadcast_buffers,
@@ -33,6 +32,7 @@ from ctkd.distributed import (
 from ctkd.engine import evaluate, train_one_epoch
 from ctkd.errors import UserError
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
+from ctkd.methods import METHODS
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
@@ -146,13 +146,11 @@ def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[s
 
     Module states are taken from the unwrapped modules, so a checkpoint written by N processes resumes on M.
     """
-    trainable = exp.distiller.unwrapped
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "epoch": progress.epoch,
-        "student": trainable.student.state_dict(),
-        "temperature": trainable.temperature.state_dict() if trainable.temperature is not None else {},
+        **exp.distiller.state_dict(),  # "trainable" (student, temperature, heads) and "method_state"
         "optimizer": exp.optimizer.state_dict(),
         "lr_schedule": exp.schedule.state_dict(),
         "best_acc1": progress.best_acc1,
@@ -197,10 +195,7 @@ def restore(exp: Experiment, cfg: Config, path: Path, progress: Progress) -> Non
     """Load a run checkpoint into `exp` and `progress` (after checking that `cfg` continues the same experiment)."""
     state = load_run_checkpoint(path)
     check_resume_config(config_from_dict(state["config"], source=f"{path} (saved config)"), cfg, path)
-    trainable = exp.distiller.unwrapped
-    trainable.student.load_state_dict(state["student"], strict=True)
-    if trainable.temperature is not None:
-        trainable.temperature.load_state_dict(state["temperature"], strict=True)
+    exp.distiller.load_state_dict(state)
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.schedule.load_state_dict(state["lr_schedule"])
     restore_rng_state(state["rng"])
@@ -296,7 +291,7 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     distilling = exp.distiller.teacher is not None
     grl_lambda = exp.curriculum(epoch) if distilling else 0.0
     exp.train_loader.sampler.set_epoch(epoch)
-    train_stats, tau_values = train_one_epoch(
+    train_stats, per_sample = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
         progress=cfg.logging.progress_bar and exp.ctx.is_main and _stderr_is_terminal(),
     )
@@ -306,7 +301,7 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     record = {"epoch": epoch, "lr": lr, **({"lambda": grl_lambda} if distilling else {}), **train_stats}
     record.update({f"test_{k}": v for k, v in test_stats.items()}, epoch_time=epoch_time)
     record = {key: _round(value) for key, value in record.items()}
-    metrics.log_epoch(record, tau_values)
+    metrics.log_epoch(record, per_sample)
     improved = test_stats["acc1"] > progress.best_acc1
     progress.epoch = epoch
     progress.elapsed_s += epoch_time
@@ -349,10 +344,10 @@ def _results(
     last = records[-1] if records else {}
     return {
         "output_dir": cfg.output_dir,
-        "method": cfg.method,
+        "method": cfg.method.name,
         "student": cfg.student.name,
         "teacher": cfg.teacher.name,
-        "temperature": cfg.temperature.name if DISTILLERS.get(cfg.method).uses_teacher else None,
+        "temperature": cfg.temperature.name if METHODS.get(cfg.method.name).uses_teacher else None,
         "epochs": progress.epoch,
         "best_acc1": progress.best_acc1,
         "best_acc5": progress.best_acc5,

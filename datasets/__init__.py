@@ -6,7 +6,7 @@ Usage::
     loader = build_loader(train_set, batch_size=64, train=True, seed=0, num_workers=2)
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)  # required: the epoch selects the permutation and the augmentation
-        for images, targets in loader:
+        for images, targets, indices, global_size in loader:
             ...
 """
 from __future__ import annotations
@@ -22,16 +22,18 @@ DATASETS = Registry("dataset")
 
 from . import cifar, synthetic  # noqa: E402,F401  (importing registers "cifar100" and "synthetic")
 from .base import DatasetError, ImageDataset  # noqa: E402
-from .loader import BatchedDataset, EpochBatchSampler, build_loader  # noqa: E402
+from .loader import Batch, BatchedDataset, EpochBatchSampler, build_loader, shard_sizes  # noqa: E402
 
 __all__ = [
     "DATASETS",
+    "Batch",
     "BatchedDataset",
     "DatasetError",
     "EpochBatchSampler",
     "ImageDataset",
     "build_dataset",
     "build_loader",
+    "shard_sizes",
 ]
 
 

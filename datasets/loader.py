@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,7 +20,22 @@ from .base import ImageDataset
 from .hashing import seed_for
 from .transforms import eval_transform, train_transform
 
-BatchKey = tuple[int, list[int]]
+BatchKey = tuple[int, list[int], int]  # (epoch, this rank's sample indices, samples in the whole global batch)
+
+
+class Batch(NamedTuple):
+    """One rank's share of a global batch."""
+
+    images: Tensor  # float32 (B, 3, H, W), normalised (and augmented for training)
+    targets: Tensor  # int64 (B,) class labels
+    indices: Tensor  # int64 (B,) positions of the samples in the dataset (CRD's memory bank is indexed by them)
+    global_size: int  # samples in the global batch over all ranks (the sampler knows it: no collective needed)
+
+
+def shard_sizes(global_size: int, world_size: int) -> list[int]:
+    """How many samples of a global batch each rank takes (numpy.array_split sizes: the first ranks get +1)."""
+    base, extra = divmod(global_size, world_size)
+    return [base + (1 if rank < extra else 0) for rank in range(world_size)]
 
 
 class EpochBatchSampler(Sampler[BatchKey]):
@@ -76,31 +92,31 @@ class EpochBatchSampler(Sampler[BatchKey]):
         return torch.randperm(self.num_samples, generator=gen)
 
     def _shard(self, global_batch: Tensor) -> Tensor:
-        """This rank's contiguous piece of a global batch (numpy.array_split sizes: the first ranks get +1)."""
-        base, extra = divmod(global_batch.numel(), self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return global_batch[start : start + base + (1 if self.rank < extra else 0)]
+        """This rank's contiguous piece of a global batch (see `shard_sizes`)."""
+        sizes = shard_sizes(global_batch.numel(), self.world_size)
+        start = sum(sizes[: self.rank])
+        return global_batch[start : start + sizes[self.rank]]
 
     def __iter__(self) -> Iterator[BatchKey]:
         order = self.order()
         for b in range(len(self)):
             global_batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.epoch, self._shard(global_batch).tolist()
+            yield self.epoch, self._shard(global_batch).tolist(), global_batch.numel()
 
 
-class BatchedDataset(Dataset[tuple[Tensor, Tensor]]):
-    """Map-style dataset whose items are whole batches, keyed by ``(epoch, indices)``.
+class BatchedDataset(Dataset[Batch]):
+    """Map-style dataset whose items are whole batches, keyed by ``(epoch, indices, global_size)``.
 
-    ``dataset[(epoch, indices)]`` returns ``(images, targets)``: float32 (B, 3, H, W) normalised images (with
-    the train augmentation of that epoch when `train`) and int64 (B,) labels. It is a pure function of the key,
-    holding no epoch state, so it works unchanged in (persistent) worker processes.
+    ``dataset[(epoch, indices, global_size)]`` returns a `Batch`: float32 (B, 3, H, W) normalised images (with
+    the train augmentation of that epoch when `train`), int64 (B,) labels and the indices. It is a pure function
+    of the key, holding no epoch state, so it works unchanged in (persistent) worker processes.
     """
 
     def __init__(self, dataset: ImageDataset, *, train: bool, seed: int) -> None:
         self.dataset, self.train, self.seed = dataset, train, seed
 
-    def __getitem__(self, key: tuple[int, Sequence[int]]) -> tuple[Tensor, Tensor]:
-        epoch, indices = key
+    def __getitem__(self, key: tuple[int, Sequence[int], int]) -> Batch:
+        epoch, indices, global_size = key
         idx = torch.as_tensor(indices, dtype=torch.int64)
         images = self.dataset.images[idx]
         mean, std = self.dataset.mean, self.dataset.std
@@ -108,7 +124,7 @@ class BatchedDataset(Dataset[tuple[Tensor, Tensor]]):
             images = train_transform(images, idx, seed=self.seed, epoch=epoch, mean=mean, std=std)
         else:
             images = eval_transform(images, mean=mean, std=std)
-        return images, self.dataset.targets[idx]
+        return Batch(images, self.dataset.targets[idx], idx, global_size)
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -135,7 +151,7 @@ def build_loader(
     pin_memory: bool = False,
     persistent_workers: bool = False,
 ) -> DataLoader:
-    """A DataLoader over `dataset` yielding ``(images, targets)`` batches; see `EpochBatchSampler` for sharding.
+    """A DataLoader over `dataset` yielding `Batch`es; see `EpochBatchSampler` for sharding.
 
     `batch_size` is the global batch (split over `world_size` ranks). Train loaders shuffle and augment;
     eval loaders keep the file order and only normalise. The last partial batch is kept, as the authors do.

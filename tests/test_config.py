@@ -50,7 +50,7 @@ def test_defaults_are_the_authors_protocol_and_round_trip(tmp_path: Path) -> Non
     expected = Config(output_dir="runs/exp", teacher=dataclasses.replace(Config().teacher, name="resnet56",
                                                                          checkpoint="ckpts/resnet56.pth"))
     assert cfg == expected
-    assert (cfg.method, cfg.epochs, cfg.seed, cfg.device) == ("kd", 240, 0, "auto")
+    assert (cfg.method.name, cfg.epochs, cfg.seed, cfg.device) == ("kd", 240, 0, "auto")
     assert cfg.optimizer == OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=5e-4,
                                             lr_decay_epochs=(150, 180, 210), lr_decay_rate=0.1)
     assert (cfg.loss.ce_weight, cfg.loss.kd_weight) == (0.1, 0.9)
@@ -342,7 +342,7 @@ def test_out_of_range_names_key_range_and_value(tmp_path: Path, text: str, expec
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("method: kdd\n", "'method' must be one of vanilla, kd; got 'kdd'. Did you mean 'kd'?"),
+    ("method: kdd\n", "exp.yaml: 'method.name': Unknown method 'kdd'. Did you mean 'kd'? Registered methods: "),
     ("temperature: {name: globel}\n",
      "'temperature.name' must be one of fixed, global, instance; got 'globel'. Did you mean 'global'?"),
     ("curriculum: {name: cos}\n", "'curriculum.name' must be one of cosine, linear, constant; got 'cos'."),
@@ -381,7 +381,7 @@ def test_vanilla_rejects_teacher_fields(tmp_path: Path) -> None:
     assert str(info.value) == (f"{tmp_path}/vanilla.yaml: teacher.* is unused with method: vanilla; remove it "
                                "(set: teacher.name)")
     cfg = load_config(write(tmp_path, "vanilla_ok.yaml", "method: vanilla\nstudent: {name: resnet56}\n"))
-    assert cfg.method == "vanilla" and cfg.teacher.name is None
+    assert cfg.method.name == "vanilla" and cfg.teacher.name is None
 
 
 # -------------------------------------------------------------------------------------------------------- output_dir

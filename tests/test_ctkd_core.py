@@ -1,6 +1,7 @@
 """CTKD core pinned to the paper (docs/method.md): gradient reversal, temperature modules, λ curriculum, KD loss."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -166,6 +167,30 @@ def test_adversarial_sign_temperature_step_raises_kd_loss_student_step_lowers_it
     with torch.no_grad():
         student -= 0.5 * student_grad
     assert loss_now() < after_temp
+
+
+@pytest.mark.parametrize("kind", ["global", "instance"])
+def test_without_reversal_the_temperature_step_lowers_kd_loss(kind: str) -> None:
+    """The no-GRL ablation (temperature.adversarial: false): τ descends the loss, scaled by the same λ."""
+    torch.manual_seed(0)
+    teacher, student = torch.randn(8, 10) * 4, torch.randn(8, 10) * 3
+    cfg = TemperatureConfig(name=kind, hidden_dim=16, init_raw=-2.0, adversarial=False)
+    temp = build_temperature(cfg, num_classes=10)
+    before = kd_loss(student, teacher, temp(student, teacher, 1.0))
+    before.backward()
+    with torch.no_grad():
+        for p in temp.parameters():
+            p -= 0.5 * p.grad
+    assert kd_loss(student, teacher, temp(student, teacher, 1.0)).item() < before.item()
+    temp.zero_grad()
+    kd_loss(student, teacher, temp(student, teacher, 0.25)).backward()  # a quarter of the strength ...
+    adversarial = build_temperature(dataclasses.replace(cfg, adversarial=True), num_classes=10)
+    adversarial.load_state_dict(temp.state_dict())
+    kd_loss(student, teacher, adversarial(student, teacher, 0.25)).backward()
+    for plain, reversed_ in zip(temp.parameters(), adversarial.parameters()):
+        assert plain.grad.abs().sum() > 0
+        torch.testing.assert_close(plain.grad, -reversed_.grad)  # ... and the opposite sign of CTKD's
+    assert "adversarial=False" in repr(temp)
 
 
 # ---------------------------------------------------------------- KD loss

@@ -350,7 +350,7 @@ def test_synthetic_is_learnable_by_resnet8(one_thread: None) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=epochs * len(loader), pct_start=0.25)
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
-        for images, targets in loader:
+        for images, targets, *_ in loader:
             opt.zero_grad()
             F.cross_entropy(model(images), targets).backward()
             opt.step()
@@ -358,7 +358,7 @@ def test_synthetic_is_learnable_by_resnet8(one_thread: None) -> None:
     model.eval()
     eval_loader = build_loader(test, batch_size=500, train=False, seed=0, num_workers=0)
     with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in eval_loader)
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y, *_ in eval_loader)
     assert correct / len(test) > 3 * 0.1  # chance is 10%
 
 
@@ -412,11 +412,11 @@ def test_offsets_cover_range_and_flips_are_fair() -> None:
 def test_augmentation_is_pure_function_of_seed_epoch_index() -> None:
     train = _synthetic(train_size=64)
     batches = BatchedDataset(train, train=True, seed=5)
-    a, _ = batches[(3, [10, 20, 30])]
-    b, _ = batches[(3, [30, 7, 10, 1])]
+    a = batches[(3, [10, 20, 30], 3)].images
+    b = batches[(3, [30, 7, 10, 1], 4)].images
     assert torch.equal(a[0], b[2]) and torch.equal(a[2], b[0])  # same sample, other batch and position
     torch.manual_seed(99)
-    assert torch.equal(batches[(3, [20])][0][0], a[1])  # global RNG irrelevant
+    assert torch.equal(batches[(3, [20], 1)].images[0], a[1])  # global RNG irrelevant
     # another epoch or seed re-draws the crops across the dataset
     params = [torch.stack(crop_params(s, e, torch.arange(1000))) for s, e in [(5, 3), (5, 4), (6, 3)]]
     assert (params[0] != params[1]).any(0).float().mean() > 0.9
@@ -440,9 +440,10 @@ def test_normalisation_values() -> None:
 
 def test_eval_batches_are_not_augmented() -> None:
     test = _synthetic(train=False)
-    images, targets = BatchedDataset(test, train=False, seed=0)[(9, [4, 2])]
+    images, targets, indices, global_size = BatchedDataset(test, train=False, seed=0)[(9, [4, 2], 2)]
     assert torch.equal(images, normalize(test.images[[4, 2]], MEAN, STD))
     assert targets.tolist() == test.targets[[4, 2]].tolist()
+    assert indices.tolist() == [4, 2] and global_size == 2
 
 
 # ---------------------------------------------------------------------------------------------- sampler
@@ -451,8 +452,9 @@ def test_eval_batches_are_not_augmented() -> None:
 def _epoch(sampler: EpochBatchSampler, epoch: int) -> list[list[int]]:
     sampler.set_epoch(epoch)
     keys = list(sampler)
-    assert all(e == epoch for e, _ in keys)
-    return [list(indices) for _, indices in keys]
+    assert all(e == epoch and size == min(sampler.batch_size, sampler.num_samples - b * sampler.batch_size)
+               for b, (e, _, size) in enumerate(keys))  # the global batch size travels with each rank's share
+    return [list(indices) for _, indices, _ in keys]
 
 
 def test_sampler_permutation_per_epoch() -> None:
@@ -510,9 +512,10 @@ def test_loader_identical_with_0_and_2_workers(train: bool) -> None:
         _collect(build_loader(ds, batch_size=32, train=train, seed=11, num_workers=w), epochs=2) for w in (0, 2)
     ]
     assert len(runs[0]) == len(runs[1]) == 10
-    for (x0, y0), (x2, y2) in zip(*runs):
+    for (x0, y0, i0, n0), (x2, y2, i2, n2) in zip(*runs):
         assert x0.dtype == torch.float32 and x0.shape[1:] == (3, 32, 32) and y0.dtype == torch.int64
-        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+        assert torch.equal(x0, x2) and torch.equal(y0, y2) and torch.equal(i0, i2) and n0 == n2 == len(y0)
+        assert torch.equal(y0, ds.targets[i0])  # the indices name the samples of the batch
     if train:  # two epochs see different orders and crops
         assert not torch.equal(runs[0][0][0], runs[0][5][0])
 

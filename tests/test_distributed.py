@@ -21,7 +21,11 @@ from ctkd.build import build_experiment, build_split, build_split_loader, check_
 from ctkd.config import ConfigError, load_config
 from ctkd.distributed import DistributedContext, broadcast_buffers, init_distributed, shutdown_distributed
 from ctkd.engine import evaluate
+from ctkd.methods import StepContext
 from ctkd.trainer import run, seed_everything
+from datasets.loader import Batch
+
+STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 
 WORLD = 2
 
@@ -87,9 +91,9 @@ def _worker_train_steps(rank: int, config: str, out: str) -> None:
     exp.distiller.wrap_ddp()
     seen = []
     exp.train_loader.sampler.set_epoch(1)
-    for images, targets in exp.train_loader:
-        seen.append(targets)
-        out_step = exp.distiller(images, targets, 1.0)
+    for batch in exp.train_loader:
+        seen.append(batch.targets)
+        out_step = exp.distiller(batch, STEP)
         exp.optimizer.zero_grad()
         sum(out_step.losses.values()).backward()
         exp.optimizer.step()
@@ -117,7 +121,7 @@ def _worker_evaluate(rank: int, config: str, weights: str, out: str) -> None:
     model.load_state_dict(torch.load(weights, weights_only=True))
     loader = build_split_loader(cfg, build_split(cfg, train=False), train=False, ctx=ctx)
     metrics = evaluate(model, loader, ctx.device)
-    seen = sum(len(t) for _, t in loader)
+    seen = sum(len(batch.targets) for batch in loader)
     Path(out, f"eval{rank}.json").write_text(json.dumps({**metrics, "seen": seen}))
 
 
@@ -158,15 +162,15 @@ def _emulate_two_ranks_in_one_process(cfg):
     exp = build_experiment(cfg, DistributedContext())
     distiller = exp.distiller.train()
     exp.train_loader.sampler.set_epoch(1)
-    for images, targets in exp.train_loader:
-        half = images.shape[0] // WORLD
-        out0 = distiller(images[:half], targets[:half], 1.0)
+    for batch in exp.train_loader:
+        half = batch.targets.shape[0] // WORLD
+        out0 = distiller(Batch(*(part[:half] for part in batch[:3]), batch.global_size), STEP)
         # Rank 1 updates BN statistics of its own, which DDP then replaces by rank 0's: give the second half
         # throw-away copies of the buffers (restoring in place would invalidate what autograd saved).
         rank0 = [(m, k, b) for m in distiller.unwrapped.modules() for k, b in m._buffers.items() if b is not None]
         for module, key, buffer in rank0:
             module._buffers[key] = buffer.clone()
-        out1 = distiller(images[half:], targets[half:], 1.0)
+        out1 = distiller(Batch(*(part[half:] for part in batch[:3]), batch.global_size), STEP)
         for module, key, buffer in rank0:
             module._buffers[key] = buffer
         loss = (sum(out0.losses.values()) + sum(out1.losses.values())) / WORLD
@@ -187,8 +191,9 @@ def _nobn_config(tmp_path: Path, teacher_file: Path, name: str, epochs: int) -> 
 def _assert_same_run(a: Path, b: Path) -> None:
     """Weights, τ and every logged metric agree up to float rounding (BN-free model)."""
     sa, sb = last_state(a), last_state(b)
-    torch.testing.assert_close(flat_state(sa["student"]), flat_state(sb["student"]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sa["temperature"]["raw"], sb["temperature"]["raw"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat_state(sa["trainable"]), flat_state(sb["trainable"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sa["trainable"]["temperature.raw"], sb["trainable"]["temperature.raw"], rtol=1e-5,
+                               atol=1e-6)
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
     assert len(rows[0]) == len(rows[1])
     for ra, rb in zip(*rows):
@@ -228,9 +233,11 @@ def test_shards_of_each_global_batch_equal_the_single_process_batch(tmp_path: Pa
     for epoch in (1, 2):
         for loader in (single, *shards):
             loader.sampler.set_epoch(epoch)
-        for (images, targets), *pieces in zip(single, *shards):
-            assert torch.equal(torch.cat([p[0] for p in pieces]), images)
-            assert torch.equal(torch.cat([p[1] for p in pieces]), targets)
+        for batch, *pieces in zip(single, *shards):
+            assert torch.equal(torch.cat([p.images for p in pieces]), batch.images)
+            assert torch.equal(torch.cat([p.targets for p in pieces]), batch.targets)
+            assert torch.equal(torch.cat([p.indices for p in pieces]), batch.indices)
+            assert all(p.global_size == batch.global_size == len(batch.targets) for p in pieces)
 
 
 def test_distributed_evaluation_counts_each_image_once(tmp_path: Path) -> None:
@@ -265,8 +272,7 @@ def test_two_process_run_resumed_after_a_crash_is_bit_identical(tmp_path: Path, 
     assert last_state(tmp_path / "crashed")["epoch"] == 2
     spawn("_worker_run", str(crashed), "auto", None)  # 2 processes → 2 processes
     a, b = last_state(tmp_path / "straight"), last_state(tmp_path / "crashed")
-    assert state_hash(a["student"]) == state_hash(b["student"])
-    assert torch.equal(a["temperature"]["raw"], b["temperature"]["raw"])
+    assert state_hash(a["trainable"]) == state_hash(b["trainable"])  # student and τ
     lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "crashed")]
     strip = [[{k: v for k, v in json.loads(x).items() if k != "epoch_time"} for x in ls] for ls in lines]
     assert strip[0] == strip[1] and len(strip[0]) == 3
@@ -370,7 +376,7 @@ def test_failing_rank_ends_the_job_naming_it(tmp_path: Path, teacher_file: Path,
 def test_last_batch_too_small_to_share_is_refused(tmp_path: Path) -> None:
     data = {"batch_size": 32, "synthetic": {"num_classes": 10, "train_size": 161, "test_size": 20, "seed": 0}}
     cfg = load_config(write_yaml(tmp_path / "c.yaml", tiny_run_config(tmp_path, data=data)))
-    with pytest.raises(ValueError, match=r"last training batch has 1 samples, fewer than the 2 processes"):
+    with pytest.raises(ValueError, match=r"last training batch has 1 samples, fewer than the 2 that 2 process"):
         build_split_loader(cfg, build_split(cfg, train=True), train=True, ctx=DistributedContext(world_size=2))
 
 

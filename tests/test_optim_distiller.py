@@ -6,15 +6,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctkd.config import LossConfig
-from ctkd.distiller import KD, TrainableModule, Vanilla, build_distiller
+from ctkd.config import LossConfig, method_class
+from ctkd.distiller import Distiller, build_distiller
 from ctkd.losses import kd_loss
+from ctkd.methods import MethodSetup, StepContext
+from ctkd.methods.kd import KD
+from ctkd.methods.vanilla import Vanilla
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import FixedTemperature, GlobalTemperature
+from datasets.loader import Batch
 
 
 def _net(classes: int = 5) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
+
+
+def _distiller(method: str, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None,
+               loss: LossConfig) -> Distiller:
+    """A distiller of logit-only `method` (no feature shapes needed) with its default options."""
+    setup = MethodSetup([], [], 5, torch.zeros(0, dtype=torch.long), seed=0)
+    return build_distiller(method_class(method).Options(), student=student, teacher=teacher, temperature=temperature,
+                           loss=loss, setup=setup)
+
+
+def _batch(n: int) -> Batch:
+    return Batch(torch.randn(n, 3, 2, 2), torch.randint(0, 5, (n,)), torch.arange(n), n)
+
+
+STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +57,7 @@ def test_schedule_state_round_trip_keeps_base_lrs() -> None:
 
 
 def test_temperature_shares_the_student_optimizer_or_gets_its_own_settings() -> None:
-    trainable = TrainableModule(_net(), GlobalTemperature())
+    trainable = _distiller("kd", _net(), _net(), GlobalTemperature(), LossConfig()).unwrapped
     shared = build_sgd(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4)
     assert [g["name"] for g in shared.param_groups] == ["student", "temperature"]
     assert all(g["lr"] == 0.05 and g["weight_decay"] == 5e-4 and g["momentum"] == 0.9 for g in shared.param_groups)
@@ -53,33 +72,31 @@ def test_temperature_shares_the_student_optimizer_or_gets_its_own_settings() -> 
 def test_kd_distiller_loss_is_weighted_ce_plus_kd() -> None:
     torch.manual_seed(0)
     student, teacher = _net(), _net()
-    distiller = build_distiller("kd", student=student, teacher=teacher, temperature=FixedTemperature(4.0),
-                                loss=LossConfig(ce_weight=0.1, kd_weight=0.9))
-    assert isinstance(distiller, KD)
-    images, targets = torch.randn(6, 3, 2, 2), torch.randint(0, 5, (6,))
-    out = distiller(images, targets, grl_lambda=1.0)
+    distiller = _distiller("kd", student, teacher, FixedTemperature(4.0), LossConfig(ce_weight=0.1, kd_weight=0.9))
+    assert isinstance(distiller.trainable, KD)
+    batch = _batch(6)
+    out = distiller(batch, STEP)
     with torch.no_grad():
-        s, t = student(images), teacher(images)
-    assert out.losses["loss_ce"].item() == pytest.approx(0.1 * F.cross_entropy(s, targets).item())
+        s, t = student(batch.images), teacher(batch.images)
+    assert out.losses["loss_ce"].item() == pytest.approx(0.1 * F.cross_entropy(s, batch.targets).item())
     assert out.losses["loss_kd"].item() == pytest.approx(0.9 * kd_loss(s, t, 4.0).item())
-    assert out.temperature.item() == 4.0
+    assert out.stats["tau"].item() == 4.0
 
 
 def test_vanilla_distiller_is_plain_cross_entropy_without_teacher() -> None:
     torch.manual_seed(0)
     student = _net()
-    distiller = build_distiller("vanilla", student=student, teacher=None, temperature=None, loss=LossConfig())
-    assert isinstance(distiller, Vanilla) and distiller.teacher is None
-    images, targets = torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))
-    out = distiller(images, targets)
-    assert list(out.losses) == ["loss_ce"] and out.temperature is None
-    assert out.losses["loss_ce"].item() == pytest.approx(F.cross_entropy(student(images), targets).item())
+    distiller = _distiller("vanilla", student, None, None, LossConfig(ce_weight=0.1))
+    assert isinstance(distiller.trainable, Vanilla) and distiller.teacher is None
+    batch = _batch(4)
+    out = distiller(batch, STEP)
+    assert list(out.losses) == ["loss_ce"] and out.stats == {}
+    assert out.losses["loss_ce"].item() == pytest.approx(F.cross_entropy(student(batch.images), batch.targets).item())
 
 
 def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
     teacher = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12), nn.Linear(12, 5))
-    distiller = build_distiller("kd", student=_net(), teacher=teacher, temperature=GlobalTemperature(),
-                                loss=LossConfig())
+    distiller = _distiller("kd", _net(), teacher, GlobalTemperature(), LossConfig())
     distiller.train()
     assert distiller.trainable.training and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -88,4 +105,4 @@ def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
 
 def test_unknown_method_lists_close_matches() -> None:
     with pytest.raises(ValueError, match="Unknown method 'kdd'. Did you mean 'kd'"):
-        build_distiller("kdd", student=_net(), teacher=_net(), temperature=None, loss=LossConfig())
+        method_class("kdd")

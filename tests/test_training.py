@@ -75,13 +75,12 @@ def test_checkpoint_holds_plain_state_without_teacher(tmp_path: Path, teacher_fi
     cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path)
     run(cfg)
     state = torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)  # plain types only
-    assert {"epoch", "student", "temperature", "optimizer", "lr_schedule", "best_acc1", "rng", "config"} <= state.keys()
-    assert state["epoch"] == 1
-    assert set(state["temperature"]) == {"raw"}
+    expected = {"epoch", "trainable", "method_state", "optimizer", "lr_schedule", "best_acc1", "rng", "config"}
+    assert expected <= state.keys()
+    assert state["epoch"] == 1 and state["version"] == 2 and state["method_state"] == {}
     assert config_from_dict(state["config"], "ckpt") == cfg
-    student_keys = set(models.build_model("resnet8", num_classes=10).state_dict())
-    assert set(state["student"]) == student_keys  # no teacher weights anywhere
-    assert all("teacher" not in key for key in state["student"])
+    student_keys = {f"student.{key}" for key in models.build_model("resnet8", num_classes=10).state_dict()}
+    assert set(state["trainable"]) == student_keys | {"temperature.raw"}  # no teacher weights anywhere
 
 
 def test_teacher_stays_frozen_and_out_of_the_optimizer(tmp_path: Path, teacher_file: Path) -> None:
@@ -128,8 +127,7 @@ def test_resume_after_crash_is_bit_identical(
 
     straight = torch.load(Path(straight_cfg.output_dir) / "last.pth", weights_only=True)
     resumed = torch.load(Path(crash_cfg.output_dir) / "last.pth", weights_only=True)
-    assert state_hash(straight["student"]) == state_hash(resumed["student"])
-    assert torch.equal(straight["temperature"]["raw"], resumed["temperature"]["raw"])
+    assert state_hash(straight["trainable"]) == state_hash(resumed["trainable"])  # student and τ
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert metrics_without_times(Path(straight_cfg.output_dir) / "metrics.jsonl") == metrics_without_times(
@@ -154,6 +152,30 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path: Path, teach
     events = EventAccumulator(str(out))
     events.Reload()
     assert [e.step for e in events.Scalars("test/acc1")] == [1, 2, 3]
+
+
+def test_version_1_checkpoint_resumes_like_the_current_format(tmp_path: Path, teacher_file: Path) -> None:
+    """A checkpoint written before methods had heads (separate student/temperature states, method as a string)."""
+    cfg = load(ctkd_config(tmp_path, teacher_file, "v2", epochs=2), tmp_path, "v2.yaml")
+    run(cfg)
+    current = torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)
+    trainable = current.pop("trainable")
+    old = {
+        **{k: v for k, v in current.items() if k != "method_state"}, "version": 1,
+        "student": {k[len("student."):]: v for k, v in trainable.items() if k.startswith("student.")},
+        "temperature": {k[len("temperature."):]: v for k, v in trainable.items() if k.startswith("temperature.")},
+        "config": {**current["config"], "method": "kd", "output_dir": str(tmp_path / "v1")},
+    }
+    del old["config"]["temperature"]["adversarial"]  # keys added since then take their defaults
+    (tmp_path / "v1").mkdir()
+    torch.save(old, tmp_path / "v1" / "last.pth")
+    longer = load(ctkd_config(tmp_path, teacher_file, "v1", epochs=3), tmp_path, "v1.yaml")
+    run(longer, resume="auto")
+    continued = load(ctkd_config(tmp_path, teacher_file, "v2", epochs=3), tmp_path, "v2.yaml")
+    run(continued, resume="auto")
+    a = torch.load(tmp_path / "v1" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "v2" / "last.pth", weights_only=True)
+    assert a["version"] == 2 and state_hash(a["trainable"]) == state_hash(b["trainable"])
 
 
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:

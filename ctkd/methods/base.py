@@ -1,0 +1,133 @@
+"""What every distillation method shares: its options, its trainable module, and what one step gives and returns.
+
+A method is one class, registered by name in `METHODS`, that is at once
+- the **trainable module** of a run: the student, the temperature module and the method's own heads (VID
+  regressors, CRD embeddings, SRRL connector) are its submodules, so one optimizer sees them, one DDP wraps them and
+  one ``state_dict`` saves them; its ``forward`` computes the weighted loss terms of one step;
+- the owner of its **options**: a frozen dataclass `Options` (a `MethodConfig`) that the config validates the
+  ``method:`` section against, selected by ``method.name``;
+- the owner of its **non-parameter state** (CRD's memory bank), built by `create_state`, kept outside the DDP
+  wrapper and saved in the checkpoint beside the module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctkd.config import MethodConfig
+from ctkd.losses import kd_loss
+from ctkd.registry import Registry
+from datasets.loader import Batch
+
+if TYPE_CHECKING:
+    from ctkd.config import LossConfig
+
+METHODS = Registry("method")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a training step is: the epoch (1-based), the step within it, and the curriculum's λ."""
+
+    epoch: int
+    step: int
+    grl_lambda: float
+
+
+@dataclass
+class TeacherOutput:
+    """The frozen teacher's view of a batch, computed without gradient."""
+
+    logits: Tensor
+    features: list[Tensor] = field(default_factory=list)  # as the zoo's forward_with_features, when the method asks
+    classifier: nn.Module | None = None  # the teacher's final linear layer (SRRL applies it to student features)
+
+
+@dataclass
+class StepOutput:
+    """What one step of a method gives the trainer."""
+
+    logits: Tensor  # (B, C) student logits, for accuracy
+    losses: dict[str, Tensor]  # weighted loss terms ("loss_ce", "loss_kd", ...); the trainer minimises their sum
+    stats: dict[str, Tensor] = field(default_factory=dict)  # detached values to log, 0-d or (B,): "tau", ...
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """Facts a method may need to build its heads and state, measured once before training."""
+
+    student_feature_shapes: list[tuple[int, ...]]  # per sample, from forward_with_features (empty if not asked)
+    teacher_feature_shapes: list[tuple[int, ...]]
+    num_classes: int
+    train_targets: Tensor  # (N,) labels of the training set, in dataset order (CRD's negatives)
+    seed: int
+
+
+class Method(nn.Module):
+    """Base class: the student and the temperature module; subclasses add heads and define `loss_terms`."""
+
+    Options: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_teacher: ClassVar[bool] = True  # needs teacher.name/teacher.checkpoint and a temperature module
+    features: ClassVar[bool] = False  # whether student and teacher features are computed (forward_with_features)
+    min_samples_per_rank: ClassVar[int] = 1  # a method with BatchNorm in its heads needs ≥ 2
+
+    def __init__(
+        self,
+        student: nn.Module,
+        temperature: nn.Module | None,
+        *,
+        options: MethodConfig,
+        loss: LossConfig,
+        setup: MethodSetup,
+    ) -> None:
+        super().__init__()
+        if self.uses_teacher and temperature is None:
+            raise ValueError(f"method '{options.name}' needs a temperature module")
+        self.student = student
+        self.temperature = temperature
+        self.options = options
+        self.ce_weight = loss.ce_weight
+        self.kd_weight = loss.kd_weight
+
+    @classmethod
+    def create_state(cls, options: MethodConfig, setup: MethodSetup) -> nn.Module | None:
+        """The method's non-parameter state (kept outside DDP, checkpointed); None for most methods."""
+        return None
+
+    def forward(
+        self, batch: Batch, teacher: TeacherOutput | None, ctx: StepContext, state: nn.Module | None = None
+    ) -> StepOutput:
+        """One training step's loss terms: student forward (with features if asked), τ, then the method's terms."""
+        if self.features:
+            student_features, logits = self.student.forward_with_features(batch.images)
+        else:
+            student_features, logits = [], self.student(batch.images)
+        losses = {"loss_ce": self.ce_weight * F.cross_entropy(logits, batch.targets)}
+        if teacher is None:
+            return StepOutput(logits, losses)
+        assert self.temperature is not None
+        tau = self.temperature(logits, teacher.logits, ctx.grl_lambda)
+        if self.kd_weight > 0:  # α = 0 (DKD's setting) skips the term instead of computing it times zero
+            losses["loss_kd"] = self.kd_weight * kd_loss(logits, teacher.logits, tau)
+        losses.update(self.loss_terms(batch, logits, student_features, teacher, tau, ctx, state))
+        return StepOutput(logits, losses, {"tau": tau.detach()})
+
+    def loss_terms(
+        self,
+        batch: Batch,
+        logits: Tensor,
+        student_features: list[Tensor],
+        teacher: TeacherOutput,
+        tau: Tensor,
+        ctx: StepContext,
+        state: nn.Module | None,
+    ) -> dict[str, Tensor]:
+        """The method's own weighted terms beside γ·CE and α·KD(τ); none for plain KD."""
+        return {}
+
+    def extra_repr(self) -> str:
+        """The options in module printouts."""
+        return f"options={self.options}"
