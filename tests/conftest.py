@@ -82,7 +82,9 @@ def ctkd_config(tmp_path: Path, teacher_file: Path, name: str = "run", **section
         temperature={"name": "global"},
         curriculum={"name": "cosine", "loops": 2},
     )
-    return {**base, **{k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in sections.items()}}
+    merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+              for k, v in sections.items()}
+    return {**base, **merged}
 
 
 def load(data: dict, tmp_path: Path, file: str = "cfg.yaml") -> Config:

@@ -18,7 +18,8 @@ class TinyMLP(FeatureClassifier):
 
     def _forward_features(self, x: Tensor, preact: bool) -> tuple[list[Tensor], Tensor]:
         pooled = self.hidden(x.flatten(1)).relu()
-        return [pooled], self.fc(pooled)
+        # the same values as an (8, 2, 2) "map" too, so methods on feature maps (SP) have a feat[-2] to use
+        return [pooled.view(-1, 8, 2, 2), pooled], self.fc(pooled)
 
     def get_classifier(self) -> nn.Linear:
         return self.fc

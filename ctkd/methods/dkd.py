@@ -1,0 +1,110 @@
+"""Decoupled knowledge distillation (DKD, Zhao et al. CVPR 2022) with the CTKD temperature inside it.
+
+DKD splits KD into a target-class term (TCKD: KL of the binary target / non-target distributions) and a non-target
+term (NCKD: KL of the distributions over the other C−1 classes), weighted α and β. The τ of both terms is the
+temperature module's, so CTKD learns DKD's temperature (docs/settings.md, CTKD as a plug-in). The CTKD scripts use
+γ = 1, α_KD = 0 (the config's loss section), DKD α = 1, β = 2 and no warm-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctkd.config import MethodConfig, _spec
+from ctkd.losses import _temperature_column
+from ctkd.methods.base import METHODS, Method, StepContext, TeacherOutput
+from datasets.loader import Batch
+
+
+def _non_target_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """The (B, C−1) logits of every class but each sample's target, in class order.
+
+    Gathered with an index tensor rather than masked: the target class is absent from the graph, so no underflowed
+    probability (and no 0·log 0 in the backward) appears (docs/differences.md, DKD with a learnable temperature).
+    """
+    positions = torch.arange(logits.shape[1] - 1, device=logits.device)
+    index = positions + (positions.unsqueeze(0) >= targets.unsqueeze(1)).long()  # skip the target's column
+    return logits.gather(1, index)
+
+
+def _binary_log_probs(scaled: Tensor, non_target: Tensor, targets: Tensor) -> Tensor:
+    """(B, 2) log-probabilities of (target, rest) from logits already divided by τ, without a log of a sum."""
+    log_total = torch.logsumexp(scaled, dim=1)
+    log_target = scaled.gather(1, targets.unsqueeze(1)).squeeze(1) - log_total
+    log_rest = torch.logsumexp(non_target, dim=1) - log_total
+    return torch.stack([log_target, log_rest], dim=1)
+
+
+def _kl(student_log: Tensor, teacher_log: Tensor) -> Tensor:
+    """Per-sample KL(teacher ‖ student) from log-probabilities: (B,)."""
+    return F.kl_div(student_log, teacher_log, reduction="none", log_target=True).sum(dim=1)
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: Tensor | float,
+    alpha: float = 1.0,
+    beta: float = 2.0,
+) -> Tensor:
+    """α·TCKD + β·NCKD (Eq. 7 of the DKD paper), each KL times τ² and averaged over the batch.
+
+    Args:
+        student_logits: (B, C), carries the gradient to the student.
+        teacher_logits: (B, C).
+        targets: (B,) class labels.
+        temperature: a float, a 0-d tensor, or a (B,) per-sample τ (each sample's KL times its own τ²); a learnable τ
+            receives its gradient through the softmaxes and the τ² factor.
+        alpha: weight of the target-class term TCKD.
+        beta: weight of the non-target term NCKD.
+
+    Equals the authors' value (which masks the target by subtracting 1000 from its scaled logit) but computes both
+    terms from log-sum-exps over exactly the classes involved, so every gradient stays finite.
+    """
+    tau = _temperature_column(temperature, student_logits)  # (1, 1) or (B, 1)
+    student = student_logits.float() / tau
+    teacher = teacher_logits.float() / tau
+    student_rest = _non_target_logits(student, targets)
+    teacher_rest = _non_target_logits(teacher, targets)
+    tckd = _kl(_binary_log_probs(student, student_rest, targets), _binary_log_probs(teacher, teacher_rest, targets))
+    nckd = _kl(F.log_softmax(student_rest, dim=1), F.log_softmax(teacher_rest, dim=1))
+    return ((alpha * tckd + beta * nckd) * tau.squeeze(1) ** 2).mean()
+
+
+@METHODS.register("dkd")
+class DKD(Method):
+    """β·DKD(τ) beside γ·CE (and α·KD, which DKD configs switch off with loss.kd_weight 0)."""
+
+    @dataclass(frozen=True)
+    class Options(MethodConfig):
+        """DKD's weights; the temperature comes from the temperature section."""
+
+        name: str = "dkd"
+        weight: float = _spec(1.0, ge=0)  # β: weight of the DKD term in the total loss
+        alpha: float = _spec(1.0, ge=0)  # weight of the target-class term TCKD
+        beta: float = _spec(2.0, ge=0)  # weight of the non-target term NCKD (2 in the CTKD scripts)
+        warmup_epochs: int = _spec(0, ge=0)  # > 0: the term grows linearly over these epochs (DKD's own recipe)
+
+    def warmup_factor(self, epoch: int) -> float:
+        """min(epoch / warmup_epochs, 1) for 1-based `epoch`; 1 without warm-up (the CTKD scripts)."""
+        warmup = self.options.warmup_epochs
+        return 1.0 if warmup == 0 else min(epoch / warmup, 1.0)
+
+    def loss_terms(
+        self,
+        batch: Batch,
+        logits: Tensor,
+        student_features: list[Tensor],
+        teacher: TeacherOutput,
+        tau: Tensor,
+        ctx: StepContext,
+        state: torch.nn.Module | None,
+    ) -> dict[str, Tensor]:
+        """The weighted DKD term."""
+        opts = self.options
+        loss = dkd_loss(logits, teacher.logits, batch.targets, tau, alpha=opts.alpha, beta=opts.beta)
+        return {"loss_dkd": opts.weight * self.warmup_factor(ctx.epoch) * loss}

@@ -1,0 +1,88 @@
+"""Relational knowledge distillation (RKD, Park et al. CVPR 2019) on the pooled feature vector.
+
+The student mimics the teacher's pairwise distances (ψ_D, normalised by their mean) and the angles of every triple of
+samples (ψ_A), each through the Huber (smooth-L1) loss; the paper's weights are 25 and 50 (docs/settings.md, RKD
+appears in the ImageNet table). It relates the samples of a batch to each other, so under DDP it sees the whole
+global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctkd.config import MethodConfig, _spec
+from ctkd.distributed import gather_batch
+from ctkd.methods.base import METHODS, Method, StepContext, TeacherOutput
+from datasets.loader import Batch
+
+
+def _normalised_distances(x: Tensor) -> Tensor:
+    """ψ_D: (B, B) Euclidean distances with a zero diagonal, divided by the mean of the positive off-diagonal ones."""
+    squared_norms = x.pow(2).sum(dim=1)
+    squared = (squared_norms.unsqueeze(1) + squared_norms.unsqueeze(0) - 2 * x @ x.t()).clamp(min=1e-12)
+    # the clamp keeps sqrt's gradient finite; the diagonal is zeroed by a product, not an in-place write
+    off_diagonal = 1.0 - torch.eye(x.shape[0], device=x.device, dtype=x.dtype)
+    distances = squared.sqrt() * off_diagonal
+    positive = (distances > 0).sum().clamp(min=1)  # a count, not boolean indexing: no host sync
+    mean = (distances.sum() / positive).clamp(min=1e-12)  # a one-sample batch has no pair: 0 / tiny = 0
+    return distances / mean
+
+
+def _angles(x: Tensor) -> Tensor:
+    """ψ_A: (B, B, B) cosines ⟨e_ij, e_ik⟩ of the angle at anchor i, with e_ij = normalize(x_j − x_i)."""
+    directions = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), dim=2)  # [i, j] = normalize(x_j − x_i)
+    return torch.bmm(directions, directions.transpose(1, 2))
+
+
+def rkd_loss(
+    student_features: Tensor, teacher_features: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0
+) -> Tensor:
+    """distance_weight · Huber(ψ_D(s), ψ_D(t)) + angle_weight · Huber(ψ_A(s), ψ_A(t)), each averaged over entries.
+
+    Args:
+        student_features: (B, D_s) student features, carrying the gradient.
+        teacher_features: (B, D_t) teacher features; the dimensions may differ (only B×B(×B) tensors meet).
+    """
+    student = student_features.flatten(1).float()
+    with torch.no_grad():  # the teacher's side is a fixed target
+        teacher = teacher_features.flatten(1).float()
+        teacher_distances, teacher_angles = _normalised_distances(teacher), _angles(teacher)
+    distance = F.smooth_l1_loss(_normalised_distances(student), teacher_distances)
+    angle = F.smooth_l1_loss(_angles(student), teacher_angles)
+    return distance_weight * distance + angle_weight * angle
+
+
+@METHODS.register("rkd")
+class RKD(Method):
+    """β·RKD on the pooled features of the whole (global) batch, beside γ·CE and α·KD(τ)."""
+
+    @dataclass(frozen=True)
+    class Options(MethodConfig):
+        """RKD's weight in the total loss and the weights of its distance and angle terms."""
+
+        name: str = "rkd"
+        weight: float = _spec(1.0, ge=0)  # β: weight of the RKD term
+        distance_weight: float = _spec(25.0, ge=0)  # weight of the distance term (Park et al.)
+        angle_weight: float = _spec(50.0, ge=0)  # weight of the angle term (Park et al.)
+
+    features = True
+
+    def loss_terms(
+        self,
+        batch: Batch,
+        logits: Tensor,
+        student_features: list[Tensor],
+        teacher: TeacherOutput,
+        tau: Tensor,
+        ctx: StepContext,
+        state: torch.nn.Module | None,
+    ) -> dict[str, Tensor]:
+        """The weighted RKD term on features[-1], gathered over ranks first."""
+        opts = self.options
+        student = gather_batch(student_features[-1], batch.global_size)
+        teacher_features = gather_batch(teacher.features[-1], batch.global_size)
+        loss = rkd_loss(student, teacher_features, opts.distance_weight, opts.angle_weight)
+        return {"loss_rkd": opts.weight * loss}

@@ -1,0 +1,65 @@
+"""Similarity-preserving distillation (SP, Tung & Mori ICCV 2019) on the last spatial feature map.
+
+Each network's batch of flattened maps gives a B×B Gram matrix of sample similarities, normalised per row; the loss
+is their squared Frobenius distance over B² (docs/settings.md, CTKD as a plug-in: β = 3000, `features[-2]`). It
+relates the samples of a batch to each other, so under DDP it sees the whole global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctkd.config import MethodConfig, _spec
+from ctkd.distributed import gather_batch
+from ctkd.methods.base import METHODS, Method, StepContext, TeacherOutput
+from datasets.loader import Batch
+
+
+def _normalised_gram(features: Tensor) -> Tensor:
+    """(B, B) Gram matrix of the flattened samples with L2-normalised rows."""
+    flat = features.flatten(1).float()
+    return F.normalize(flat @ flat.t(), dim=1)
+
+
+def sp_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """‖G_t − G_s‖²_F / B² (Eq. 4 of the SP paper, one layer pair).
+
+    Args:
+        student_features: (B, ...) student map, carrying the gradient.
+        teacher_features: (B, ...) teacher map; channel counts and sizes may differ (only B×B matrices meet).
+    """
+    batch = student_features.shape[0]
+    diff = _normalised_gram(teacher_features) - _normalised_gram(student_features)
+    return diff.pow(2).sum() / (batch * batch)
+
+
+@METHODS.register("sp")
+class SP(Method):
+    """β·SP on the last spatial maps of the whole (global) batch, beside γ·CE and α·KD(τ)."""
+
+    @dataclass(frozen=True)
+    class Options(MethodConfig):
+        """SP's weight in the total loss."""
+
+        name: str = "sp"
+        weight: float = _spec(3000.0, ge=0)  # β: weight of the SP term (the CTKD scripts' value)
+
+    features = True
+
+    def loss_terms(
+        self,
+        batch: Batch,
+        logits: Tensor,
+        student_features: list[Tensor],
+        teacher: TeacherOutput,
+        tau: Tensor,
+        ctx: StepContext,
+        state: torch.nn.Module | None,
+    ) -> dict[str, Tensor]:
+        """The weighted SP term on features[-2], gathered over ranks first."""
+        student = gather_batch(student_features[-2], batch.global_size)
+        teacher_features = gather_batch(teacher.features[-2], batch.global_size)
+        return {"loss_sp": self.options.weight * sp_loss(student, teacher_features)}
