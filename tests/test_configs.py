@@ -78,3 +78,116 @@ def test_readme_config_reference_lists_every_key_with_its_default() -> None:
             shown = yaml.safe_load(documented[key])
             shown = float(shown) if isinstance(shown, str) and re.fullmatch(r"[0-9.]+e-?[0-9]+", shown) else shown
             assert shown == value or (isinstance(value, list) and shown == list(value)), key
+
+
+# ------------------------------------------------------------------------------------------------ generated configs
+def _make_configs():
+    """scripts/make_configs.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_configs", REPO_ROOT / "scripts/make_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_configs_are_up_to_date_with_their_tables() -> None:
+    make = _make_configs()
+    wanted = make.all_configs()
+    assert make.problems(wanted) == []  # else: python scripts/make_configs.py
+    some = sorted(wanted)[0]
+    assert make.problems({**wanted, some: wanted[some] + "# edited\n"}) == [f"stale: {some.relative_to(REPO_ROOT)}"]
+
+
+PLUGIN = {  # method → (γ, α, method options): the authors' CIFAR scripts (docs/settings.md)
+    "pkt": (0.1, 0.9, {"weight": 30000.0}),
+    "sp": (0.1, 0.9, {"weight": 3000.0}),
+    "vid": (0.1, 0.9, {"weight": 1.0}),
+    "crd": (0.1, 0.9, {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}),
+    "srrl": (0.1, 0.9, {"weight": 1.0}),
+    "dkd": (1.0, 0.0, {"weight": 1.0, "alpha": 1.0, "beta": 2.0, "warmup_epochs": 0}),
+    "rkd": (0.1, 0.9, {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}),
+}
+PLUGIN_PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet110", "resnet20"),
+                ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet32x4", "ShuffleV1"),
+                ("resnet32x4", "ShuffleV2")]  # the 7 pairs of the paper's plug-in table
+
+
+@pytest.mark.parametrize("method", sorted(PLUGIN))
+def test_plugin_configs_follow_the_paper(method: str) -> None:
+    gamma, alpha, options = PLUGIN[method]
+    for variant in ("base", "ctkd"):
+        folder = REPO_ROOT / "configs/cifar100/plugin" / method / variant
+        assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(f"{t}_{s}" for t, s in PLUGIN_PAIRS)
+        for teacher, student in PLUGIN_PAIRS:
+            cfg = load_config(folder / f"{teacher}_{student}.yaml")
+            assert (cfg.teacher.name, cfg.student.name, cfg.method.name) == (teacher, student, method)
+            assert {key: getattr(cfg.method, key) for key in options} == options
+            assert (cfg.loss.ce_weight, cfg.loss.kd_weight) == (gamma, alpha)
+            assert cfg.optimizer.lr == (0.01 if student in LOW_LR_STUDENTS else 0.05) and cfg.epochs == 240
+            if variant == "base":
+                assert (cfg.temperature.name, cfg.temperature.value) == ("fixed", 4.0)
+            else:
+                assert (cfg.temperature.name, cfg.curriculum.name, cfg.curriculum.loops) == ("global", "cosine", 10)
+            assert cfg.output_dir == f"runs/cifar100/plugin/{method}/{variant}/{teacher}_{student}"
+
+
+def test_temperature_grid_and_ablation_configs() -> None:
+    grid = {p.stem: load_config(p) for p in (REPO_ROOT / "configs/cifar100/temperature_grid").glob("*.yaml")}
+    assert {name: (cfg.temperature.name, cfg.temperature.value) for name, cfg in grid.items()} == {
+        "resnet110_resnet20_T2": ("fixed", 2.0), "resnet110_resnet20_T3": ("fixed", 3.0),
+        "resnet110_resnet20_T5": ("fixed", 5.0), "wrn_40_2_wrn_40_1_T2": ("fixed", 2.0),
+        "wrn_40_2_wrn_40_1_T3": ("fixed", 3.0), "wrn_40_2_wrn_40_1_T3.6": ("fixed", 3.6),
+        "vgg13_vgg8_T2": ("fixed", 2.0), "vgg13_vgg8_T3": ("fixed", 3.0), "vgg13_vgg8_T3.5": ("fixed", 3.5),
+        "resnet32x4_ShuffleV1_T2": ("fixed", 2.0), "resnet32x4_ShuffleV1_T3": ("fixed", 3.0),
+        "resnet32x4_ShuffleV1_T3.4": ("fixed", 3.4),
+    }  # τ = 4 is configs/cifar100/kd/<pair>.yaml
+    ablations = REPO_ROOT / "configs/cifar100/ablations"
+    for pair in ("resnet56_resnet20", "vgg13_vgg8"):
+        constant = load_config(ablations / "constant_lambda" / f"{pair}.yaml")
+        linear = load_config(ablations / "linear_lambda" / f"{pair}.yaml")
+        instance = load_config(ablations / "instance_tau" / f"{pair}.yaml")
+        plain = load_config(ablations / "no_reversal" / f"{pair}.yaml")
+        assert (constant.curriculum.name, linear.curriculum.name) == ("constant", "linear")
+        assert instance.temperature.name == "instance" and plain.temperature.adversarial is False
+        for cfg in (constant, linear, instance, plain):
+            assert cfg.method.name == "kd" and (cfg.loss.ce_weight, cfg.loss.kd_weight) == (0.1, 0.9)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_config_takes_a_training_step(path: Path) -> None:
+    """One optimizer step of the config's method, models, temperature and heads, on random CIFAR-shaped data
+    (the teacher with random weights: the step, not the teacher file, is under test)."""
+    from ctkd.distiller import build_distiller, measure_setup
+    from ctkd.methods import METHODS, StepContext
+    from ctkd.optim import build_sgd
+    from ctkd.temperature import build_temperature
+    from datasets.loader import Batch
+
+    cfg = load_config(path)
+    classes = 100 if cfg.data.name == "cifar100" else cfg.data.synthetic.num_classes
+    gen = torch.Generator().manual_seed(0)
+    train_targets = torch.randint(0, classes, (64,), generator=gen)
+    torch.manual_seed(0)
+    student = models.build_model(cfg.student.name, num_classes=classes)
+    method = METHODS.get(cfg.method.name)
+    teacher = models.build_model(cfg.teacher.name, num_classes=classes) if method.uses_teacher else None
+    temperature = build_temperature(cfg.temperature, num_classes=classes) if method.uses_teacher else None
+    setup = measure_setup(student, teacher, image_shape=(3, 32, 32), num_classes=classes,
+                          train_targets=train_targets, seed=0, features=method.features)
+    distiller = build_distiller(cfg.method, student=student, teacher=teacher, temperature=temperature,
+                                loss=cfg.loss, setup=setup)
+    optimizer = build_sgd(distiller.unwrapped, lr=cfg.optimizer.lr, momentum=0.9, weight_decay=5e-4)
+    indices = torch.tensor([3, 17, 42, 60])
+    batch = Batch(torch.randn(4, 3, 32, 32, generator=gen), train_targets[indices], indices, 4)
+    before = {k: v.clone() for k, v in distiller.unwrapped.state_dict().items()}
+    out = distiller.train()(batch, StepContext(epoch=1, step=0, grl_lambda=0.5))
+    loss = sum(out.losses.values())
+    assert torch.isfinite(loss) and out.logits.shape == (4, classes)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    changed = [k for k, v in distiller.unwrapped.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("student.") for k in changed)
+    if method.uses_teacher:
+        assert set(out.losses) >= {"loss_ce"} and "tau" in out.stats
