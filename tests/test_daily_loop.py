@@ -199,7 +199,7 @@ def test_print_config_prints_the_resolved_config_and_creates_nothing(
 
 @pytest.mark.parametrize("kind,expected", [
     ("models", {"resnet8", "resnet56", "wrn_40_2", "ShuffleV2"}),
-    ("methods", {"vanilla", "kd"}),
+    ("methods", {"vanilla", "kd", "dkd", "pkt", "sp", "vid", "crd", "srrl", "rkd"}),
     ("temperatures", {"fixed", "global", "instance"}),
     ("curricula", {"cosine", "linear", "constant"}),
     ("datasets", {"cifar100", "synthetic"}),
@@ -212,7 +212,8 @@ def test_list_prints_the_registered_names(kind: str, expected: set, capsys: pyte
 def test_python_dash_m_ctkd_runs_from_the_repository_root() -> None:
     done = subprocess.run([sys.executable, "-m", "ctkd", "list", "methods"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.split() == ["kd", "vanilla"]
+    assert done.returncode == 0
+    assert done.stdout.split() == ["crd", "dkd", "kd", "pkt", "rkd", "sp", "srrl", "vanilla", "vid"]
 
 
 # ------------------------------------------------------------------------------------------------ readable logs

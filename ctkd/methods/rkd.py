@@ -1,9 +1,9 @@
 """Relational knowledge distillation (RKD, Park et al. CVPR 2019) on the pooled feature vector.
 
 The student mimics the teacher's pairwise distances (ψ_D, normalised by their mean) and the angles of every triple of
-samples (ψ_A), each through the Huber (smooth-L1) loss; the paper's weights are 25 and 50 (docs/settings.md, RKD
-appears in the ImageNet table). It relates the samples of a batch to each other, so under DDP it sees the whole
-global batch.
+samples (ψ_A), each through the Huber (smooth-L1) loss; RKD's own weights are 25 and 50 (docs/settings.md, CTKD as
+a plug-in; the CTKD paper runs RKD on ImageNet only). It relates the samples of a batch to each other, so under DDP
+it sees the whole global batch.
 """
 from __future__ import annotations
 
