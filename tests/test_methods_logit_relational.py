@@ -18,6 +18,7 @@ from ctkd import trainer
 from ctkd.config import ConfigError, LossConfig, load_config, method_class
 from ctkd.distiller import build_distiller
 from ctkd.methods import MethodSetup, StepContext, TeacherOutput
+from ctkd.methods.base import StepInputs
 from ctkd.methods.dkd import DKD, dkd_loss
 from ctkd.methods.pkt import pkt_loss
 from ctkd.methods.rkd import rkd_loss
@@ -111,7 +112,8 @@ def test_dkd_warmup_scales_the_term_linearly_over_warmup_epochs(epoch: int, fact
     ctx = StepContext(epoch=epoch, step=0, grl_lambda=1.0)
 
     def term(method: DKD) -> float:
-        return method.loss_terms(batch, logits, [], TeacherOutput(teacher_logits), tau, ctx, None)["loss_dkd"].item()
+        step = StepInputs(batch, logits, [], TeacherOutput(teacher_logits), tau, ctx, None)
+        return method.loss_terms(step)["loss_dkd"].item()
 
     full = dkd_loss(logits, teacher_logits, batch.targets, 4.0).item()
     assert term(_dkd_method(0)) == pytest.approx(full, rel=REL)  # no warm-up: the CTKD scripts' setting

@@ -25,6 +25,7 @@ from ctkd.config import ConfigError, LossConfig
 from ctkd.distiller import Distiller, build_distiller, measure_setup
 from ctkd.distributed import DistributedContext
 from ctkd.methods import MethodSetup, StepContext, TeacherOutput
+from ctkd.methods.base import StepInputs
 from ctkd.methods.srrl import SRRL
 from ctkd.methods.vid import VID
 from ctkd.temperature import FixedTemperature, GlobalTemperature
@@ -115,7 +116,7 @@ def test_vid_loss_matches_float64_gaussian_nll() -> None:
         for i, log_scale in enumerate(method.log_scales):
             log_scale.copy_(_randn(20 + i, log_scale.shape[0]))
     student, teacher = _vid_features(VID_STUDENT, 0), _vid_features(VID_TEACHER, 10)
-    got = method.loss_terms(_batch(3), None, student, TeacherOutput(None, teacher), TAU, STEP, None)
+    got = method.loss_terms(StepInputs(_batch(3), None, student, TeacherOutput(None, teacher), TAU, STEP, None))
     assert list(got) == ["loss_vid"] and got["loss_vid"].dtype == torch.float32
     expected = 0.7 * _vid_reference(method, student, teacher, eps=1e-3)
     assert got["loss_vid"].item() == pytest.approx(expected, rel=1e-5)
@@ -129,12 +130,13 @@ def test_vid_pools_the_larger_map_to_the_smaller_size() -> None:
     pooled_student, pooled_teacher = list(student), list(teacher)
     pooled_student[2] = _block_mean(student[2], 4)  # pair 2: the student's map is the larger
     pooled_teacher[3] = _block_mean(teacher[3], 2)  # pair 3: the teacher's map is the larger
-    terms = [method.loss_terms(_batch(3), None, s, TeacherOutput(None, t), TAU, STEP, None)["loss_vid"]
+    terms = [method.loss_terms(StepInputs(_batch(3), None, s, TeacherOutput(None, t), TAU, STEP, None))["loss_vid"]
              for s, t in ((student, teacher), (pooled_student, pooled_teacher))]
     assert terms[0].item() == pytest.approx(terms[1].item(), rel=1e-6)
     nearest = list(teacher)  # control: any other reduction of the teacher's map changes the value
     nearest[3] = teacher[3][:, :, ::2, ::2]
-    other = method.loss_terms(_batch(3), None, student, TeacherOutput(None, nearest), TAU, STEP, None)["loss_vid"]
+    step = StepInputs(_batch(3), None, student, TeacherOutput(None, nearest), TAU, STEP, None)
+    other = method.loss_terms(step)["loss_vid"]
     assert abs(other.item() - terms[0].item()) > 1e-3
 
 
@@ -198,7 +200,7 @@ def test_srrl_loss_and_connector_gradient_match_float64_formula(golden) -> None:
         method.connector[1].bias.copy_(0.3 * _randn(31, 256))
     classifier = _teacher_classifier().requires_grad_(False)
     method.train()
-    got = method.loss_terms(_batch(16), None, [fs], TeacherOutput(zt, [ft], classifier), TAU, STEP, None)
+    got = method.loss_terms(StepInputs(_batch(16), None, [fs], TeacherOutput(zt, [ft], classifier), TAU, STEP, None))
     assert list(got) == ["loss_srrl"]
     expected, grad = _srrl_reference(method, classifier, fs, ft, zt)
     assert got["loss_srrl"].item() == pytest.approx(0.6 * expected.item(), rel=1e-5)
@@ -215,7 +217,8 @@ def test_srrl_never_accumulates_gradient_in_the_teacher_classifier(frozen: bool)
     classifier = _teacher_classifier().requires_grad_(not frozen)
     fs, ft, zt = _randn(1, 8, 64).requires_grad_(), _randn(2, 8, 256), _randn(3, 8, 100)
     method.train()
-    loss = method.loss_terms(_batch(8), None, [fs], TeacherOutput(zt, [ft], classifier), TAU, STEP, None)["loss_srrl"]
+    step = StepInputs(_batch(8), None, [fs], TeacherOutput(zt, [ft], classifier), TAU, STEP, None)
+    loss = method.loss_terms(step)["loss_srrl"]
     loss.backward()
     assert classifier.weight.grad is None and classifier.bias.grad is None
     assert fs.grad is not None and fs.grad.abs().sum() > 0  # into the student's pooled feature

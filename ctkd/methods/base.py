@@ -56,6 +56,19 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
+class StepInputs:
+    """What a method's own loss terms are computed from in one step."""
+
+    batch: Batch  # this rank's share of the global batch
+    logits: Tensor  # (B, C) student logits
+    student_features: list[Tensor]  # from forward_with_features when the method asks, else []
+    teacher: TeacherOutput
+    tau: Tensor  # 0-d or (B,) temperature
+    ctx: StepContext
+    state: nn.Module | None = None  # the method's non-parameter state (CRD's memory)
+
+
+@dataclass(frozen=True)
 class MethodSetup:
     """Facts a method may need to build its heads and state, measured once before training."""
 
@@ -112,19 +125,10 @@ class Method(nn.Module):
         tau = self.temperature(logits, teacher.logits, ctx.grl_lambda)
         if self.kd_weight > 0:  # α = 0 (DKD's setting) skips the term instead of computing it times zero
             losses["loss_kd"] = self.kd_weight * kd_loss(logits, teacher.logits, tau)
-        losses.update(self.loss_terms(batch, logits, student_features, teacher, tau, ctx, state))
+        losses.update(self.loss_terms(StepInputs(batch, logits, student_features, teacher, tau, ctx, state)))
         return StepOutput(logits, losses, {"tau": tau.detach()})
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The method's own weighted terms beside γ·CE and α·KD(τ); none for plain KD."""
         return {}
 

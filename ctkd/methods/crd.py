@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from ctkd.config import MethodConfig, _spec
 from ctkd.distributed import gather_batch
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, TeacherOutput
+from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, StepInputs
 from datasets.hashing import seed_for
-from datasets.loader import Batch
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig
@@ -173,23 +172,15 @@ class CRD(Method):
         """The seed of step `ctx.step` of epoch `ctx.epoch`: a pure function of (run seed, epoch, step)."""
         return seed_for(seed_for(self.seed, ctx.epoch), ctx.step)
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """β·(student-side + teacher-side NCE loss) on the whole global batch; then the bank update (training)."""
+        batch, features, teacher, state = step.batch, step.student_features, step.teacher, step.state
         assert isinstance(state, CRDState), "CRD needs its state (create_state)"
         size = batch.global_size
-        v_s = gather_batch(l2_normalize(self.embed_s(student_features[-1].flatten(1).float())), size)
+        v_s = gather_batch(l2_normalize(self.embed_s(features[-1].flatten(1).float())), size)
         v_t = gather_batch(l2_normalize(self.embed_t(teacher.features[-1].flatten(1).float())), size)
         indices = gather_batch(batch.indices, size)
-        contrast = state.contrast_indices(indices, self.options.nce_k, self.negatives_seed(ctx))
+        contrast = state.contrast_indices(indices, self.options.nce_k, self.negatives_seed(step.ctx))
         n, t, training = state.n_data, self.options.nce_t, self.training
         # the student embedding is scored against the teacher bank and vice versa (the authors' cross contrast)
         p_s = normalized_scores(contrast_scores(v_s, state.memory_t, contrast, t), state.z_s, n, store=training)

@@ -15,8 +15,7 @@ from torch import Tensor
 
 from ctkd.config import MethodConfig, _spec
 from ctkd.losses import _temperature_column
-from ctkd.methods.base import METHODS, Method, StepContext, TeacherOutput
-from datasets.loader import Batch
+from ctkd.methods.base import METHODS, Method, StepInputs
 
 
 def _non_target_logits(logits: Tensor, targets: Tensor) -> Tensor:
@@ -94,17 +93,9 @@ class DKD(Method):
         warmup = self.options.warmup_epochs
         return 1.0 if warmup == 0 else min(epoch / warmup, 1.0)
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: torch.nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted DKD term."""
+        batch, logits, teacher, tau, ctx = step.batch, step.logits, step.teacher, step.tau, step.ctx
         opts = self.options
         loss = dkd_loss(logits, teacher.logits, batch.targets, tau, alpha=opts.alpha, beta=opts.beta)
         return {"loss_dkd": opts.weight * self.warmup_factor(ctx.epoch) * loss}

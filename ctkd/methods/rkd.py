@@ -15,8 +15,7 @@ from torch import Tensor
 
 from ctkd.config import MethodConfig, _spec
 from ctkd.distributed import gather_batch
-from ctkd.methods.base import METHODS, Method, StepContext, TeacherOutput
-from datasets.loader import Batch
+from ctkd.methods.base import METHODS, Method, StepInputs
 
 
 def _normalised_distances(x: Tensor) -> Tensor:
@@ -70,17 +69,9 @@ class RKD(Method):
 
     features = True
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: torch.nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted RKD term on features[-1], gathered over ranks first."""
+        batch, student_features, teacher = step.batch, step.student_features, step.teacher
         opts = self.options
         student = gather_batch(student_features[-1], batch.global_size)
         teacher_features = gather_batch(teacher.features[-1], batch.global_size)

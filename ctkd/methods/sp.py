@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ctkd.config import MethodConfig, _spec
 from ctkd.distributed import gather_batch
-from ctkd.methods.base import METHODS, Method, StepContext, TeacherOutput
-from datasets.loader import Batch
+from ctkd.methods.base import METHODS, Method, StepInputs
 
 
 def _normalised_gram(features: Tensor) -> Tensor:
@@ -49,17 +47,9 @@ class SP(Method):
 
     features = True
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: torch.nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted SP term on features[-2], gathered over ranks first."""
+        batch, student_features, teacher = step.batch, step.student_features, step.teacher
         student = gather_batch(student_features[-2], batch.global_size)
         teacher_features = gather_batch(teacher.features[-2], batch.global_size)
         return {"loss_sp": self.options.weight * sp_loss(student, teacher_features)}

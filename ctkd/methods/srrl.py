@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ctkd.config import MethodConfig, _spec
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, TeacherOutput
-from datasets.loader import Batch
+from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig
@@ -56,17 +55,9 @@ class SRRL(Method):
         """The connector on a (B, C_s) pooled vector, seen as a 1×1 map so the 1×1 conv and BN2d apply: (B, C_t)."""
         return self.connector(pooled.float()[:, :, None, None]).flatten(1).float()
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """β·(feature MSE + softmax-regression MSE), both averaged over all elements; per-sample, so no gathering."""
+        student_features, teacher = step.student_features, step.teacher
         if teacher.classifier is None:
             raise ValueError("SRRL needs the teacher's classifier in TeacherOutput.classifier")
         connected = self.connect(student_features[-1])

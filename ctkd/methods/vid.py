@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.config import ConfigError, MethodConfig, _spec
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, TeacherOutput
-from datasets.loader import Batch
+from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig
@@ -91,17 +90,9 @@ class VID(Method):
         """σ² per teacher channel of each pair: softplus(log_scale) + ε (positive by construction)."""
         return [F.softplus(log_scale.float()) + self.options.eps for log_scale in self.log_scales]
 
-    def loss_terms(
-        self,
-        batch: Batch,
-        logits: Tensor,
-        student_features: list[Tensor],
-        teacher: TeacherOutput,
-        tau: Tensor,
-        ctx: StepContext,
-        state: nn.Module | None,
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """β·Σ_pairs mean of 0.5·((μ − t)²/σ² + log σ²); per-sample, so no gathering across ranks."""
+        student_features, teacher = step.student_features, step.teacher
         pairs = zip(student_features[1:-1], teacher.features[1:-1], self.regressors, self.variances())
         total = sum(self._pair_loss(s, t, regressor, var) for s, t, regressor, var in pairs)
         return {"loss_vid": self.options.weight * total}
