@@ -179,7 +179,8 @@ def build_networks(cfg: Config, train_set: datasets.ImageDataset, ctx: Distribut
         cfg.method, student=student, teacher=teacher, temperature=temperature, loss=cfg.loss, setup=setup
     ).to(ctx.device)
     if cfg.distributed.sync_bn and ctx.enabled:  # the teacher keeps plain BN: it only runs in eval mode
-        distiller.unwrapped.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped.student)
+        # the whole trainable module: the student and the method's heads (SRRL's connector has BatchNorm too)
+        distiller.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped)
     return distiller
 
 

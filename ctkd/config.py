@@ -326,7 +326,14 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
         ))
     teacher_fields = dataclasses.asdict(cfg.teacher)
     name = cfg.method.name
-    if method_class(name).uses_teacher:
+    method = method_class(name)
+    if method.uses_teacher and cfg.temperature.name != "fixed" and cfg.loss.kd_weight == 0 and not method.uses_tau:
+        problems.append((
+            ("loss", "kd_weight"),
+            f"'loss.kd_weight' is 0, so the learned temperature ({cfg.temperature.name}) reaches no loss term of "
+            f"method {name} and would never change; give the KD term a weight, or use temperature.name: fixed",
+        ))
+    if method.uses_teacher:
         missing = [f"teacher.{k}" for k in ("name", "checkpoint") if teacher_fields[k] is None]
         if missing:
             problems.append((
@@ -572,6 +579,16 @@ class _Builder:
             options = method_class(name).Options
         except UserError as err:
             self.error(path + ("name",), f"'{'.'.join(path)}.name': {err}")
+            return None
+        foreign = [k for k in data if k not in {f.name for f in dataclasses.fields(options)}
+                   and self.source_of(path + (k,)) != self.source_of(path + ("name",))]
+        if foreign:  # e.g. method.name=pkt over a base file that sets DKD's options
+            dotted = ".".join(path)
+            self.error(path + ("name",), (
+                f"'{dotted}.name' is '{name}', but {', '.join(f'{dotted}.{k}' for k in foreign)} (set by "
+                f"{self.source_of(path + (foreign[0],))}) are not options of {name}: replace the whole section, "
+                f"e.g. {dotted}={name} or {dotted}={{name: {name}, ...}}"
+            ))
             return None
         return self._section(options, data, path)
 

@@ -456,3 +456,29 @@ def test_default_output_dir_mirrors_the_path_below_configs(tmp_path: Path) -> No
     nested = tmp_path / "configs" / "cifar100" / "ctkd" / "resnet56_resnet20.yaml"
     assert default_output_dir(nested) == "runs/cifar100/ctkd/resnet56_resnet20"
     assert default_output_dir(tmp_path / "elsewhere" / "exp.yaml") == "runs/exp"
+
+
+# ---------------------------------------------------------------------------------------------------------- methods
+def test_method_section_is_validated_by_the_selected_method(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, "method: {name: pkt, weight: 100}\n")
+    assert (cfg.method.name, cfg.method.weight) == ("pkt", 100.0)
+    assert load_text(tmp_path, "method: pkt\n").method.weight == 30000.0  # the shorthand takes the defaults
+    assert "'method.weight' must be >= 0" in error_of(tmp_path, "method: {name: pkt, weight: -1}\n")
+    assert "unknown key 'method.alpha'" in error_of(tmp_path, "method: {name: pkt, alpha: 1}\n")
+    assert "unknown key 'method.weight'" in error_of(tmp_path, "method: {weight: 3}\n")  # kd has no weight
+
+
+def test_switching_method_over_a_base_with_other_options_names_both(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", TEACHER + "method: {name: dkd, alpha: 1.0, beta: 8.0}\nloss: {kd_weight: 0.0}\n")
+    message = error_of(tmp_path, "_base_: base.yaml\n", ("method.name=pkt",), name="child.yaml")
+    assert "'method.name' is 'pkt', but method.alpha, method.beta (set by" in message and "base.yaml" in message
+    assert "method=pkt" in message
+    assert load_text(tmp_path, "_base_: base.yaml\nloss: {kd_weight: 0.9}\n", ("method=pkt",), "child.yaml").method \
+        .name == "pkt"  # replacing the whole section works
+
+
+def test_learned_temperature_must_reach_a_loss_term(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "method: pkt\nloss: {kd_weight: 0.0}\ntemperature: {name: global}\n")
+    assert "'loss.kd_weight' is 0, so the learned temperature (global) reaches no loss term of method pkt" in message
+    assert load_text(tmp_path, "method: dkd\nloss: {kd_weight: 0.0}\ntemperature: {name: global}\n")  # τ is DKD's
+    assert load_text(tmp_path, "method: pkt\nloss: {kd_weight: 0.0}\ntemperature: {name: fixed}\n")

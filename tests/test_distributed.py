@@ -211,10 +211,11 @@ def test_ddp_without_batchnorm_matches_full_batch_single_process(tmp_path: Path,
     assert last_state(tmp_path / "nobn")["world_size"] == 2
 
 
-@pytest.mark.parametrize("method", ["pkt", "sp", "rkd"])
-def test_batch_relating_losses_see_the_global_batch(tmp_path: Path, teacher_file: Path, method: str) -> None:
+@pytest.mark.parametrize("method", ["pkt", "sp", "rkd", "dkd"])
+def test_methods_on_two_processes_equal_one(tmp_path: Path, teacher_file: Path, method: str) -> None:
     """PKT, SP and RKD compare the samples of a batch with each other: on 2 processes they must still see the whole
-    global batch (gathered with gradient), so the run equals the 1-process run, uneven last batch included."""
+    global batch (gathered with gradient), so the run equals the 1-process run, uneven last batch included. DKD (per
+    sample, τ inside the method) likewise. CRD has its own test (tests/test_method_crd.py)."""
     def config(name: str) -> Path:
         return ctkd_config(tmp_path, teacher_file, name, student={"name": "tiny_mlp"}, epochs=1, data=UNEVEN,
                            method={"name": method})

@@ -86,6 +86,7 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = True  # needs teacher.name/teacher.checkpoint and a temperature module
     features: ClassVar[bool] = False  # whether student and teacher features are computed (forward_with_features)
     min_samples_per_rank: ClassVar[int] = 1  # a method with BatchNorm in its heads needs ≥ 2
+    uses_tau: ClassVar[bool] = False  # whether the method's own terms use τ (DKD), besides the KD term
 
     def __init__(
         self,

@@ -88,6 +88,8 @@ class DKD(Method):
         beta: float = _spec(2.0, ge=0)  # weight of the non-target term NCKD (2 in the CTKD scripts)
         warmup_epochs: int = _spec(0, ge=0)  # > 0: the term grows linearly over these epochs (DKD's own recipe)
 
+    uses_tau = True  # the CTKD temperature is DKD's own (its configs switch the KD term off)
+
     def warmup_factor(self, epoch: int) -> float:
         """min(epoch / warmup_epochs, 1) for 1-based `epoch`; 1 without warm-up (the CTKD scripts)."""
         warmup = self.options.warmup_epochs
