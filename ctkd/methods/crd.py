@@ -99,7 +99,10 @@ class CRDState(nn.Module):
         """
         generator = torch.Generator().manual_seed(seed)
         # 62-bit draws reduced modulo (N − n_c): the modulo bias is below N / 2**62, i.e. nil.
-        raw = torch.randint(0, 2**62, (indices.shape[0], nce_k), generator=generator).to(indices.device)
+        raw = torch.randint(0, 2**62, (indices.shape[0], nce_k), generator=generator)
+        if indices.device.type == "cuda":  # pinned + non-blocking: the copy does not make the host wait for the GPU
+            raw = raw.pin_memory()
+        raw = raw.to(indices.device, non_blocking=True)
         cls = self.targets[indices]
         start, count = self.class_start[cls].unsqueeze(1), self.class_count[cls].unsqueeze(1)
         r = raw % (self.n_data - count)
