@@ -33,6 +33,7 @@ from ctkd.engine import evaluate, train_one_epoch
 from ctkd.errors import UserError
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 from ctkd.methods import METHODS
+from ctkd.provenance import file_sha256, provenance
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
@@ -251,6 +252,11 @@ def _train_experiment(
     if ctx.is_main:
         save_config(cfg, output_dir / "config.yaml")
     teacher_metrics = _evaluate_teacher(exp, cfg)
+    origin = None
+    if ctx.is_main:  # hashed now: the file this run was built from (a resume may point at a moved copy)
+        teacher_sha256 = file_sha256(cfg.teacher.checkpoint) if exp.distiller.teacher is not None else None
+        origin = provenance(cfg, varies_freely=_resumable, device=ctx.device, world_size=ctx.world_size,
+                            teacher_sha256=teacher_sha256)
     metrics = MetricsLog(output_dir, start_epoch=progress.epoch + 1, tensorboard=cfg.logging.tensorboard,
                          enabled=ctx.is_main)
     try:
@@ -260,7 +266,9 @@ def _train_experiment(
             get_logger().info(_epoch_line(record, cfg.epochs))
     finally:
         metrics.close()
-    results = broadcast_object(_results(cfg, progress, metrics.records(), teacher_metrics) if ctx.is_main else None)
+    results = broadcast_object(
+        {**_results(cfg, progress, metrics.records(), teacher_metrics), **origin} if ctx.is_main else None
+    )
     if ctx.is_main:
         write_json_atomic(results, output_dir / "results.json")
     get_logger().info(
