@@ -1,6 +1,7 @@
-"""Write the generated experiment configs: the paper's plug-in table, the fixed-temperature grid and the ablations.
+"""Write the generated experiment configs (the paper's plug-in table, the fixed-temperature grid, the ablations) and
+the table files of the paper's CIFAR-100 tables (configs/tables/, format in docs/tables.md).
 
-    python scripts/make_configs.py           # (re)write configs/cifar100/{plugin,temperature_grid,ablations}/
+    python scripts/make_configs.py           # (re)write configs/cifar100/{plugin,temperature_grid,ablations}/, tables
     python scripts/make_configs.py --check   # exit 1 listing files that are missing, stale or not generated
 
 The pairs and temperatures come from docs/paper_results.yaml (one source of truth with the table tooling); what each
@@ -42,6 +43,8 @@ ABLATIONS = {
                     {"temperature": {"adversarial": False}}),
 }
 ABLATION_PAIRS = ("resnet56_resnet20", "vgg13_vgg8")
+TABLES = ROOT / "configs" / "tables"
+SEEDS = [0, 1, 2]
 
 
 def paper() -> dict:
@@ -108,15 +111,88 @@ def ablation_configs(table: dict) -> dict[Path, str]:
     return files
 
 
+def _label(pair: str, row: dict) -> str:
+    """'resnet56 → resnet20'."""
+    return f"{row['teacher']} → {row['student']}"
+
+
+def _table_file(comment: str, table: dict) -> str:
+    """A table file's text."""
+    return HEADER + f"# {comment}\n" + yaml.safe_dump(table, sort_keys=False, allow_unicode=True, width=120)
+
+
+def _teachers(rows: dict) -> dict[str, str]:
+    """Teacher architecture → the config that trains it, for the rows' teachers."""
+    return {row["teacher"]: f"configs/cifar100/teachers/{row['teacher']}.yaml" for row in rows.values()}
+
+
+def table_files(table: dict) -> dict[Path, str]:
+    """The paper's CIFAR-100 tables as table files (docs/tables.md)."""
+    kd_rows, plugin_rows, grid_rows = table["cifar_kd"], table["cifar_plugin"], table["temperature_grid"]
+    files = {}
+    files[TABLES / "cifar_kd.yaml"] = _table_file("The paper's CIFAR-100 table: vanilla KD (τ = 4) vs KD + CTKD.", {
+        "title": "CIFAR-100: vanilla KD vs KD + CTKD (top-1 %)", "paper_table": "cifar_kd", "metric": "best_acc1",
+        "seeds": SEEDS, "teachers": _teachers(kd_rows),
+        "rows": {pair: _label(pair, row) for pair, row in kd_rows.items()},
+        "columns": {"kd": "Vanilla KD", "ctkd": "CTKD"},
+        "cells": {pair: {kind: {"config": f"configs/cifar100/{kind}/{pair}.yaml"} for kind in ("kd", "ctkd")}
+                  for pair in kd_rows},
+    })
+    methods = [m for m, (_, column) in PLUGIN_METHODS.items() if column]
+    columns = {}
+    for method in methods:
+        columns[method] = PLUGIN_METHODS[method][0]
+        columns[f"{method}_ctkd"] = f"{PLUGIN_METHODS[method][0]} + CTKD"
+    files[TABLES / "cifar_plugin.yaml"] = _table_file("The paper's CIFAR-100 plug-in table: CTKD in six methods.", {
+        "title": "CIFAR-100: CTKD as a plug-in (top-1 %, mean ± std over seeds)", "paper_table": "cifar_plugin",
+        "metric": "best_acc1", "seeds": SEEDS, "teachers": _teachers(plugin_rows),
+        "rows": {pair: _label(pair, row) for pair, row in plugin_rows.items()},
+        "columns": columns,
+        "cells": {pair: {f"{m}{suffix}": {"config": f"configs/cifar100/plugin/{m}/{variant}/{pair}.yaml"}
+                         for m in methods for suffix, variant in (("", "base"), ("_ctkd", "ctkd"))}
+                  for pair in plugin_rows},
+    })
+    grid_columns = {"T2": "τ = 2", "T3": "τ = 3", "Tctkd": "τ = CTKD's final τ", "T4": "τ = 4", "T5": "τ = 5",
+                    "ctkd": "CTKD"}
+    cells: dict = {}
+    for pair, row in grid_rows.items():
+        cells[pair] = {}
+        for tau in row["fixed"]:
+            column = "T4" if float(tau) == 4.0 else ("Tctkd" if float(tau) == row["ctkd_final_tau"] else f"T{tau}")
+            config = (f"configs/cifar100/kd/{pair}.yaml" if float(tau) == 4.0
+                      else f"configs/cifar100/temperature_grid/{pair}_T{tau}.yaml")
+            cells[pair][column] = {"config": config, "paper": ["temperature_grid", pair, "fixed", tau]}
+        cells[pair]["ctkd"] = {"config": f"configs/cifar100/ctkd/{pair}.yaml"}
+    files[TABLES / "temperature_grid.yaml"] = _table_file(
+        "The fixed temperatures of the paper's temperature-curve figure against CTKD.", {
+            "title": "CIFAR-100: vanilla KD at fixed τ vs CTKD (top-1 %)", "paper_table": "temperature_grid",
+            "metric": "best_acc1", "seeds": SEEDS, "teachers": _teachers(grid_rows),
+            "rows": {pair: _label(pair, row) for pair, row in grid_rows.items()},
+            "columns": grid_columns, "cells": cells,
+        })
+    files[TABLES / "ablations.yaml"] = _table_file("KD + CTKD ablations (no paper numbers: the paper's ablation "
+                                                   "tables could not be recovered).", {
+        "title": "CIFAR-100: KD + CTKD ablations (top-1 %)", "metric": "best_acc1", "seeds": SEEDS,
+        "teachers": _teachers({p: kd_rows[p] for p in ABLATION_PAIRS}),
+        "rows": {pair: _label(pair, kd_rows[pair]) for pair in ABLATION_PAIRS},
+        "columns": {"ctkd": "CTKD", **{name: meaning for name, (meaning, _) in ABLATIONS.items()}},
+        "cells": {pair: {"ctkd": {"config": f"configs/cifar100/ctkd/{pair}.yaml"},
+                         **{name: {"config": f"configs/cifar100/ablations/{name}/{pair}.yaml"} for name in ABLATIONS}}
+                  for pair in ABLATION_PAIRS},
+    })
+    return files
+
+
 def all_configs() -> dict[Path, str]:
     """Every generated file and its text."""
     table = paper()
-    return {**plugin_configs(table), **grid_configs(table), **ablation_configs(table)}
+    return {**plugin_configs(table), **grid_configs(table), **ablation_configs(table), **table_files(table)}
 
 
 def existing() -> set[Path]:
     """The YAML files currently in the generated folders."""
-    return {path for folder in GENERATED for path in (CIFAR / folder).rglob("*.yaml")}
+    found = {path for folder in GENERATED for path in (CIFAR / folder).rglob("*.yaml")}
+    return found | {path for path in TABLES.glob("*.yaml") if path.read_text().startswith(HEADER)}
 
 
 def problems(wanted: dict[Path, str]) -> list[str]:
