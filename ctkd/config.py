@@ -11,12 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
-import math
 import os
 import re
-import types
-import typing
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +22,15 @@ import yaml
 
 from ctkd.errors import UserError
 from ctkd.fileio import atomic_write_text
+from ctkd.schema import (  # noqa: F401  (ConfigError and _spec are part of this module's interface)
+    ConfigError,
+    _describe,
+    _FieldError,
+    _Section,
+    _spec,
+    _type_hints,
+    _validated,
+)
 
 # Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
 TEMPERATURE_CHOICES: tuple[str, ...] = ("fixed", "global", "instance")
@@ -35,10 +40,6 @@ DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 _BASE_KEY = "_base_"
 _KeyPath = tuple[Any, ...]  # a dotted key as a tuple of its parts: ("optimizer", "lr")
-
-
-class ConfigError(UserError, ValueError):
-    """An invalid configuration: the message names the source file or override, the dotted key and a fix."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,38 +121,6 @@ def _parse_yaml(text: str, source: str) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _spec(
-    default: Any,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    lt: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    increasing: bool = False,
-) -> Any:
-    """A dataclass field with its validation rules in metadata (for a list field, `ge`/`gt` apply to each item)."""
-    rules = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "increasing": increasing}
-    metadata = {k: v for k, v in rules.items() if v is not None and v is not False}
-    return field(default=default, metadata=metadata)
-
-
-class _FieldError(Exception):
-    """A problem with one field's value; the caller adds the key and the source."""
-
-
-class _Section:
-    """Mixin for config dataclasses: type-checks, converts (int → float, list → tuple) and range-checks fields."""
-
-    def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            try:
-                value = _validated(f, hints[f.name], getattr(self, f.name))
-            except _FieldError as err:
-                raise ConfigError(f"{type(self).__name__}.{f.name} {err}") from None
-            object.__setattr__(self, f.name, value)  # frozen: store the converted value
 
 
 @dataclass(frozen=True)
@@ -350,133 +319,6 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
                 f"teacher.* is unused with method: {name}; remove it (set: {', '.join(used)})",
             ))
     return problems
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Field validation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    """The resolved field types of a config dataclass (annotations are strings under `from __future__`)."""
-    return typing.get_type_hints(cls)
-
-
-def _optional_inner(hint: Any) -> Any | None:
-    """`X` for a hint `X | None`, else None."""
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0]
-    return None
-
-
-def _type_name(hint: Any) -> str:
-    """A type as error messages show it: 'int', 'float or null', 'list of int'."""
-    inner = _optional_inner(hint)
-    if inner is not None:
-        return f"{_type_name(inner)} or null"
-    if typing.get_origin(hint) is tuple:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return "bool (true/false)" if hint is bool else hint.__name__
-
-
-def _describe(value: Any) -> str:
-    """A value as the error messages show it: its type and its repr."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"bool {str(value).lower()}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _type_fix(hint: Any, value: Any) -> str:
-    """How to fix a value of the wrong type."""
-    if value is None:
-        return "set a value (null is not allowed here)"
-    if hint is bool:
-        return "use true or false (in YAML 1.2, yes/no/on/off are strings)"
-    if hint is str:
-        return "quote it"
-    if typing.get_origin(hint) is tuple:
-        return "write a YAML list such as [150, 180, 210]"
-    if isinstance(value, str):
-        try:
-            parsed = _parse_yaml(value, "<value>")
-        except ConfigError:
-            parsed = None
-        if not isinstance(parsed, bool) and isinstance(parsed, int if hint is int else (int, float)):
-            return "remove the quotes"
-    return "write a whole number" if hint is int else "write a number"
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    """`value` checked against the type `hint` and converted (int → float, list → tuple); raises _FieldError."""
-    inner = _optional_inner(hint)
-    if inner is not None and value is None:
-        return None
-    base = hint if inner is None else inner
-    ok = False
-    if dataclasses.is_dataclass(base) or base in (bool, str):
-        ok = isinstance(value, base)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:
-            value = math.inf
-        if not math.isfinite(value):
-            raise _FieldError(f"must be a finite number, got {value}")
-        ok = True
-    elif typing.get_origin(base) is tuple and isinstance(value, (list, tuple)):
-        item_hint = typing.get_args(base)[0]
-        items = []
-        for index, item in enumerate(value):
-            try:
-                items.append(_coerce(item_hint, item))
-            except _FieldError:
-                raise _FieldError(
-                    f"expects {_type_name(hint)}, got {_describe(list(value))} (item {index} is {_describe(item)})"
-                ) from None
-        return tuple(items)
-    if not ok:
-        raise _FieldError(f"expects {_type_name(hint)}, got {_describe(value)}; {_type_fix(base, value)}")
-    return value
-
-
-def _range_text(rules: Mapping[str, Any]) -> str:
-    """The allowed range of a numeric field as error messages show it: '> 0', '>= 1', 'in [0, 1)'."""
-    low = f"[{rules['ge']}" if "ge" in rules else f"({rules['gt']}" if "gt" in rules else None
-    if "lt" in rules:
-        return f"in {low}, {rules['lt']})" if low else f"< {rules['lt']}"
-    return f">= {rules['ge']}" if "ge" in rules else f"> {rules['gt']}"
-
-
-def _check_rules(rules: Mapping[str, Any], value: Any) -> None:
-    """Check a converted value against its field's metadata rules; raises _FieldError."""
-    items = value if isinstance(value, tuple) else (value,)
-    each = "each item " if isinstance(value, tuple) else ""
-    for item in items:
-        choices = rules.get("choices")
-        if choices and item not in choices:
-            close = difflib.get_close_matches(str(item), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise _FieldError(f"must be one of {', '.join(choices)}; got {item!r}.{hint}")
-        too_low = ("ge" in rules and item < rules["ge"]) or ("gt" in rules and item <= rules["gt"])
-        if too_low or ("lt" in rules and item >= rules["lt"]):
-            raise _FieldError(f"{each}must be {_range_text(rules)}, got {list(value) if each else value!r}")
-    if rules.get("increasing") and any(b <= a for a, b in zip(value, value[1:])):
-        raise _FieldError(f"must be strictly increasing, got {list(value)}; sort it and drop repeats")
-
-
-def _validated(f: dataclasses.Field, hint: Any, value: Any) -> Any:
-    """The value of field `f`, type-checked, converted and range-checked; raises _FieldError."""
-    value = _coerce(hint, value)
-    if value is not None:
-        _check_rules(f.metadata, value)
-    return value
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ctkd.config import MethodConfig, _spec
+from ctkd.config import MethodConfig
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, StepInputs
+from ctkd.schema import _spec
 from datasets.hashing import seed_for
 
 if TYPE_CHECKING:

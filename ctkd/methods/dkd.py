@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import MethodConfig, _spec
+from ctkd.config import MethodConfig
 from ctkd.losses import _temperature_column
 from ctkd.methods.base import METHODS, Method, StepInputs
+from ctkd.schema import _spec
 
 
 def _non_target_logits(logits: Tensor, targets: Tensor) -> Tensor:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ctkd.config import MethodConfig, _spec
+from ctkd.config import MethodConfig
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, StepInputs
+from ctkd.schema import _spec
 
 EPS = 1e-7  # the authors' epsilon, both in the row norm and inside the log ratio
 

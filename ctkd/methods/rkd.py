@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import MethodConfig, _spec
+from ctkd.config import MethodConfig
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, StepInputs
+from ctkd.schema import _spec
 
 
 def _normalised_distances(x: Tensor) -> Tensor:

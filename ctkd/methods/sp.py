@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import MethodConfig, _spec
+from ctkd.config import MethodConfig
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, StepInputs
+from ctkd.schema import _spec
 
 
 def _normalised_gram(features: Tensor) -> Tensor:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ctkd.config import MethodConfig, _spec
+from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
+from ctkd.schema import _spec
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig

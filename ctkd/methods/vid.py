@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctkd.config import ConfigError, MethodConfig, _spec
+from ctkd.config import ConfigError, MethodConfig
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
+from ctkd.schema import _spec
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig
