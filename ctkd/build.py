@@ -78,9 +78,12 @@ def build_split_loader(
 
 def identify_architectures(state: dict[str, torch.Tensor], num_classes: int) -> list[str]:
     """Registered models whose state_dict fits `state`: same keys and shapes, or else (say, when the file was
-    trained for another number of classes) the same keys. Models are built on the meta device: no memory."""
+    trained for another number of classes) the same keys. Models are built on the meta device: no memory.
+
+    Only the explicitly registered names are tried: the torchvision./timm. namespaces hold too many models to build.
+    """
     same_keys, same_shapes = [], []
-    for name in models.list_models():
+    for name in models.MODELS.explicit_names():
         with torch.device("meta"):
             expected = models.build_model(name, num_classes=num_classes).state_dict()
         if expected.keys() == state.keys():

@@ -2,9 +2,13 @@
 
 Registered names (``list_models()``): resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110,
 resnet8x4, resnet32x4, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2, vgg8, vgg11, vgg13, vgg16, vgg19 (all with BN),
-MobileNetV2 (CIFAR "mobile_half": width 0.5, expansion 6), ShuffleV1, ShuffleV2, ResNet50 (the CIFAR one).
+MobileNetV2 (CIFAR "mobile_half": width 0.5, expansion 6), ShuffleV1, ShuffleV2, ResNet50 (the CIFAR one); the
+paper's ImageNet models ResNet18, ResNet34, MobileNetV2_Imagenet, ShuffleV2_Imagenet (torchvision's, same state_dict).
+Namespaces resolved on demand (``MODELS.names()`` shows them as placeholders): ``torchvision.<name>`` and
+``timm.<name>`` build that library's model (models/imagenet.py).
 
-Build one with ``build_model(name, num_classes=100)``; an unknown name raises a ValueError that lists close matches.
+Build one with ``build_model(name, num_classes=100)``; an unknown name raises a ValueError (UnknownNameError) that
+lists close matches.
 Each model's ordered state_dict (keys, shapes, dtypes) equals the authors', so their teacher checkpoints load with
 ``strict=True``, and it computes the same function (checked against golden logits of the authors' models).
 
@@ -30,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from models import cifar  # noqa: F401  (importing registers the architectures)
+from models import cifar, imagenet  # noqa: F401  (importing registers the architectures)
 from models.base import MODELS, FeatureClassifier
 
 __all__ = ["MODELS", "FeatureClassifier", "build_model", "list_models"]
@@ -42,5 +46,5 @@ def build_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
 
 
 def list_models() -> list[str]:
-    """All registered model names, sorted."""
-    return MODELS.names()
+    """All explicitly registered model names, sorted (not the torchvision./timm. namespaces: thousands of models)."""
+    return MODELS.explicit_names()

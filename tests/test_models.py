@@ -51,8 +51,10 @@ def _batches_tracked(model: nn.Module) -> set[int]:
 
 def test_registry_holds_exactly_the_zoo(golden: ModuleType) -> None:
     # Tests may register helper models of their own (tests/tiny_models.py); the package registers the zoo.
-    zoo = [name for name in list_models() if MODELS.get(name).__module__.startswith("models.")]
+    zoo = [name for name in list_models() if MODELS.get(name).__module__.startswith("models.cifar")]
     assert zoo == sorted(NAMES) == golden.architectures()
+    imagenet = {name for name in list_models() if MODELS.get(name).__module__ == "models.imagenet"}
+    assert imagenet == {"ResNet18", "ResNet34", "MobileNetV2_Imagenet", "ShuffleV2_Imagenet"}
 
 
 @pytest.mark.parametrize("name", NAMES)
