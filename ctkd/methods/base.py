@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.config import MethodConfig
+from ctkd.distributed import gather_batch
 from ctkd.losses import kd_loss
 from ctkd.registry import Registry
 from datasets.loader import Batch
@@ -66,6 +67,12 @@ class StepInputs:
     tau: Tensor  # 0-d or (B,) temperature
     ctx: StepContext
     state: nn.Module | None = None  # the method's non-parameter state (CRD's memory)
+
+    def global_features(self, index: int) -> tuple[Tensor, Tensor]:
+        """Student and teacher `features[index]` of the whole global batch (gathered from every rank, with
+        gradient), for losses that relate the samples of a batch to each other."""
+        size = self.batch.global_size
+        return gather_batch(self.student_features[index], size), gather_batch(self.teacher.features[index], size)
 
 
 @dataclass(frozen=True)

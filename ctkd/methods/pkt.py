@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from ctkd.config import MethodConfig
-from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, StepInputs
 from ctkd.schema import _spec
 
@@ -56,7 +55,5 @@ class PKT(Method):
 
     def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted PKT term on features[-1], gathered over ranks first."""
-        batch, student_features, teacher = step.batch, step.student_features, step.teacher
-        student = gather_batch(student_features[-1], batch.global_size)
-        teacher_features = gather_batch(teacher.features[-1], batch.global_size)
+        student, teacher_features = step.global_features(-1)
         return {"loss_pkt": self.options.weight * pkt_loss(student, teacher_features)}

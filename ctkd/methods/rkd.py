@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctkd.config import MethodConfig
-from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, StepInputs
 from ctkd.schema import _spec
 
@@ -72,9 +71,7 @@ class RKD(Method):
 
     def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted RKD term on features[-1], gathered over ranks first."""
-        batch, student_features, teacher = step.batch, step.student_features, step.teacher
         opts = self.options
-        student = gather_batch(student_features[-1], batch.global_size)
-        teacher_features = gather_batch(teacher.features[-1], batch.global_size)
+        student, teacher_features = step.global_features(-1)
         loss = rkd_loss(student, teacher_features, opts.distance_weight, opts.angle_weight)
         return {"loss_rkd": opts.weight * loss}

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctkd.config import MethodConfig
-from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, StepInputs
 from ctkd.schema import _spec
 
@@ -50,7 +49,5 @@ class SP(Method):
 
     def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted SP term on features[-2], gathered over ranks first."""
-        batch, student_features, teacher = step.batch, step.student_features, step.teacher
-        student = gather_batch(student_features[-2], batch.global_size)
-        teacher_features = gather_batch(teacher.features[-2], batch.global_size)
+        student, teacher_features = step.global_features(-2)
         return {"loss_sp": self.options.weight * sp_loss(student, teacher_features)}
