@@ -19,7 +19,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
     """
     student = student_logits.float()
     teacher = teacher_logits.float()
-    tau = _temperature_column(temperature, student)
+    tau = temperature_column(temperature, student)
     kl = F.kl_div(
         F.log_softmax(student / tau, dim=1),
         F.log_softmax(teacher / tau, dim=1),
@@ -29,7 +29,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
     return (kl * tau.squeeze(1) ** 2).mean()
 
 
-def _temperature_column(temperature: Tensor | float, like: Tensor) -> Tensor:
+def temperature_column(temperature: Tensor | float, like: Tensor) -> Tensor:
     """τ as a float32 tensor broadcastable against (B, C): (1, 1) for a scalar, (B, 1) for a per-sample τ."""
     tau = temperature if isinstance(temperature, Tensor) else like.new_tensor(float(temperature))
     tau = tau.float()

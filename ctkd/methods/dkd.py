@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctkd.config import MethodConfig
-from ctkd.losses import _temperature_column
+from ctkd.losses import temperature_column
 from ctkd.methods.base import METHODS, Method, StepInputs
 from ctkd.schema import _spec
 
@@ -65,7 +65,7 @@ def dkd_loss(
     Equals the authors' value (which masks the target by subtracting 1000 from its scaled logit) but computes both
     terms from log-sum-exps over exactly the classes involved, so every gradient stays finite.
     """
-    tau = _temperature_column(temperature, student_logits)  # (1, 1) or (B, 1)
+    tau = temperature_column(temperature, student_logits)  # (1, 1) or (B, 1)
     student = student_logits.float() / tau
     teacher = teacher_logits.float() / tau
     student_rest = _non_target_logits(student, targets)
