@@ -23,16 +23,10 @@ from datasets.loader import build_loader
 
 def build_split(cfg: Config, *, train: bool) -> datasets.ImageDataset:
     """The train or test split named by `cfg.data` (validated on load: a missing dataset fails here)."""
-    options = {}
-    if cfg.data.name == "synthetic":
-        synthetic = cfg.data.synthetic
-        options = dict(
-            num_classes=synthetic.num_classes,
-            train_size=synthetic.train_size,
-            test_size=synthetic.test_size,
-            seed=synthetic.seed,
-        )
-    return datasets.build_dataset(cfg.data.name, root=cfg.data.root, train=train, download=cfg.data.download, **options)
+    data = cfg.data
+    return datasets.build_dataset(
+        data.name, root=data.root, train=train, download=data.download, **data.dataset_options()
+    )
 
 
 def build_split_loader(

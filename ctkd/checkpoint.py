@@ -104,7 +104,20 @@ def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: unsupported checkpoint version {state.get('version')} (supported: 1, {CHECKPOINT_VERSION})"
         )
+    if isinstance(state.get("config"), dict):
+        state["config"] = _upgrade_config(state["config"])
     return state
+
+
+def _upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of an earlier schema in today's: synthetic's keys moved from data.synthetic to data."""
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("synthetic"), dict):
+        data = {k: v for k, v in data.items() if k != "synthetic"}
+        if data.get("name") == "synthetic":
+            data.update(config["data"]["synthetic"])
+        config = {**config, "data": data}
+    return config
 
 
 def _upgrade_from_version_1(state: dict[str, Any]) -> dict[str, Any]:

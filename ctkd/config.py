@@ -35,7 +35,6 @@ from ctkd.schema import (  # noqa: F401  (ConfigError and _spec are part of this
 # Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
 TEMPERATURE_CHOICES: tuple[str, ...] = ("fixed", "global", "instance")
 CURRICULUM_CHOICES: tuple[str, ...] = ("cosine", "linear", "constant")
-DATASET_CHOICES: tuple[str, ...] = ("cifar100", "synthetic")
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 _BASE_KEY = "_base_"
@@ -124,31 +123,42 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 
 @dataclass(frozen=True)
-class SyntheticConfig(_Section):
-    """Random class-conditional data for tests and debug runs (used when `data.name` is synthetic)."""
-
-    num_classes: int = _spec(10, ge=2)  # number of classes
-    train_size: int = _spec(2000, ge=1)  # number of training samples
-    test_size: int = _spec(500, ge=1)  # number of test samples
-    seed: int = 0  # seed of the generator that draws the data (independent of the run's seed)
-
-
-@dataclass(frozen=True)
 class DataConfig(_Section):
-    """Dataset and data-loader settings."""
+    """Base of every dataset's options (declared beside the dataset in datasets/); `name` selects the dataset.
 
-    name: str = _spec("cifar100", choices=DATASET_CHOICES)  # dataset
+    The keys here are common to all datasets (where the files are, the loaders); each dataset adds its own, e.g.
+    ``num_classes`` for `synthetic` or ``image_size`` for `imagenet`. ``data: synthetic`` is short for
+    ``data: {name: synthetic}``.
+    """
+
+    name: str = "cifar100"  # registered dataset (python -m ctkd list datasets)
     root: str = "./data"  # folder that holds (or receives) the dataset files
     download: bool = False  # download the dataset into `root` when it is missing
     batch_size: int = _spec(64, ge=1)  # global training batch size (summed over all processes)
     test_batch_size: int | None = _spec(None, ge=1)  # evaluation batch size; None → max(1, batch_size // 2)
     num_workers: int = _spec(4, ge=0)  # data-loader worker processes per training process
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # settings of the synthetic dataset
 
     @property
     def effective_test_batch_size(self) -> int:
         """The evaluation batch size: `test_batch_size`, or half the training batch as in the authors' protocol."""
         return self.test_batch_size if self.test_batch_size is not None else max(1, self.batch_size // 2)
+
+    def dataset_options(self) -> dict[str, Any]:
+        """The keys the dataset adds to the common ones, as keyword arguments of its builder."""
+        common = {f.name for f in dataclasses.fields(DataConfig)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
+
+
+def dataset_options_class(name: str) -> type[DataConfig]:
+    """The options class of the dataset registered as `name` (imported lazily: the datasets import this module)."""
+    from datasets import DATASETS
+
+    return DATASETS.get(name).Options
+
+
+def _default_data() -> DataConfig:
+    """The options of dataset cifar100 with their defaults."""
+    return dataset_options_class("cifar100")()
 
 
 @dataclass(frozen=True)
@@ -267,7 +277,7 @@ class Config(_Section):
     # the distillation method and its options: `kd`, `vanilla` (no teacher), `dkd`, ... (python -m ctkd list methods)
     method: MethodConfig = field(default_factory=_default_method)
     epochs: int = _spec(240, ge=1)  # number of training epochs
-    data: DataConfig = field(default_factory=DataConfig)  # dataset and loaders
+    data: DataConfig = field(default_factory=_default_data)  # dataset, its options and the loaders
     student: ModelConfig = field(default_factory=ModelConfig)  # the network being trained
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen teacher (method kd)
     loss: LossConfig = field(default_factory=LossConfig)  # loss weights
@@ -340,6 +350,10 @@ def _merge(dst: dict, dst_prov: _Provenance, src: Mapping, src_prov: _Provenance
     """Merge `src` into `dst` in place: nested dicts merge, anything else replaces; provenance follows the values."""
     for key, value in src.items():
         path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(dst.get(key), str):
+            dst[key] = {"name": dst[key]}  # `method: kd` then `method.tau=2`: the shorthand is {name: kd}
+            if path in dst_prov:
+                dst_prov[path + ("name",)] = dst_prov[path]
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
             _merge(dst[key], dst_prov, value, src_prov, path)
             continue
@@ -400,8 +414,8 @@ class _Builder:
                 close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" Did you mean '{'.'.join(path + (close[0],))}'?" if close else ""
                 self.error(path + (key,), f"unknown key '{dotted}'.{hint} Valid keys {where}: {', '.join(fields)}")
-            elif hints[key] is MethodConfig:
-                kwargs[key] = self._method_section(value, path + (key,))
+            elif hints[key] in _NAMED_SECTIONS:
+                kwargs[key] = self._named_section(hints[key], value, path + (key,))
             elif dataclasses.is_dataclass(hints[key]):
                 kwargs[key] = self._section(hints[key], value, path + (key,))
             else:
@@ -411,14 +425,14 @@ class _Builder:
                     self.error(path + (key,), f"'{dotted}' {err}")
         return cls(**kwargs) if len(self.errors) == errors_before else None
 
-    def _method_section(self, data: Any, path: _KeyPath) -> Any:
+    def _named_section(self, base: type, data: Any, path: _KeyPath) -> Any:
         """A section whose options class is chosen by its `name` (a bare string is the name alone)."""
         data = {"name": data} if isinstance(data, str) else data
-        name = data.get("name", MethodConfig.name) if isinstance(data, dict) else None
+        name = data.get("name", base.name) if isinstance(data, dict) else None
         if not isinstance(name, str):
-            return self._section(MethodConfig, data, path)  # reports the shape or type problem
+            return self._section(base, data, path)  # reports the shape or type problem
         try:
-            options = method_class(name).Options
+            options = _NAMED_SECTIONS[base](name)
         except UserError as err:
             self.error(path + ("name",), f"'{'.'.join(path)}.name': {err}")
             return None
@@ -433,6 +447,13 @@ class _Builder:
             ))
             return None
         return self._section(options, data, path)
+
+
+# Sections whose options class is looked up by the section's `name` among the registered components.
+_NAMED_SECTIONS: dict[type, Any] = {
+    MethodConfig: lambda name: method_class(name).Options,
+    DataConfig: dataset_options_class,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -12,13 +12,27 @@ Usage::
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ctkd.registry import Registry
 
-# Builders are called as builder(root=..., train=..., download=..., **options) and return an ImageDataset.
-# Defined before the submodule imports below, which register into it.
+# Builders are called as builder(root=..., train=..., download=..., **options) and return a data source; each
+# carries its config section as `builder.Options` (a ctkd.config.DataConfig subclass whose extra fields are the
+# builder's options). Defined before the submodule imports below, which register into it.
 DATASETS = Registry("dataset")
+
+_B = TypeVar("_B", bound=Callable[..., Any])
+
+
+def register_dataset(name: str, options: type) -> Callable[[_B], _B]:
+    """Register a dataset builder under `name` with `options`, its config section (``data:`` keys)."""
+
+    def decorator(builder: _B) -> _B:
+        builder.Options = options  # type: ignore[attr-defined]
+        return DATASETS.register(name)(builder)
+
+    return decorator
 
 from . import cifar, synthetic  # noqa: E402,F401  (importing registers "cifar100" and "synthetic")
 from .base import DatasetError, ImageDataset  # noqa: E402
@@ -33,6 +47,7 @@ __all__ = [
     "ImageDataset",
     "build_dataset",
     "build_loader",
+    "register_dataset",
     "shard_sizes",
 ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 from torchvision.datasets import utils as tv_utils
 
-from . import DATASETS
+from ctkd.config import DataConfig
+
+from . import register_dataset
 from .base import DatasetError, ImageDataset
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -188,7 +191,14 @@ def _download(root: Path) -> None:
         ) from exc
 
 
-@DATASETS.register("cifar100")
+@dataclass(frozen=True)
+class Cifar100Data(DataConfig):
+    """CIFAR-100 (the official Python pickles), no options beyond the common ones."""
+
+    name: str = "cifar100"
+
+
+@register_dataset("cifar100", Cifar100Data)
 def cifar100(*, root: str | Path, train: bool, download: bool = False) -> ImageDataset:
     """Load one CIFAR-100 split into memory, downloading it first if asked and not already present.
 

@@ -8,12 +8,15 @@ a minute of CPU training without saturating, so a teacher still has something to
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import DATASETS
+from ctkd.config import DataConfig, _spec
+
+from . import register_dataset
 from .base import ImageDataset
 from .cifar import MEAN as CIFAR_MEAN
 from .cifar import STD as CIFAR_STD
@@ -97,7 +100,18 @@ def _samples(protos: Tensor, size: int, gen: torch.Generator) -> tuple[Tensor, T
     return images, labels
 
 
-@DATASETS.register("synthetic")
+@dataclass(frozen=True)
+class SyntheticData(DataConfig):
+    """Random class-conditional CIFAR-shaped data for tests and debug runs (nothing to download)."""
+
+    name: str = "synthetic"
+    num_classes: int = _spec(10, ge=2)  # number of classes
+    train_size: int = _spec(2000, ge=1)  # number of training samples
+    test_size: int = _spec(500, ge=1)  # number of test samples
+    seed: int = 0  # seed of the generator that draws the images (independent of the run's seed)
+
+
+@register_dataset("synthetic", SyntheticData)
 def synthetic(
     *,
     root: str,

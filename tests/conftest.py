@@ -47,7 +47,7 @@ def tiny_run_config(tmp_path: Path, name: str = "run", **sections: dict) -> dict
             "name": "synthetic",
             "batch_size": 32,
             "num_workers": 0,
-            "synthetic": {"num_classes": 10, "train_size": 160, "test_size": 70, "seed": 0},
+            "num_classes": 10, "train_size": 160, "test_size": 70, "seed": 0,
         },
         "student": {"name": "resnet8"},
         "optimizer": {"lr": 0.05, "lr_decay_epochs": [2]},

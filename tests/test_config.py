@@ -156,19 +156,19 @@ def test_error_in_a_base_names_the_base_file(tmp_path: Path) -> None:
 
 
 def test_overrides_scalar_list_null_nested_and_string(tmp_path: Path) -> None:
-    cfg = load_text(tmp_path, "temperature: {lr: 0.01}\n", (
+    cfg = load_text(tmp_path, "temperature: {lr: 0.01}\ndata: synthetic\n", (
         "optimizer.lr=0.1",
         "optimizer.weight_decay=1e-4",
         "optimizer.lr_decay_epochs=[30,60]",
         "temperature.lr=null",
-        "data.synthetic.num_classes=5",
+        "data.num_classes=5",
         "data.root=/data/cifar",
         "logging.tensorboard=false",
     ))
     assert cfg.optimizer.lr == 0.1 and cfg.optimizer.weight_decay == 0.0001
     assert cfg.optimizer.lr_decay_epochs == (30, 60)
     assert cfg.temperature.lr is None
-    assert cfg.data.synthetic.num_classes == 5 and cfg.data.synthetic.train_size == 2000
+    assert cfg.data.num_classes == 5 and cfg.data.train_size == 2000
     assert cfg.data.root == "/data/cifar"
     assert cfg.logging.tensorboard is False
 
@@ -208,8 +208,9 @@ def test_override_replacing_a_section_with_a_scalar(tmp_path: Path) -> None:
     ("epoch: 10\n", "epoch", "epochs", "Valid keys at top level: output_dir, seed, device, method, epochs,"),
     ("optimizer: {momentun: 0.9}\n", "optimizer.momentun", "optimizer.momentum",
      "Valid keys in 'optimizer': lr, momentum, weight_decay, lr_decay_epochs, lr_decay_rate"),
-    ("data:\n  synthetic: {num_clases: 5}\n", "data.synthetic.num_clases", "data.synthetic.num_classes",
-     "Valid keys in 'data.synthetic': num_classes, train_size, test_size, seed"),
+    ("data:\n  name: synthetic\n  num_clases: 5\n", "data.num_clases", "data.num_classes",
+     "Valid keys in 'data': name, root, download, batch_size, test_batch_size, num_workers, num_classes, "
+     "train_size, test_size, seed"),
 ])
 def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path, text: str, key: str, suggestion: str,
                                                    valid: str) -> None:
@@ -333,7 +334,7 @@ def test_non_finite_floats_are_rejected(tmp_path: Path, text: str, key: str) -> 
     ("temperature: {value: 0}\n", "'temperature.value' must be > 0, got 0.0"),
     ("temperature: {lr: 0}\n", "'temperature.lr' must be > 0, got 0.0"),
     ("data: {batch_size: 0}\n", "'data.batch_size' must be >= 1, got 0"),
-    ("data: {synthetic: {num_classes: 1}}\n", "'data.synthetic.num_classes' must be >= 2, got 1"),
+    ("data: {name: synthetic, num_classes: 1}\n", "'data.num_classes' must be >= 2, got 1"),
     ("curriculum: {lambda_min: -1}\n", "'curriculum.lambda_min' must be >= 0, got -1.0"),
 ])
 def test_out_of_range_names_key_range_and_value(tmp_path: Path, text: str, expected: str) -> None:
@@ -346,7 +347,7 @@ def test_out_of_range_names_key_range_and_value(tmp_path: Path, text: str, expec
     ("temperature: {name: globel}\n",
      "'temperature.name' must be one of fixed, global, instance; got 'globel'. Did you mean 'global'?"),
     ("curriculum: {name: cos}\n", "'curriculum.name' must be one of cosine, linear, constant; got 'cos'."),
-    ("data: {name: cifar10}\n", "'data.name' must be one of cifar100, synthetic; got 'cifar10'. Did you mean"),
+    ("data: {name: cifar10}\n", "exp.yaml: 'data.name': Unknown dataset 'cifar10'. Did you mean 'cifar100'"),
     ("device: gpu\n", "'device' must be one of auto, cpu, cuda; got 'gpu'."),
 ])
 def test_bad_choice_lists_choices_with_suggestion(tmp_path: Path, text: str, expected: str) -> None:

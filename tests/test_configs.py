@@ -24,7 +24,7 @@ LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_config_loads_and_builds_its_models(path: Path) -> None:
     cfg = load_config(path)
-    num_classes = 100 if cfg.data.name == "cifar100" else cfg.data.synthetic.num_classes
+    num_classes = 100 if cfg.data.name == "cifar100" else cfg.data.num_classes
     names = [cfg.student.name] + ([cfg.teacher.name] if cfg.method.name != "vanilla" else [])
     for name in names:
         with torch.device("meta"):  # builds the full architecture without allocating its weights
@@ -165,7 +165,7 @@ def test_every_config_takes_a_training_step(path: Path) -> None:
     from datasets.loader import Batch
 
     cfg = load_config(path)
-    classes = 100 if cfg.data.name == "cifar100" else cfg.data.synthetic.num_classes
+    classes = 100 if cfg.data.name == "cifar100" else cfg.data.num_classes
     gen = torch.Generator().manual_seed(0)
     train_targets = torch.randint(0, classes, (64,), generator=gen)
     torch.manual_seed(0)

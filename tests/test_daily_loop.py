@@ -71,8 +71,12 @@ def test_input_errors_come_before_the_run_directory_check(
     tmp_path: Path, change: dict, error: type, text: str
 ) -> None:
     run(load(tiny_run_config(tmp_path, epochs=1), tmp_path))
+    changed = tiny_run_config(tmp_path, epochs=1, **change)
+    if changed["data"]["name"] == "cifar100":  # the synthetic dataset's own keys are not options of cifar100
+        changed["data"] = {k: v for k, v in changed["data"].items() if k not in ("num_classes", "train_size",
+                                                                                  "test_size", "seed")}
     with pytest.raises(error, match=text):
-        run(load(tiny_run_config(tmp_path, epochs=1, **change), tmp_path))
+        run(load(changed, tmp_path))
 
 
 def test_wrong_teacher_path_fails_before_any_teacher_is_trained(tmp_path: Path) -> None:

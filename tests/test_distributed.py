@@ -181,7 +181,7 @@ def _emulate_two_ranks_in_one_process(cfg):
 
 
 # 163 = 5 × 32 + 3: the last global batch splits 2 + 1 over the ranks.
-UNEVEN = {"synthetic": {"num_classes": 10, "train_size": 163, "test_size": 71, "seed": 0}}
+UNEVEN = {"num_classes": 10, "train_size": 163, "test_size": 71, "seed": 0}
 
 
 def _nobn_config(tmp_path: Path, teacher_file: Path, name: str, epochs: int) -> Path:
@@ -260,7 +260,7 @@ def test_shards_of_each_global_batch_equal_the_single_process_batch(tmp_path: Pa
 def test_distributed_evaluation_counts_each_image_once(tmp_path: Path) -> None:
     """71 test images over 2 ranks: no padding duplicates; every rank gets the single-process numbers."""
     config = write_yaml(tmp_path / "e.yaml", tiny_run_config(tmp_path, data={
-        "synthetic": {"num_classes": 10, "train_size": 32, "test_size": 71, "seed": 0}}))
+        "num_classes": 10, "train_size": 32, "test_size": 71, "seed": 0}))
     torch.manual_seed(0)
     weights = tmp_path / "w.pth"
     torch.save(models.build_model("resnet8", num_classes=10).state_dict(), weights)
@@ -391,7 +391,7 @@ def test_failing_rank_ends_the_job_naming_it(tmp_path: Path, teacher_file: Path,
 
 
 def test_last_batch_too_small_to_share_is_refused(tmp_path: Path) -> None:
-    data = {"batch_size": 32, "synthetic": {"num_classes": 10, "train_size": 161, "test_size": 20, "seed": 0}}
+    data = {"batch_size": 32, "num_classes": 10, "train_size": 161, "test_size": 20, "seed": 0}
     cfg = load_config(write_yaml(tmp_path / "c.yaml", tiny_run_config(tmp_path, data=data)))
     with pytest.raises(ValueError, match=r"last training batch has 1 samples, fewer than the 2 that 2 process"):
         build_split_loader(cfg, build_split(cfg, train=True), train=True, ctx=DistributedContext(world_size=2))

@@ -242,7 +242,7 @@ def test_gradients_reach_the_student_and_both_heads_never_the_teacher() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ 6. end to end
-SMALL = {"synthetic": {"num_classes": 10, "train_size": 96, "test_size": 32, "seed": 0}}  # 3 steps of 32 per epoch
+SMALL = {"num_classes": 10, "train_size": 96, "test_size": 32, "seed": 0}  # 3 steps of 32 per epoch
 
 
 def _crd_config(tmp_path: Path, teacher_file: Path, name: str, epochs: int, **sections: object) -> dict:
@@ -314,7 +314,7 @@ def _entry(rank: int, world: int, port: int, config: str) -> None:
 def test_two_processes_train_the_same_heads_and_banks_as_one(tmp_path: Path, teacher_file: Path) -> None:
     """BN-free student, 99 samples (the last global batch of 3 splits 2 + 1): every rank scores the whole global
     batch and applies the same bank update, so weights, heads, banks and Z equal the single-process run."""
-    uneven = {"synthetic": {"num_classes": 10, "train_size": 99, "test_size": 32, "seed": 0}}
+    uneven = {"num_classes": 10, "train_size": 99, "test_size": 32, "seed": 0}
     sections = {"student": {"name": "tiny_mlp"}, "data": uneven, "distributed": {"timeout_s": 30.0}}
     two = load(_crd_config(tmp_path, teacher_file, "two", 1, **sections), tmp_path, "two.yaml")
     mp.spawn(_entry, args=(2, _free_port(), str(tmp_path / "two.yaml")), nprocs=2, join=True)

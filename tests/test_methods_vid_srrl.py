@@ -241,7 +241,7 @@ def test_srrl_in_a_real_distiller_trains_the_connector_and_student_only() -> Non
 def _batch_check_config(tmp_path: Path, teacher_file: Path, method: str, train_size: int) -> object:
     data = ctkd_config(tmp_path, teacher_file, method, epochs=1)
     data["method"] = {"name": method}
-    data["data"]["synthetic"]["train_size"] = train_size
+    data["data"]["train_size"] = train_size
     return load(data, tmp_path, f"{method}.yaml")
 
 
@@ -263,7 +263,7 @@ HEADS = {"vid": ("regressors.", "log_scales."), "srrl": ("connector.",)}
 def _run_config(tmp_path: Path, teacher_file: Path, method: str, name: str, epochs: int) -> object:
     data = ctkd_config(tmp_path, teacher_file, name, epochs=epochs)
     data["method"] = {"name": method}  # a whole section: the method's options are validated against its class
-    data["data"]["synthetic"].update(train_size=96, test_size=20)  # 3 batches an epoch: five runs stay quick
+    data["data"].update(train_size=96, test_size=20)  # 3 batches an epoch: five runs stay quick
     return load(data, tmp_path, f"{name}_{epochs}.yaml")
 
 

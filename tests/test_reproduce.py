@@ -28,7 +28,7 @@ SEEDS = (0, 1)
 CELLS = (("pair", "vanilla"), ("pair", "kd"))
 TINY = {
     "epochs": 1,
-    "data": {"batch_size": 32, "synthetic": {"num_classes": 10, "train_size": 64, "test_size": 20, "seed": 0}},
+    "data": {"batch_size": 32, "num_classes": 10, "train_size": 64, "test_size": 20, "seed": 0},
     "logging": {"tensorboard": False, "progress_bar": False},
 }
 

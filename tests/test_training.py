@@ -154,6 +154,9 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path: Path, teach
     assert [e.step for e in events.Scalars("test/acc1")] == [1, 2, 3]
 
 
+SYNTHETIC_KEYS = ("num_classes", "train_size", "test_size", "seed")
+
+
 def test_version_1_checkpoint_resumes_like_the_current_format(tmp_path: Path, teacher_file: Path) -> None:
     """A checkpoint written before methods had heads (separate student/temperature states, method as a string)."""
     cfg = load(ctkd_config(tmp_path, teacher_file, "v2", epochs=2), tmp_path, "v2.yaml")
@@ -167,6 +170,9 @@ def test_version_1_checkpoint_resumes_like_the_current_format(tmp_path: Path, te
         "config": {**current["config"], "method": "kd", "output_dir": str(tmp_path / "v1")},
     }
     del old["config"]["temperature"]["adversarial"]  # keys added since then take their defaults
+    data = old["config"]["data"]  # the synthetic dataset's keys were in their own subsection
+    old["config"]["data"] = {**{k: v for k, v in data.items() if k not in SYNTHETIC_KEYS},
+                             "synthetic": {k: data[k] for k in SYNTHETIC_KEYS}}
     (tmp_path / "v1").mkdir()
     torch.save(old, tmp_path / "v1" / "last.pth")
     longer = load(ctkd_config(tmp_path, teacher_file, "v1", epochs=3), tmp_path, "v1.yaml")
@@ -234,7 +240,7 @@ def test_train_and_eval_cli(tmp_path: Path, teacher_file: Path, capsys: pytest.C
     "change,message",
     [
         ({"student": {"name": "resnet21"}}, "Unknown model 'resnet21'. Did you mean 'resnet32', 'resnet20'"),
-        ({"data": {"name": "cifar100", "root": "MISSING_ROOT"}}, "MISSING_ROOT"),
+        ({"data": {"name": "cifar100", "root": "MISSING_ROOT", "batch_size": 32}}, "MISSING_ROOT"),
         ({"optimizer": {"momentun": 0.9}}, "did you mean 'optimizer.momentum'"),
         ({"epochs": "3"}, "'epochs' expects int"),
     ],
@@ -243,8 +249,8 @@ def test_train_cli_reports_bad_input_in_one_line(
     tmp_path: Path, change: dict, message: str, capsys: pytest.CaptureFixture
 ) -> None:
     data = tiny_run_config(tmp_path)
-    for key, value in change.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    for key, value in change.items():  # the data section is replaced whole: synthetic's keys are not cifar100's
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key != "data" else value
     path = write_yaml(tmp_path / "bad.yaml", data)
     assert train_cli.main(["--config", str(path)]) == 1
     assert message.lower() in capsys.readouterr().out.lower()
@@ -258,7 +264,7 @@ def test_quickstart_trains_its_teacher_once_then_distils(tmp_path: Path, monkeyp
     for name in ("quickstart.yaml", "quickstart_teacher.yaml"):
         data = yaml.safe_load((REPO_ROOT / "configs" / name).read_text())
         data.update(epochs=2)
-        data["data"]["synthetic"].update(train_size=320, test_size=100)
+        data["data"].update(train_size=320, test_size=100)
         write_yaml(tmp_path / "configs" / name, data)
     monkeypatch.chdir(tmp_path)
     assert train_cli.main(["--config", "configs/quickstart.yaml"]) == 0
@@ -286,7 +292,8 @@ def test_cifar100_files_train_end_to_end_and_damage_is_reported(
     teacher = tmp_path / "resnet14_100.pth"
     torch.save({"model": models.build_model("resnet14", num_classes=100).state_dict()}, teacher)
     data = ctkd_config(tmp_path, teacher, epochs=1, data={"name": "cifar100", "root": str(tmp_path / "cifar")})
-    del data["data"]["synthetic"]
+    for key in ("num_classes", "train_size", "test_size", "seed"):  # synthetic's options
+        del data["data"][key]
     path = write_yaml(tmp_path / "cifar.yaml", data)
     assert train_cli.main(["--config", str(path)]) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs"] == 1
