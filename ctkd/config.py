@@ -166,6 +166,9 @@ class ModelConfig(_Section):
     """The student network."""
 
     name: str = "resnet20"  # registered model name (models/)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model's builder
+    pretrained: bool = False  # start from the library's own pretrained weights (torchvision./timm. models; online)
+    weights: str | None = None  # start from this local weights file instead (loaded strictly)
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,10 @@ class TeacherConfig(_Section):
     """The frozen teacher network of method kd."""
 
     name: str | None = None  # registered model name; required by method kd
-    checkpoint: str | None = None  # path of the teacher's weights; required by method kd
+    checkpoint: str | None = None  # path of the teacher's weights; required by method kd unless `pretrained`
     train_config: str | None = None  # a config that trains this teacher, used when `checkpoint` does not exist yet
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model's builder
+    pretrained: bool = False  # use the library's own pretrained weights instead of `checkpoint` (online)
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,19 @@ class OptimizerConfig(_Section):
     weight_decay: float = _spec(5e-4, ge=0)  # L2 weight decay
     lr_decay_epochs: tuple[int, ...] = _spec((150, 180, 210), ge=1, increasing=True)  # epochs at which lr is decayed
     lr_decay_rate: float = _spec(0.1, gt=0)  # factor applied to lr at each decay epoch
+    # `step`: ×lr_decay_rate at each of lr_decay_epochs (the paper); `cosine`: per-iteration cosine decay to min_lr
+    schedule: str = _spec("step", choices=("step", "cosine"))
+    warmup_epochs: float = _spec(0.0, ge=0)  # linear per-iteration warm-up from lr·warmup_start_factor (any schedule)
+    warmup_start_factor: float = _spec(0.001, gt=0, lt=1)  # LR multiplier at the first warm-up iteration
+    min_lr: float = _spec(0.0, ge=0)  # `cosine`: LR reached at the last iteration
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    """How the step runs on the device: numerics and memory layout (results are unchanged with the defaults)."""
+
+    amp: str = _spec("off", choices=("off", "bf16", "fp16"))  # autocast of the networks (the KD loss and τ stay fp32)
+    channels_last: bool = False  # NHWC memory format for the networks and images (faster convolutions on GPUs)
 
 
 @dataclass(frozen=True)
@@ -284,6 +302,7 @@ class Config(_Section):
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)  # distillation temperature
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # λ curriculum of the adversarial τ
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and LR schedule
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # mixed precision, memory format
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress reporting
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun settings
 
@@ -313,7 +332,8 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
             f"method {name} and would never change; give the KD term a weight, or use temperature.name: fixed",
         ))
     if method.uses_teacher:
-        missing = [f"teacher.{k}" for k in ("name", "checkpoint") if teacher_fields[k] is None]
+        needed = ("name",) if cfg.teacher.pretrained else ("name", "checkpoint")
+        missing = [f"teacher.{k}" for k in needed if teacher_fields[k] is None]
         if missing:
             problems.append((
                 ("method",),
@@ -322,7 +342,7 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
                 "set it, or use method: vanilla to train without a teacher",
             ))
     else:
-        used = [f"teacher.{k}" for k, v in teacher_fields.items() if v is not None]
+        used = [f"teacher.{k}" for k, v in teacher_fields.items() if v not in (None, False, {})]
         if used:
             problems.append((
                 ("teacher",),
@@ -580,10 +600,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict keyed by dotted keys (e.g. "optimizer.lr"); lists are leaves."""
+    """Nested dicts as one dict keyed by dotted keys (e.g. "optimizer.lr"); lists and empty dicts are leaves."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # an empty mapping (kwargs: {}) is a leaf of its own
             flat.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -602,4 +622,7 @@ def _show(value: Any) -> str:
 def diff_configs(a: Config, b: Config) -> list[str]:
     """Lines "key: old → new", one per dotted key whose value differs between `a` (old) and `b` (new)."""
     old, new = flatten_keys(config_to_dict(a)), flatten_keys(config_to_dict(b))
-    return [f"{key}: {_show(old[key])} → {_show(new[key])}" for key in old if old[key] != new[key]]
+    keys = list(old) + [key for key in new if key not in old]  # free-form sections (kwargs) may gain keys
+    missing = "(unset)"
+    return [f"{key}: {_show(old.get(key, missing))} → {_show(new.get(key, missing))}"
+            for key in keys if old.get(key, missing) != new.get(key, missing)]

@@ -77,6 +77,8 @@ def _type_name(hint: Any) -> str:
         return f"{_type_name(inner)} or null"
     if typing.get_origin(hint) is tuple:
         return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        return "mapping of names to values"
     return "bool (true/false)" if hint is bool else hint.__name__
 
 
@@ -99,6 +101,8 @@ def _type_fix(hint: Any, value: Any) -> str:
         return "quote it"
     if typing.get_origin(hint) is tuple:
         return "write a YAML list such as [150, 180, 210]"
+    if typing.get_origin(hint) is dict:
+        return "write a YAML mapping such as {drop_rate: 0.1}"
     if isinstance(value, str):
         from ctkd.config import _parse_yaml  # the config's YAML 1.2 reader (that module imports this one)
 
@@ -130,6 +134,10 @@ def _coerce(hint: Any, value: Any) -> Any:
         if not math.isfinite(value):
             raise _FieldError(f"must be a finite number, got {value}")
         ok = True
+    elif typing.get_origin(base) is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if ok:
+            return dict(value)
     elif typing.get_origin(base) is tuple and isinstance(value, (list, tuple)):
         item_hint = typing.get_args(base)[0]
         items = []
