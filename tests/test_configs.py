@@ -189,3 +189,40 @@ def test_every_config_takes_a_training_step(path: Path) -> None:
     assert any(k.startswith("student.") for k in changed)
     if method.uses_teacher:
         assert set(out.losses) >= {"loss_ce"} and "tau" in out.stats
+
+
+IMAGENET_METHODS = {  # column → (method, γ, α, method options): the authors' ImageNet script (docs/settings.md)
+    "kd": ("kd", 1.0, 1.0, {}),
+    "pkt": ("pkt", 1.0, 1.0, {"weight": 30000.0}),
+    "rkd": ("rkd", 1.0, 1.0, {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}),
+    "srrl": ("srrl", 1.0, 1.0, {"weight": 1.0}),
+    "dkd": ("dkd", 1.0, 0.0, {"weight": 1.0, "alpha": 1.0, "beta": 1.0, "warmup_epochs": 0}),
+}
+
+
+def test_imagenet_table_configs_follow_the_paper() -> None:
+    """Every cell of the ImageNet table: ResNet-34 → ResNet-18, 120 epochs, batch 256, LR 0.1 ×0.1 at 30/60/90,
+    wd 1e-4, the method's weights, τ = 4 or CTKD with E_loops 5; the teacher and baseline configs: 100 epochs."""
+    from ctkd.tables import load_table
+
+    table = load_table(REPO_ROOT / "configs/tables/imagenet.yaml")
+    cells = {column: cell for (_, column), cell in table.cells.items()}
+    assert set(cells) == {f"{c}{s}" for c in IMAGENET_METHODS for s in ("", "_ctkd")}
+    for column, cell in cells.items():
+        method, gamma, alpha, options = IMAGENET_METHODS[column.removesuffix("_ctkd")]
+        cfg = load_config(REPO_ROOT / cell.config)
+        assert (cfg.teacher.name, cfg.student.name, cfg.method.name) == ("ResNet34", "ResNet18", method)
+        assert (cfg.data.name, cfg.data.batch_size, cfg.data.num_classes, cfg.epochs) == ("imagenet", 256, 1000, 120)
+        optimizer = cfg.optimizer
+        assert (optimizer.lr, optimizer.weight_decay, optimizer.lr_decay_epochs) == (0.1, 1e-4, (30, 60, 90))
+        assert (cfg.loss.ce_weight, cfg.loss.kd_weight) == (gamma, alpha)
+        assert {key: getattr(cfg.method, key) for key in options} == options
+        if column.endswith("_ctkd"):
+            assert (cfg.temperature.name, cfg.curriculum.name, cfg.curriculum.loops) == ("global", "cosine", 5)
+        else:
+            assert (cfg.temperature.name, cfg.temperature.value) == ("fixed", 4.0)
+        assert cell.paper_path == ("imagenet", column)
+    for path, name in (("teachers/ResNet34.yaml", "ResNet34"), ("vanilla/ResNet18.yaml", "ResNet18")):
+        cfg = load_config(REPO_ROOT / "configs/imagenet" / path)
+        assert (cfg.method.name, cfg.student.name, cfg.epochs, cfg.optimizer.lr) == ("vanilla", name, 100, 0.1)
+    assert table.teachers == {"ResNet34": "configs/imagenet/teachers/ResNet34.yaml"}
