@@ -37,10 +37,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     test_set = build_split(cfg, train=False)
     test_loader = build_split_loader(cfg, test_set, train=False, ctx=DistributedContext(device=device))
-    model = models.build_model(cfg.student.name, num_classes=test_set.num_classes)
+    # the architecture with its kwargs, but not its pretrained weights: the checkpoint replaces every weight
+    model = models.build_model(cfg.student.name, num_classes=test_set.num_classes, **cfg.student.kwargs)
     load_weights_strict(
         model, checkpoint, arch=cfg.student.name, key="student.name",
-        identify=lambda state: identify_architectures(state, test_set.num_classes),
+        identify=lambda state: identify_architectures(state, test_set.num_classes, like=cfg.student.name),
     )
     metrics = evaluate(model.to(device), test_loader, device)
     return {"model": cfg.student.name, "dataset": cfg.data.name, "checkpoint": str(checkpoint), **metrics}

@@ -54,7 +54,7 @@ def test_registry_holds_exactly_the_zoo(golden: ModuleType) -> None:
     zoo = [name for name in list_models() if MODELS.get(name).__module__.startswith("models.cifar")]
     assert zoo == sorted(NAMES) == golden.architectures()
     imagenet = {name for name in list_models() if MODELS.get(name).__module__ == "models.imagenet"}
-    assert imagenet == {"ResNet18", "ResNet34", "MobileNetV2_Imagenet", "ShuffleV2_Imagenet"}
+    assert imagenet == {"ResNet18", "ResNet34", "ResNet50_Imagenet", "MobileNetV2_Imagenet", "ShuffleV2_Imagenet"}
 
 
 @pytest.mark.parametrize("name", NAMES)
