@@ -1,10 +1,11 @@
 """Checkpoints: atomic writes, plain-type contents readable with ``weights_only=True``, and teacher loading.
 
-Our run checkpoints (`last.pth`, `best.pth`) hold the student, the temperature module, optimizer, LR schedule, epoch,
-best accuracy, RNG states and the resolved config. Teacher files come in the layouts in circulation
-(docs/differences.md, Teacher loading): ``{"model": state_dict, ...}`` (CRD, mdistiller, CTKD CIFAR teachers),
-``{"state_dict": ...}``, a bare state_dict, or one of our own run checkpoints (``{"student": ...}``), possibly saved
-from DDP or ``torch.compile``.
+Our run checkpoints (`last.pth`, `best.pth`) hold the student, the temperature module, optimizer, LR schedule (and
+the position of a per-iteration warm-up/cosine schedule, ``lr_scheduler``), fp16's GradScaler state
+(``grad_scaler``; None without fp16), epoch, best accuracy, RNG states and the resolved config. Teacher files come
+in the layouts in circulation (docs/differences.md, Teacher loading): ``{"model": state_dict, ...}`` (CRD,
+mdistiller, CTKD CIFAR teachers), ``{"state_dict": ...}``, a bare state_dict, or one of our own run checkpoints
+(``{"student": ...}``), possibly saved from DDP or ``torch.compile``.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ctkd.distributed import unwrap
 from ctkd.methods import METHODS, Method, MethodSetup, StepContext, StepOutput, TeacherOutput
+from ctkd.methods.base import NetworkRuntime, to_float
 from datasets.loader import Batch
 
 
@@ -23,6 +24,7 @@ class Distiller:
         self.trainable: nn.Module = method  # the Method, possibly inside DDP (see `wrap_ddp`)
         self.teacher = teacher
         self.state = state
+        self.runtime = NetworkRuntime()
         if teacher is not None:
             teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradient bookkeeping
             teacher.eval()
@@ -45,6 +47,20 @@ class Distiller:
                 part.to(device)
         return self
 
+    def set_runtime(self, runtime: NetworkRuntime) -> Distiller:
+        """Run the student's and the teacher's forwards as `runtime` says (call before building the optimizer).
+
+        With channels_last, every part (student, method heads, teacher, method state) is converted; only their 4-d
+        tensors (convolution weights) change layout, in place, so parameters keep their identity.
+        """
+        self.runtime = runtime
+        self.unwrapped.runtime = runtime
+        if runtime.channels_last:
+            for part in (self.trainable, self.teacher, self.state):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        return self
+
     def wrap_ddp(self, device_ids: list[int] | None = None) -> None:
         """Wrap the trainable module (never the teacher or the state) in one DDP.
 
@@ -63,12 +79,18 @@ class Distiller:
 
     @torch.no_grad()
     def teacher_output(self, images: Tensor) -> TeacherOutput | None:
-        """The teacher's logits (and features, when the method uses them), without gradient."""
+        """The teacher's logits (and features, when the method uses them), without gradient, under the same
+        autocast as the student; they leave the teacher as float32."""
         if self.teacher is None:
             return None
-        if not self.unwrapped.features:
-            return TeacherOutput(self.teacher(images))
-        features, logits = self.teacher.forward_with_features(images)
+        with_features = self.unwrapped.features
+        with self.runtime.autocast():
+            features, logits = (
+                self.teacher.forward_with_features(images) if with_features else ([], self.teacher(images))
+            )
+        logits, features = to_float(logits, features)
+        if not with_features:
+            return TeacherOutput(logits)
         return TeacherOutput(logits, features, self.teacher.get_classifier())
 
     def __call__(self, batch: Batch, ctx: StepContext) -> StepOutput:

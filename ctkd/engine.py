@@ -2,7 +2,8 @@
 
 Statistics stay on the device during the epoch; the only host sync per step is the finiteness check of the loss,
 which must stop every rank before a bad optimizer step. The global batch size comes with the batch (the sampler
-knows it), not from a collective.
+knows it), not from a collective. Mixed precision (autocast of the network forwards, a GradScaler for fp16), the
+images' memory format and a per-iteration LR schedule are applied here when the run asks for them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from ctkd.distiller import Distiller
 from ctkd.distributed import all_reduce, get_rank, get_world_size
 from ctkd.errors import UserError
 from ctkd.methods import StepContext
+from ctkd.methods.base import NetworkRuntime
+from ctkd.optim import StepLRSchedule
 from datasets.loader import Batch
 
 
@@ -123,8 +126,15 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     progress: bool = False,
+    lr_schedule: StepLRSchedule | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Train `distiller.trainable` for one pass over `loader` with a fixed λ.
+
+    Images go to the device in the distiller's memory format (`distiller.runtime`, which also sets the autocast of
+    the network forwards). With a `scaler` (fp16) the loss is scaled before the backward and a step whose gradients
+    are not finite is skipped by the scaler (not an error); `lr_schedule.step()` follows every optimizer step
+    (per-iteration warm-up or cosine; a no-op for the plain step schedule).
 
     Returns the epoch summary (weighted loss terms, train top-1/top-5, statistics such as τ) and this rank's
     per-sample values of per-sample statistics (instance-wise τ, for histograms). A non-finite loss stops training
@@ -132,11 +142,13 @@ def train_one_epoch(
     """
     distiller.train()
     totals = EpochTotals()
+    memory_format = distiller.runtime.memory_format
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         batch = Batch(
-            batch.images.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
-            batch.indices.to(device, non_blocking=True), batch.global_size,
+            batch.images.to(device, non_blocking=True, memory_format=memory_format),
+            batch.targets.to(device, non_blocking=True), batch.indices.to(device, non_blocking=True),
+            batch.global_size,
         )
         out = distiller(batch, StepContext(epoch=epoch, step=step, grl_lambda=grl_lambda))
         loss = sum(out.losses.values())
@@ -145,8 +157,16 @@ def train_one_epoch(
         # DDP averages the ranks' gradients uniformly; weighting each rank's mean loss by its share of the global
         # batch makes that average the gradient of the global batch mean, also when the last batch splits unevenly.
         local = batch.targets.shape[0]
-        (loss * (local * get_world_size() / batch.global_size)).backward()
-        optimizer.step()
+        weighted = loss * (local * get_world_size() / batch.global_size)
+        if scaler is None:
+            weighted.backward()
+            optimizer.step()
+        else:
+            scaler.scale(weighted).backward()
+            scaler.step(optimizer)  # skipped when a gradient is inf/NaN (the scale then backs off)
+            scaler.update()
+        if lr_schedule is not None:  # counts iterations, a step the scaler skipped included
+            lr_schedule.step()
         totals.add(local, out.losses, topk_correct(out.logits.detach(), batch.targets), out.stats)
     bar.close()
     return totals.summary(), totals.per_sample_values()
@@ -173,22 +193,27 @@ def _check_finite(loss: Tensor, terms: dict[str, Tensor], epoch: int) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+    runtime: NetworkRuntime | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of `model` (in eval mode) over the whole test set.
 
-    Under DDP each rank evaluates its shard (no padding duplicates) and the sums are all-reduced.
+    The forward runs as `runtime` says (autocast, channels_last images), like training's. Under DDP each rank
+    evaluates its shard (no padding duplicates) and the sums are all-reduced.
     """
+    runtime = runtime or NetworkRuntime()
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for images, targets, *_ in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        with runtime.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         correct += topk_correct(logits, targets)
         count += targets.shape[0]
     model.train(was_training)

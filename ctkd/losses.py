@@ -1,6 +1,7 @@
 """Distillation losses, computed in float32 whatever the input dtype."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,14 +20,15 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
     """
     student = student_logits.float()
     teacher = teacher_logits.float()
-    tau = temperature_column(temperature, student)
-    kl = F.kl_div(
-        F.log_softmax(student / tau, dim=1),
-        F.log_softmax(teacher / tau, dim=1),
-        reduction="none",
-        log_target=True,
-    ).sum(dim=1)  # (B,)
-    return (kl * tau.squeeze(1) ** 2).mean()
+    with torch.autocast(student.device.type, enabled=False):  # float32 even inside a caller's autocast
+        tau = temperature_column(temperature, student)
+        kl = F.kl_div(
+            F.log_softmax(student / tau, dim=1),
+            F.log_softmax(teacher / tau, dim=1),
+            reduction="none",
+            log_target=True,
+        ).sum(dim=1)  # (B,)
+        return (kl * tau.squeeze(1) ** 2).mean()
 
 
 def temperature_column(temperature: Tensor | float, like: Tensor) -> Tensor:

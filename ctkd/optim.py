@@ -1,12 +1,17 @@
-"""The optimizer and step LR schedule of the CRD/CTKD protocol (docs/settings.md, CIFAR-100 protocol)."""
+"""The optimizer and the LR schedules: the step schedule of the CRD/CTKD protocol (docs/settings.md, CIFAR-100
+protocol), optionally with a per-iteration warm-up, and a per-iteration cosine schedule."""
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+
+if TYPE_CHECKING:
+    from ctkd.config import OptimizerConfig
 
 
 def build_sgd(
@@ -37,32 +42,100 @@ def build_sgd(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+class LRMultiplier:
+    """A per-iteration factor m(t) on the LR of every parameter group, shaped by torch's LR schedulers.
+
+    The schedulers run on a one-parameter proxy optimizer whose LR starts at 1, so its LR *is* the factor:
+    `LinearLR` from `start_factor` to 1 over `warmup_iters` iterations, then either `CosineAnnealingLR` from 1 to
+    `min_factor` over `cosine_iters` iterations or `ConstantLR` at exactly 1, chained by `SequentialLR`. One factor
+    for all groups keeps every group, the temperature's own LR group included, on the same curve, and lets it
+    compose with the epoch-based step schedule (`StepLRSchedule`). `step()` after each optimizer step.
+    """
+
+    def __init__(
+        self, *, warmup_iters: int, start_factor: float, cosine_iters: int | None, min_factor: float = 0.0
+    ) -> None:
+        if warmup_iters <= 0 and cosine_iters is None:
+            raise ValueError("an LR multiplier needs a warm-up or a cosine phase")
+        self._proxy = torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=1.0)
+        phases: list[LRScheduler] = []
+        if warmup_iters > 0:
+            phases.append(LinearLR(self._proxy, start_factor=start_factor, end_factor=1.0, total_iters=warmup_iters))
+        if cosine_iters is not None:
+            phases.append(CosineAnnealingLR(self._proxy, T_max=max(cosine_iters, 1), eta_min=min_factor))
+        else:  # after the warm-up LinearLR's recursion ends at 1 ± 1 ulp; ConstantLR holds exactly 1
+            phases.append(ConstantLR(self._proxy, factor=1.0, total_iters=0))
+        self.scheduler: LRScheduler = (
+            phases[0] if len(phases) == 1 else SequentialLR(self._proxy, phases, milestones=[warmup_iters])
+        )
+        self._proxy.step()  # no gradient, so nothing changes; otherwise torch warns of a scheduler stepped before it
+
+    @property
+    def value(self) -> float:
+        """The factor of the coming iteration."""
+        return float(self._proxy.param_groups[0]["lr"])
+
+    def step(self) -> None:
+        """Advance by one iteration."""
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-type state for checkpoints: the schedulers' counters and the current factor (the recursive
+        schedulers continue from it)."""
+        return {"scheduler": self.scheduler.state_dict(), "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state_dict` was taken."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._proxy.param_groups[0]["lr"] = state["value"]
+
+
 class StepLRSchedule:
     """LR = base·rate^(number of milestones < epoch), epochs counted from 1, set at the start of each epoch.
 
     With milestones 150, 180, 210: epochs 1-150 at the base LR, 151-180 ×0.1, 181-210 ×0.01, 211- ×0.001, exactly as
     the authors', CRD's and mdistiller's `adjust_learning_rate`. Stateless apart from the base LRs,
     so a resumed run only needs the epoch.
+
+    An optional per-iteration `multiplier` (warm-up, cosine) multiplies every group's LR: `step()` after each
+    optimizer step advances it. Without one, `step()` does nothing and the LRs are exactly the step schedule's.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, milestones: Sequence[int], rate: float) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, milestones: Sequence[int], rate: float,
+        multiplier: LRMultiplier | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.milestones = sorted(milestones)
         self.rate = rate
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.multiplier = multiplier
+        self.epoch = 1
 
     def factor(self, epoch: int) -> float:
-        """The multiplier of the base LR in `epoch` (1-based)."""
+        """The multiplier of the base LR in `epoch` (1-based), before any per-iteration multiplier."""
         return self.rate ** bisect.bisect_left(self.milestones, epoch)
 
     def set_epoch(self, epoch: int) -> float:
-        """Write the LRs of `epoch` into the optimizer; returns the first group's LR."""
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.factor(epoch)
+        """Write the LRs of `epoch` (of its first iteration) into the optimizer; returns the first group's LR."""
+        self.epoch = epoch
+        self._write()
         return self.optimizer.param_groups[0]["lr"]
 
+    def step(self) -> None:
+        """After each optimizer step: advance the per-iteration multiplier, if any, and apply it."""
+        if self.multiplier is not None:
+            self.multiplier.step()
+            self._write()
+
+    def _write(self) -> None:
+        """LR of each group = base · epoch factor (· per-iteration factor)."""
+        factor = self.factor(self.epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor if self.multiplier is None else base * factor * self.multiplier.value
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain-type state for checkpoints."""
+        """Plain-type state for checkpoints (the multiplier's is `multiplier.state_dict()`, kept apart)."""
         return {"milestones": list(self.milestones), "rate": self.rate, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -70,3 +143,28 @@ class StepLRSchedule:
         self.milestones = list(state["milestones"])
         self.rate = state["rate"]
         self.base_lrs = list(state["base_lrs"])
+
+
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, options: OptimizerConfig, *, steps_per_epoch: int, epochs: int
+) -> StepLRSchedule:
+    """The LR schedule of `options` (the config's optimizer section) over `epochs` of `steps_per_epoch` iterations.
+
+    - `step`: the paper's epoch-based step schedule (`lr_decay_epochs`, `lr_decay_rate`), exact;
+    - `cosine`: per-iteration cosine decay from `lr` to `min_lr` (each group's LR to min_lr/lr of its base), reached
+      after the last iteration;
+    - `warmup_epochs` > 0 (either schedule): the first round(warmup_epochs · steps_per_epoch) iterations rise
+      linearly from lr·`warmup_start_factor` to lr; the cosine starts after them.
+    """
+    warmup_iters = round(options.warmup_epochs * steps_per_epoch)
+    cosine = options.schedule == "cosine"
+    multiplier = None
+    if cosine or warmup_iters > 0:
+        multiplier = LRMultiplier(
+            warmup_iters=warmup_iters,
+            start_factor=options.warmup_start_factor,
+            cosine_iters=epochs * steps_per_epoch - warmup_iters if cosine else None,
+            min_factor=options.min_lr / options.lr,
+        )
+    milestones = () if cosine else options.lr_decay_epochs
+    return StepLRSchedule(optimizer, milestones, options.lr_decay_rate, multiplier)

@@ -4,7 +4,8 @@ All share one call signature, ``module(student_logits, teacher_logits, grl_lambd
 the config, ``from_config(cfg, num_classes=...)``, so a config swaps them by name. The learnable ones are trained
 *adversarially*: their raw output passes through a gradient-reversal layer (docs/method.md, Gradient reversal) whose
 strength λ ≥ 0 follows the curriculum, then is mapped into (t_start, t_start + t_range) by
-τ = t_start + t_range·sigmoid(raw) (docs/method.md, Range mapping).
+τ = t_start + t_range·sigmoid(raw) (docs/method.md, Range mapping). τ and the modules' layers always compute in
+float32: autocast (runtime.amp) is disabled inside them.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ class BoundedTemperature(nn.Module):
     def bound(self, raw: Tensor, grl_lambda: float) -> Tensor:
         """τ = t_start + t_range·sigmoid(GRL_λ(raw)); the sigmoid after the GRL as in the authors' code."""
         layer = gradient_reversal if self.adversarial else gradient_scale
-        return self.t_start + self.t_range * torch.sigmoid(layer(raw, grl_lambda))
+        with torch.autocast(raw.device.type, enabled=False):  # τ in float32, even inside a caller's autocast
+            return self.t_start + self.t_range * torch.sigmoid(layer(raw.float(), grl_lambda))
 
     def extra_repr(self) -> str:
         """Range and direction in module printouts."""
@@ -147,11 +149,12 @@ class InstanceTemperature(BoundedTemperature):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, grl_lambda: float) -> Tensor:
         """Return τ of shape [B]."""
-        probs = torch.cat(
-            [F.softmax(teacher_logits.detach().float(), dim=1), F.softmax(student_logits.detach().float(), dim=1)],
-            dim=1,
-        )  # (B, 2C)
-        raw = self.mlp(probs).squeeze(1)  # (B,)
+        with torch.autocast(student_logits.device.type, enabled=False):  # the MLP in float32 under any autocast
+            probs = torch.cat(
+                [F.softmax(teacher_logits.detach().float(), dim=1), F.softmax(student_logits.detach().float(), dim=1)],
+                dim=1,
+            )  # (B, 2C)
+            raw = self.mlp(probs).squeeze(1)  # (B,)
         return self.bound(raw, grl_lambda)
 
 

@@ -154,6 +154,10 @@ def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[s
         **exp.distiller.state_dict(),  # "trainable" (student, temperature, heads) and "method_state"
         "optimizer": exp.optimizer.state_dict(),
         "lr_schedule": exp.schedule.state_dict(),
+        # per-iteration warm-up/cosine position (None for the plain step schedule) and fp16's loss scale (None
+        # unless runtime.amp is fp16): a resumed run continues both exactly
+        "lr_scheduler": exp.schedule.multiplier.state_dict() if exp.schedule.multiplier is not None else None,
+        "grad_scaler": exp.scaler.state_dict() if exp.scaler is not None else None,
         "best_acc1": progress.best_acc1,
         "best_acc5": progress.best_acc5,
         "best_epoch": progress.best_epoch,
@@ -182,6 +186,8 @@ def check_resume_config(saved: Config, current: Config, path: Path) -> None:
     """Refuse a resume whose config changes the experiment; log the harmless changes."""
     changes = diff_configs(saved, current)
     refused = [line for line in changes if not _resumable(line.split(":", 1)[0])]
+    if current.optimizer.schedule == "cosine":  # the cosine spans all iterations: more epochs would stretch it
+        refused += [line for line in changes if line.split(":", 1)[0] == "epochs"]
     if refused:
         raise ConfigError(
             f"--resume {path}: the config differs from the checkpoint's in keys that define the experiment:\n  "
@@ -199,6 +205,11 @@ def restore(exp: Experiment, cfg: Config, path: Path, progress: Progress) -> Non
     exp.distiller.load_state_dict(state)
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.schedule.load_state_dict(state["lr_schedule"])
+    for name, part in (("lr_scheduler", exp.schedule.multiplier), ("grad_scaler", exp.scaler)):
+        if part is not None:
+            if state.get(name) is None:
+                raise CheckpointError(f"{path} holds no '{name}' state, which this run needs to continue exactly")
+            part.load_state_dict(state[name])
     restore_rng_state(state["rng"])
     for name in vars(progress):
         setattr(progress, name, state[name])
@@ -254,7 +265,8 @@ def _train_experiment(
     teacher_metrics = _evaluate_teacher(exp, cfg)
     origin = None
     if ctx.is_main:  # hashed now: the file this run was built from (a resume may point at a moved copy)
-        teacher_sha256 = file_sha256(cfg.teacher.checkpoint) if exp.distiller.teacher is not None else None
+        has_file = exp.distiller.teacher is not None and cfg.teacher.checkpoint is not None  # not: pretrained
+        teacher_sha256 = file_sha256(cfg.teacher.checkpoint) if has_file else None
         origin = provenance(cfg, varies_freely=_resumable, device=ctx.device, world_size=ctx.world_size,
                             teacher_sha256=teacher_sha256)
     metrics = MetricsLog(output_dir, start_epoch=progress.epoch + 1, tensorboard=cfg.logging.tensorboard,
@@ -284,7 +296,7 @@ def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
     teacher = exp.distiller.teacher
     if teacher is None:
         return None
-    metrics = evaluate(teacher, exp.test_loader, exp.device)
+    metrics = evaluate(teacher, exp.test_loader, exp.device, exp.distiller.runtime)
     get_logger().info(f"teacher {cfg.teacher.name}: top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%")
     return metrics
 
@@ -302,9 +314,10 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     train_stats, per_sample = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
         progress=cfg.logging.progress_bar and exp.ctx.is_main and _stderr_is_terminal(),
+        lr_schedule=exp.schedule, scaler=exp.scaler,
     )
     broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
-    test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device)
+    test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device, exp.distiller.runtime)
     epoch_time = time.perf_counter() - start
     record = {"epoch": epoch, "lr": lr, **({"lambda": grl_lambda} if distilling else {}), **train_stats}
     record.update({f"test_{k}": v for k, v in test_stats.items()}, epoch_time=epoch_time)

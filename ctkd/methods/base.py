@@ -11,9 +11,11 @@ A method is one class, registered by name in `METHODS`, that is at once
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +29,43 @@ if TYPE_CHECKING:
     from ctkd.config import LossConfig
 
 METHODS = Registry("method")
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class NetworkRuntime:
+    """How the networks (student and teacher) run: autocast dtype and memory format (`runtime.*` of the config).
+
+    Only the network forwards run under autocast; their logits and features leave them as float32 (`to_float`), so
+    the CE and KD losses, τ, the temperature module and every method head compute in float32. With the defaults
+    (no autocast, contiguous layout) nothing differs from calling the networks directly.
+    """
+
+    device_type: str = "cpu"  # autocast's device type: "cuda" or "cpu"
+    amp_dtype: torch.dtype | None = None  # torch.bfloat16 / torch.float16, or None: float32 (amp: off)
+    channels_last: bool = False  # networks and images in NHWC layout
+
+    @classmethod
+    def from_config(cls, device_type: str, amp: str, channels_last: bool) -> NetworkRuntime:
+        """From `runtime.amp` ("off" | "bf16" | "fp16") and `runtime.channels_last`."""
+        return cls(device_type, AMP_DTYPES[amp], channels_last)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The memory format of the images (and 4-d weights): channels_last, or whatever they have."""
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of a network forward: torch.autocast with the dtype, or nothing when amp is off."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+
+def to_float(logits: Tensor, features: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """A network's logits and features as float32 where they leave the network (the same tensors if already)."""
+    return logits.float(), [feature.float() for feature in features]
 
 
 @dataclass(frozen=True)
@@ -112,6 +151,7 @@ class Method(nn.Module):
         self.options = options
         self.ce_weight = loss.ce_weight
         self.kd_weight = loss.kd_weight
+        self.runtime = NetworkRuntime()  # set for the run by Distiller.set_runtime
 
     @classmethod
     def create_state(cls, options: MethodConfig, setup: MethodSetup) -> nn.Module | None:
@@ -121,11 +161,16 @@ class Method(nn.Module):
     def forward(
         self, batch: Batch, teacher: TeacherOutput | None, ctx: StepContext, state: nn.Module | None = None
     ) -> StepOutput:
-        """One training step's loss terms: student forward (with features if asked), τ, then the method's terms."""
-        if self.features:
-            student_features, logits = self.student.forward_with_features(batch.images)
-        else:
-            student_features, logits = [], self.student(batch.images)
+        """One training step's loss terms: student forward (with features if asked), τ, then the method's terms.
+
+        Only the student's forward runs under the run's autocast; its outputs are float32 from here on.
+        """
+        with self.runtime.autocast():
+            if self.features:
+                student_features, logits = self.student.forward_with_features(batch.images)
+            else:
+                student_features, logits = [], self.student(batch.images)
+        logits, student_features = to_float(logits, student_features)
         losses = {"loss_ce": self.ce_weight * F.cross_entropy(logits, batch.targets)}
         if teacher is None:
             return StepOutput(logits, losses)

@@ -1,0 +1,313 @@
+"""Mixed precision (runtime.amp), channels_last and the per-iteration LR schedules (warm-up, cosine) on CPU."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import models
+import tiny_models  # noqa: F401  (registers tiny_mlp: fp16 convolutions are slow on CPU)
+from conftest import ctkd_config, load
+from ctkd import engine, trainer
+from ctkd.build import Experiment, build_experiment
+from ctkd.losses import kd_loss
+from ctkd.methods import StepContext
+from ctkd.optim import LRMultiplier, build_lr_schedule
+from ctkd.trainer import run
+from datasets.loader import Batch
+
+STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
+BF16_LOSS_RTOL = 5e-3  # bf16 keeps 8 mantissa bits; the fixed batch's KD+CTKD loss moves by ~3e-4 relative
+
+
+def _experiment(cfg) -> Experiment:
+    """The run's objects, with the weights a run of `cfg` would start from."""
+    trainer.seed_everything(cfg.seed)
+    return build_experiment(cfg, trainer.DistributedContext())
+
+
+def _first_batch(exp: Experiment) -> Batch:
+    exp.train_loader.sampler.set_epoch(1)
+    return next(iter(exp.train_loader))
+
+
+def _total(losses: dict[str, Tensor]) -> Tensor:
+    return sum(losses.values())
+
+
+def _hash(state: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key, value in state.items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _metrics(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("epoch_time")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize("temperature", ["global", "instance"])
+def test_bf16_autocasts_the_networks_and_keeps_loss_and_tau_in_fp32(
+    tmp_path: Path, teacher_file: Path, temperature: str
+) -> None:
+    base = ctkd_config(tmp_path, teacher_file, temperature={"name": temperature})
+    fp32 = _experiment(load(base, tmp_path, "fp32.yaml"))
+    bf16 = _experiment(load({**base, "runtime": {"amp": "bf16"}}, tmp_path, "bf16.yaml"))
+    assert _hash(fp32.distiller.unwrapped.state_dict()) == _hash(bf16.distiller.unwrapped.state_dict())
+    batch = _first_batch(fp32)
+
+    network_dtypes = []
+    for net in (bf16.distiller.student, bf16.distiller.teacher):
+        net.register_forward_hook(lambda module, args, out: network_dtypes.append(out.dtype))
+    reference = fp32.distiller(batch, STEP)
+    out = bf16.distiller(batch, STEP)
+
+    assert network_dtypes == [torch.bfloat16, torch.bfloat16]  # autocast ran in both forwards (teacher first)
+    assert out.logits.dtype == torch.float32  # the networks' outputs leave them in fp32
+    assert all(loss.dtype == torch.float32 for loss in out.losses.values())
+    assert out.stats["tau"].dtype == torch.float32
+    temperature_module = bf16.distiller.unwrapped.temperature
+    assert all(p.dtype == torch.float32 for p in temperature_module.parameters())
+    got, expected = _total(out.losses).item(), _total(reference.losses).item()
+    assert got != expected  # bf16 really changed the numbers ...
+    assert got == pytest.approx(expected, rel=BF16_LOSS_RTOL)  # ... only slightly
+    assert out.stats["tau"].float() == pytest.approx(reference.stats["tau"], rel=BF16_LOSS_RTOL)
+
+    _total(out.losses).backward()  # gradients reach τ in fp32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in temperature_module.parameters())
+    assert bf16.scaler is None
+
+
+def test_amp_off_equals_a_plain_forward_bit_for_bit(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(tmp_path, teacher_file, runtime={"amp": "off", "channels_last": False}), tmp_path)
+    exp = _experiment(cfg)
+    batch = _first_batch(exp)
+    exp.distiller.train()
+    out = exp.distiller(batch, STEP)
+
+    method, teacher = exp.distiller.unwrapped, exp.distiller.teacher
+    logits = method.student(batch.images)
+    with torch.no_grad():
+        teacher_logits = teacher(batch.images)
+    tau = method.temperature(logits, teacher_logits, 1.0)
+    assert torch.equal(out.logits, logits)
+    assert torch.equal(out.losses["loss_ce"], cfg.loss.ce_weight * F.cross_entropy(logits, batch.targets))
+    assert torch.equal(out.losses["loss_kd"], cfg.loss.kd_weight * kd_loss(logits, teacher_logits, tau))
+    assert exp.scaler is None and exp.schedule.multiplier is None
+
+
+@pytest.fixture(scope="module")
+def mlp_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny_mlp teacher (fp16 convolutions are slow on CPU; fp16 linear layers are not)."""
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("mlp_teacher") / "tiny_mlp.pth"
+    torch.save({"model": models.build_model("tiny_mlp", num_classes=10).state_dict()}, path)
+    return path
+
+
+def _fp16_config(tmp_path: Path, teacher: Path, name: str) -> dict:
+    return ctkd_config(tmp_path, teacher, name, student={"name": "tiny_mlp"}, runtime={"amp": "fp16"}, epochs=2,
+                       teacher={"name": "tiny_mlp", "checkpoint": str(teacher)})
+
+
+def test_fp16_run_resumes_bit_identically_with_its_grad_scaler(
+    tmp_path: Path, mlp_teacher_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU autocast supports fp16 and torch.amp.GradScaler("cpu") exists (torch ≥ 2.3), so fp16 runs on CPU too."""
+    straight = load(_fp16_config(tmp_path, mlp_teacher_file, "straight"), tmp_path, "a.yaml")
+    run(straight)
+    state = torch.load(Path(straight.output_dir) / "last.pth", weights_only=True)
+    scaler_state = state["grad_scaler"]
+    assert set(scaler_state) >= {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    assert scaler_state["_growth_tracker"] > 0 or scaler_state["scale"] != 2.0**16  # the scaler has run
+
+    crashed = load(_fp16_config(tmp_path, mlp_teacher_file, "crashed"), tmp_path, "b.yaml")
+    _run_crashing_in_epoch(crashed, 2, monkeypatch)
+    saved = torch.load(Path(crashed.output_dir) / "last.pth", weights_only=True)["grad_scaler"]
+    restored = []
+    real_load = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, s: (restored.append(dict(s)), real_load(self, s))[1])
+    run(crashed, resume="auto")
+    assert restored == [saved]  # the resume put the scaler back where epoch 1 left it
+    resumed = torch.load(Path(crashed.output_dir) / "last.pth", weights_only=True)
+    assert _hash(resumed["trainable"]) == _hash(state["trainable"])
+    assert resumed["grad_scaler"] == scaler_state
+    assert _metrics(Path(crashed.output_dir)) == _metrics(Path(straight.output_dir))
+
+
+def test_a_step_the_grad_scaler_skips_is_not_an_error(tmp_path: Path, mlp_teacher_file: Path) -> None:
+    cfg = load(_fp16_config(tmp_path, mlp_teacher_file, "run"), tmp_path)
+    exp = _experiment(cfg)
+    before = _hash(exp.distiller.unwrapped.state_dict())
+    batch = _first_batch(exp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # finite fp32 loss, inf fp16 gradients
+    engine.train_one_epoch(exp.distiller, exp.optimizer, [batch, batch], grl_lambda=1.0, device=exp.device,
+                           epoch=1, scaler=scaler)
+    assert scaler.get_scale() == 2.0**98  # both steps skipped, the scale backed off twice
+    assert _hash(exp.distiller.unwrapped.state_dict()) == before  # and no update was applied
+
+
+# ------------------------------------------------------------------------------------------------ channels_last
+@pytest.mark.parametrize("method", ["kd", "vid"])
+def test_channels_last_matches_the_contiguous_layout(tmp_path: Path, teacher_file: Path, method: str) -> None:
+    base = ctkd_config(tmp_path, teacher_file, method=method)
+    dense = _experiment(load(base, tmp_path, "dense.yaml"))
+    nhwc = _experiment(load({**base, "runtime": {"channels_last": True}}, tmp_path, "nhwc.yaml"))
+    convs = [m for part in (nhwc.distiller.unwrapped, nhwc.distiller.teacher) for m in part.modules()
+             if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    if method == "vid":  # the method's heads too
+        assert any(isinstance(m, nn.Conv2d) for m in nhwc.distiller.unwrapped.regressors.modules())
+
+    inputs = []
+    first_conv = next(m for m in nhwc.distiller.student.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    batch = _first_batch(dense)
+    with torch.no_grad():
+        loss_dense, loss_nhwc = (_total(exp.distiller(batch, STEP).losses).item() for exp in (dense, nhwc))
+    assert loss_nhwc == pytest.approx(loss_dense, rel=1e-5)
+    for exp in (dense, nhwc):  # one full step each
+        engine.train_one_epoch(exp.distiller, exp.optimizer, [batch], grl_lambda=1.0, device=exp.device, epoch=1)
+    assert inputs[-1].is_contiguous(memory_format=torch.channels_last)  # the engine made the images NHWC
+    after_dense, after_nhwc = dense.distiller.unwrapped.state_dict(), nhwc.distiller.unwrapped.state_dict()
+    for key, value in after_dense.items():
+        torch.testing.assert_close(after_nhwc[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ LR schedules
+def _multiplier(t: int, *, warmup: int, total: int, start: float, min_factor: float) -> float:
+    """The documented curve: linear warm-up from `start` to 1 over `warmup` iterations, then cosine to min_factor."""
+    if t < warmup:
+        return start + (1 - start) * t / warmup
+    return min_factor + (1 - min_factor) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) / 2
+
+
+def test_cosine_with_warmup_follows_the_formula_in_every_group(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = load(ctkd_config(
+        tmp_path, teacher_file, optimizer={"lr": 0.05, "schedule": "cosine", "warmup_epochs": 1.5,
+                                           "warmup_start_factor": 0.01, "min_lr": 0.005},
+        temperature={"name": "global", "lr": 0.02},
+    ), tmp_path)
+    exp = _experiment(cfg)
+    steps, epochs = len(exp.train_loader), cfg.epochs
+    assert steps == 5 and [g["name"] for g in exp.optimizer.param_groups] == ["student", "temperature"]
+    warmup, total = 8, steps * epochs  # round(1.5 · 5) iterations of warm-up
+    lrs = []
+    for epoch in range(1, epochs + 1):
+        exp.schedule.set_epoch(epoch)
+        for _ in range(steps):
+            lrs.append([g["lr"] for g in exp.optimizer.param_groups])
+            exp.optimizer.step()
+            exp.schedule.step()
+    for t in (0, 1, 4, 7, 8, 9, 11, 14):  # in and out of the warm-up, across epoch boundaries, the last iteration
+        m = _multiplier(t, warmup=warmup, total=total, start=0.01, min_factor=0.005 / 0.05)
+        assert lrs[t] == pytest.approx([0.05 * m, 0.02 * m], rel=1e-12), t  # the temperature's LR: same factor
+    assert lrs[warmup][0] == pytest.approx(0.05, rel=1e-12) and lrs[-1][0] > 0.005
+
+
+def test_step_schedule_with_warmup_is_exactly_the_step_schedule_after_it() -> None:
+    from ctkd.config import OptimizerConfig
+
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    options = OptimizerConfig(lr=0.1, lr_decay_epochs=(3,), lr_decay_rate=0.1, warmup_epochs=1.0,
+                              warmup_start_factor=0.1)
+    schedule = build_lr_schedule(optimizer, options, steps_per_epoch=4, epochs=4)
+    lrs = []
+    for epoch in range(1, 5):
+        schedule.set_epoch(epoch)
+        for _ in range(4):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            schedule.step()
+    assert lrs[:4] == pytest.approx([0.01, 0.0325, 0.055, 0.0775], rel=1e-12)
+    assert lrs[4:12] == [0.1] * 8 and lrs[12:] == [0.1 * 0.1] * 4  # bit-exact: base · rate^k · 1.0
+    no_warmup = build_lr_schedule(optimizer, OptimizerConfig(lr=0.1), steps_per_epoch=4, epochs=4)
+    assert no_warmup.multiplier is None  # the paper's schedule: nothing per iteration
+
+
+def test_lr_multiplier_state_round_trip_continues_exactly() -> None:
+    def fresh() -> LRMultiplier:
+        return LRMultiplier(warmup_iters=3, start_factor=0.001, cosine_iters=7, min_factor=0.1)
+
+    straight, values = fresh(), []
+    for _ in range(10):
+        values.append(straight.value)
+        straight.step()
+    first = fresh()
+    for _ in range(5):
+        first.step()
+    state = first.state_dict()
+    second = fresh()
+    second.load_state_dict(state)
+    resumed = [values[i] for i in range(5)]
+    for _ in range(5):
+        resumed.append(second.value)
+        second.step()
+    assert resumed == values  # bit-identical
+
+
+def _run_crashing_in_epoch(cfg, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_train = engine.train_one_epoch
+
+    def crash(*args, **kwargs):
+        if kwargs["epoch"] == epoch:
+            raise KeyboardInterrupt(f"simulated kill during epoch {epoch}")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", crash)
+    with pytest.raises(trainer.RunInterrupted):
+        run(cfg)
+    monkeypatch.setattr(trainer, "train_one_epoch", real_train)
+
+
+def test_cosine_warmup_run_resumes_bit_identically(
+    tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sections = {"epochs": 2, "optimizer": {"schedule": "cosine", "warmup_epochs": 0.6, "min_lr": 0.001}}
+    straight = load(ctkd_config(tmp_path, teacher_file, "straight", **sections), tmp_path, "a.yaml")
+    run(straight)
+    expected = torch.load(Path(straight.output_dir) / "last.pth", weights_only=True)
+    assert expected["lr_scheduler"] is not None and expected["grad_scaler"] is None
+    lrs = [row["lr"] for row in _metrics(Path(straight.output_dir))]  # the LR of each epoch's first iteration
+    assert lrs == pytest.approx([0.05 * 0.001, _multiplier(5, warmup=3, total=10, start=0.001, min_factor=0.02)
+                                 * 0.05], rel=1e-9)
+
+    crashed = load(ctkd_config(tmp_path, teacher_file, "crashed", **sections), tmp_path, "b.yaml")
+    _run_crashing_in_epoch(crashed, 2, monkeypatch)
+    run(crashed, resume="auto")
+    resumed = torch.load(Path(crashed.output_dir) / "last.pth", weights_only=True)
+    assert _hash(resumed["trainable"]) == _hash(expected["trainable"])
+    for a, b in zip(expected["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert resumed["lr_scheduler"] == expected["lr_scheduler"]
+    assert _metrics(Path(crashed.output_dir)) == _metrics(Path(straight.output_dir))
+
+    # the scheduler's state is what makes it exact: a resume that ignores it restarts the warm-up
+    forgetful = load(ctkd_config(tmp_path, teacher_file, "forgetful", **sections), tmp_path, "c.yaml")
+    _run_crashing_in_epoch(forgetful, 2, monkeypatch)
+    monkeypatch.setattr(LRMultiplier, "load_state_dict", lambda self, state: None)
+    run(forgetful, resume="auto")
+    wrong = torch.load(Path(forgetful.output_dir) / "last.pth", weights_only=True)
+    assert _hash(wrong["trainable"]) != _hash(expected["trainable"])
+
+
+def test_cosine_run_refuses_to_resume_with_other_epochs(
+    tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sections = {"epochs": 2, "optimizer": {"schedule": "cosine"}}
+    cfg = load(ctkd_config(tmp_path, teacher_file, **sections), tmp_path, "a.yaml")
+    _run_crashing_in_epoch(cfg, 2, monkeypatch)
+    longer = load(ctkd_config(tmp_path, teacher_file, **{**sections, "epochs": 3}), tmp_path, "b.yaml")
+    with pytest.raises(trainer.ConfigError, match="epochs"):
+        run(longer, resume="auto")
