@@ -260,6 +260,14 @@ class RuntimeConfig(_Section):
 
     amp: str = _spec("off", choices=("off", "bf16", "fp16"))  # autocast of the networks (the KD loss and τ stay fp32)
     channels_last: bool = False  # NHWC memory format for the networks and images (faster convolutions on GPUs)
+    # torch.compile of student and teacher: auto = `default` on CUDA, off on CPU; reduce-overhead adds CUDA graphs
+    compile: str = _spec("auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"))
+    # SGD kernel: fused (one kernel, skips a non-finite step on the device), foreach, or loop (torch's default and
+    # the authors': bit-identical to their updates; fused differs by float rounding), the last two read a flag per step
+    sgd: str = _spec("fused", choices=("fused", "foreach", "loop"))
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (CUDA; not bit-reproducible)
+    # in-memory datasets (CIFAR, synthetic) kept on the GPU and augmented there in batches: auto = on with CUDA
+    data_on_device: str = _spec("auto", choices=("auto", "on", "off"))
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,9 @@ class LoggingConfig(_Section):
 
     tensorboard: bool = True  # write TensorBoard event files into the run directory
     progress_bar: bool = True  # show a tqdm bar (also quiet automatically when stderr is not a terminal)
+    interval: int = _spec(100, ge=1)  # steps between reads of the device's non-finite-step flags (a host sync)
+    eval_every: int = _spec(1, ge=1)  # evaluate every this many epochs (and always after the last)
+    checkpoint_every: int = _spec(1, ge=1)  # write last.pth every this many epochs (and after the last)
 
 
 # Checked here for device: cpu, and again at start-up for device: auto on a machine without CUDA.

@@ -1,9 +1,11 @@
 """One training epoch and one evaluation pass.
 
-Statistics stay on the device during the epoch; the only host sync per step is the finiteness check of the loss,
-which must stop every rank before a bad optimizer step. The global batch size comes with the batch (the sampler
-knows it), not from a collective. Mixed precision (autocast of the network forwards, a GradScaler for fp16), the
-images' memory format and a per-iteration LR schedule are applied here when the run asks for them.
+Nothing in the step waits for the device: statistics stay on it until the epoch ends, λ arrives as a device tensor,
+the global batch size comes with the batch (the sampler knows it), and loss and gradient finiteness are decided on
+the device, where a non-finite step is skipped by the optimizer itself (`NonFiniteGuard`); the host reads the flags
+once every `logging.interval` steps and at the end of the epoch. Mixed precision (autocast of the network forwards,
+a GradScaler for fp16), the images' memory format and a per-iteration LR schedule are applied here when the run asks
+for them.
 """
 from __future__ import annotations
 
@@ -117,15 +119,78 @@ class EpochTotals:
         }
 
 
+class NonFiniteGuard:
+    """Skips non-finite steps on the device and reports them when its flags are read.
+
+    Each step's flag is 1 when this rank's loss or the (already all-reduced, so on every rank equal) gradients are not
+    finite; it goes to the fused SGD as `found_inf`, which then leaves weights and momentum untouched, so no rank
+    updates and none waits for the host. The first bad step, the ranks whose loss was bad and their loss terms are
+    kept on the device; `check` reads them (one all-reduce) and raises, so the run stops before any checkpoint.
+    """
+
+    def __init__(self, device: torch.device, epoch: int) -> None:
+        self.device, self.epoch = device, epoch
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)  # this rank's loss at the first bad step
+        self.terms: dict[str, Tensor] = {}  # this rank's loss terms at the first bad step
+        self.one = torch.ones((), device=device)
+
+    def step_flag(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
+        """(1,) float: 1 if the loss or any gradient of the optimizer's parameters is not finite, else 0."""
+        found = (~torch.isfinite(loss.detach())).float().reshape(1)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:  # the kernel GradScaler uses: ORs non-finiteness into `found`; × 1.0 leaves the gradients as they are
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
+        return found
+
+    @staticmethod
+    def guarded_step(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+        """optimizer.step() unless `flag` is set: on the device for fused SGD, else by reading the flag (a sync)."""
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = flag  # the fused kernel leaves weights and momentum untouched when it is set
+            optimizer.step()
+            del optimizer.found_inf
+        elif not flag.item():  # runtime.sgd foreach/loop: no found_inf support, so the host decides
+            optimizer.step()
+
+    def record(self, step: int, flag: Tensor, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        """Remember the first step whose flag is set (device ops only)."""
+        first = (self.first_bad_step < 0) & (flag[0] > 0)
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+        self.loss_bad = torch.where(first, ~torch.isfinite(loss.detach()), self.loss_bad)
+        for name, value in terms.items():
+            old = self.terms.get(name, torch.zeros((), device=self.device))
+            self.terms[name] = torch.where(first, value.detach().float(), old)
+
+    def check(self) -> None:
+        """Read the flags (a host sync: once per log interval) and raise if a step was not finite."""
+        world, rank = get_world_size(), get_rank()
+        slots = torch.zeros(world + 1, device=self.device)
+        slots[rank] = self.loss_bad.float()
+        slots[world] = (self.first_bad_step + 1).float()  # the same on every rank: the flags are global
+        read = all_reduce(slots).tolist()
+        if read[world] == 0:
+            return
+        step = int(read[world] / world) - 1
+        bad_ranks = [r for r in range(world) if read[r] > 0]
+        values = ", ".join(f"{name}={value.item():.6g}" for name, value in self.terms.items())
+        where = f"rank(s) {bad_ranks}" if bad_ranks else "the gradients (the loss was finite on every rank)"
+        raise NonFiniteLossError(
+            f"non-finite loss in epoch {self.epoch} at step {step} on {where} (this rank {rank}: {values}); "
+            "that step was skipped without an update and training stopped before any checkpoint"
+        )
+
+
 def train_one_epoch(
     distiller: Distiller,
     optimizer: torch.optim.Optimizer,
     loader: Iterable[Batch],
     *,
-    grl_lambda: float,
+    grl_lambda: float | Tensor,
     device: torch.device,
     epoch: int,
     progress: bool = False,
+    check_every: int = 100,
     lr_schedule: StepLRSchedule | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
@@ -137,11 +202,13 @@ def train_one_epoch(
     (per-iteration warm-up or cosine; a no-op for the plain step schedule).
 
     Returns the epoch summary (weighted loss terms, train top-1/top-5, statistics such as τ) and this rank's
-    per-sample values of per-sample statistics (instance-wise τ, for histograms). A non-finite loss stops training
-    before the step.
+    per-sample values of per-sample statistics (instance-wise τ, for histograms). A non-finite step is skipped on the
+    device and stops training when the flags are read (every `check_every` steps and at the end of the epoch).
     """
     distiller.train()
     totals = EpochTotals()
+    guard = NonFiniteGuard(device, epoch)
+    grl_lambda = torch.as_tensor(grl_lambda, dtype=torch.float32, device=device)  # a tensor: no recompile per epoch
     memory_format = distiller.runtime.memory_format
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
@@ -152,7 +219,6 @@ def train_one_epoch(
         )
         out = distiller(batch, StepContext(epoch=epoch, step=step, grl_lambda=grl_lambda))
         loss = sum(out.losses.values())
-        _check_finite(loss, out.losses, epoch)
         optimizer.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients uniformly; weighting each rank's mean loss by its share of the global
         # batch makes that average the gradient of the global batch mean, also when the last batch splits unevenly.
@@ -160,35 +226,22 @@ def train_one_epoch(
         weighted = loss * (local * get_world_size() / batch.global_size)
         if scaler is None:
             weighted.backward()
-            optimizer.step()
+            flag = guard.step_flag(loss, optimizer)
+            guard.guarded_step(optimizer, flag)
         else:
             scaler.scale(weighted).backward()
-            scaler.step(optimizer)  # skipped when a gradient is inf/NaN (the scale then backs off)
+            scaler.step(optimizer)  # skipped when a gradient is inf/NaN (the scale then backs off): not an error
             scaler.update()
+            flag = (~torch.isfinite(loss.detach())).float().reshape(1)  # a non-finite loss still is
+        guard.record(step, flag, loss, out.losses)
+        if (step + 1) % check_every == 0:
+            guard.check()
         if lr_schedule is not None:  # counts iterations, a step the scaler skipped included
             lr_schedule.step()
         totals.add(local, out.losses, topk_correct(out.logits.detach(), batch.targets), out.stats)
     bar.close()
+    guard.check()
     return totals.summary(), totals.per_sample_values()
-
-
-def _check_finite(loss: Tensor, terms: dict[str, Tensor], epoch: int) -> None:
-    """Raise on every rank before the step if any rank's loss is not finite.
-
-    One all-reduce carries each rank's non-finite flag in its own slot, so all ranks stop at the same step with the
-    same message (a rank stopping alone would leave the others waiting in the gradient all-reduce).
-    """
-    world, rank = get_world_size(), get_rank()
-    flags = torch.zeros(world, device=loss.device)
-    flags[rank] = (~torch.isfinite(loss.detach())).float()
-    flags = all_reduce(flags).tolist()
-    bad = [r for r in range(world) if flags[r] > 0]
-    if not bad:
-        return
-    values = ", ".join(f"{name}={value.item():.6g}" for name, value in terms.items())
-    raise NonFiniteLossError(
-        f"non-finite loss in epoch {epoch} on rank(s) {bad} (this rank {rank}: {values}); no update was applied"
-    )
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ def build_sgd(
     weight_decay: float,
     temperature_lr: float | None = None,
     temperature_weight_decay: float | None = None,
+    implementation: str = "fused",
 ) -> torch.optim.SGD:
     """One SGD over every trainable parameter (Eqs. 6-7 of the paper): the temperature module shares the student's
     LR schedule, momentum and weight decay unless it is given its own LR or weight decay (second parameter group)."""
@@ -39,7 +40,10 @@ def build_sgd(
                 "weight_decay": weight_decay if temperature_weight_decay is None else temperature_weight_decay,
             }
         )
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    # fused: one kernel per device for all parameters, and the only implementation that takes `found_inf`, with which
+    # a non-finite step is skipped on the device (ctkd.engine.NonFiniteGuard); loop: torch's default on CPU
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[implementation]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
 
 
 class LRMultiplier:

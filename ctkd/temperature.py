@@ -36,24 +36,28 @@ class _ScaleGradient(torch.autograd.Function):
         return ctx.factor * grad, None
 
 
-def gradient_reversal(x: Tensor, grl_lambda: float) -> Tensor:
+def gradient_reversal(x: Tensor, grl_lambda: float | Tensor) -> Tensor:
     """Gradient-reversal layer (Eq. 8 of the paper): forward is the identity, backward multiplies the gradient by −λ.
 
     ``grl_lambda`` is the non-negative magnitude of the curriculum (Eq. 11); the minus sign lives here, in code. The
     authors' code instead multiplies by +λ and feeds a negative λ from the config (decay_max 0, decay_min −1), a trap
     that silently turns the adversary into a helper if a positive λ is passed.
     """
-    if grl_lambda < 0:
-        raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
+    _check_magnitude(grl_lambda)
     return _ScaleGradient.apply(x, -grl_lambda)
 
 
-def gradient_scale(x: Tensor, grl_lambda: float) -> Tensor:
+def gradient_scale(x: Tensor, grl_lambda: float | Tensor) -> Tensor:
     """The same layer without the reversal (backward multiplies by +λ): the paper's "no GRL" ablation, where τ
     minimises the loss like every other parameter, with the same curriculum on its strength."""
-    if grl_lambda < 0:
-        raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
+    _check_magnitude(grl_lambda)
     return _ScaleGradient.apply(x, grl_lambda)
+
+
+def _check_magnitude(grl_lambda: float | Tensor) -> None:
+    """A Python λ must be ≥ 0; a tensor λ (the training loop's, made from the curriculum) is not read: no host sync."""
+    if not isinstance(grl_lambda, Tensor) and grl_lambda < 0:
+        raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
 
 
 class BoundedTemperature(nn.Module):

@@ -240,9 +240,18 @@ def _saved_epoch(path: Path) -> int | None:
         return None
 
 
+def resolve_compile_mode(setting: str, device: torch.device) -> str | None:
+    """torch.compile's mode for `runtime.compile`, or None for no compilation (`auto`: `default` on CUDA only)."""
+    if setting == "auto":
+        return "default" if device.type == "cuda" else None
+    return None if setting == "off" else setting
+
+
 def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None, progress: Progress) -> dict[str, Any]:
     """Build the experiment and train it, stopping its loader workers however training ends."""
     seed_everything(cfg.seed)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark
     exp = build_experiment(cfg, ctx)
     try:
         return _train_experiment(exp, cfg, ctx, resume_path, progress)
@@ -259,6 +268,9 @@ def _train_experiment(
         get_logger().info(f"resumed from {resume_path} after epoch {progress.epoch}")
     if ctx.enabled:
         exp.distiller.wrap_ddp([ctx.device.index] if ctx.device.type == "cuda" else None)
+    compile_mode = resolve_compile_mode(cfg.runtime.compile, ctx.device)
+    if compile_mode is not None:  # after loading the state: compiled modules keep their state_dict keys anyway
+        exp.distiller.compile(compile_mode)
     output_dir = Path(cfg.output_dir)
     if ctx.is_main:
         save_config(cfg, output_dir / "config.yaml")
@@ -314,23 +326,27 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     train_stats, per_sample = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
         progress=cfg.logging.progress_bar and exp.ctx.is_main and _stderr_is_terminal(),
-        lr_schedule=exp.schedule, scaler=exp.scaler,
+        lr_schedule=exp.schedule, scaler=exp.scaler, check_every=cfg.logging.interval,
     )
-    broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
-    test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device, exp.distiller.runtime)
+    last = epoch == cfg.epochs
+    test_stats: dict[str, float] = {}
+    if last or epoch % cfg.logging.eval_every == 0:
+        broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
+        test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device, exp.distiller.runtime)
     epoch_time = time.perf_counter() - start
     record = {"epoch": epoch, "lr": lr, **({"lambda": grl_lambda} if distilling else {}), **train_stats}
     record.update({f"test_{k}": v for k, v in test_stats.items()}, epoch_time=epoch_time)
     record = {key: _round(value) for key, value in record.items()}
     metrics.log_epoch(record, per_sample)
-    improved = test_stats["acc1"] > progress.best_acc1
+    improved = bool(test_stats) and test_stats["acc1"] > progress.best_acc1
     progress.epoch = epoch
     progress.elapsed_s += epoch_time
     if improved:
         progress.best_acc1, progress.best_acc5, progress.best_epoch = test_stats["acc1"], test_stats["acc5"], epoch
-    if exp.ctx.is_main:
+    if exp.ctx.is_main and (improved or last or epoch % cfg.logging.checkpoint_every == 0):
         state = checkpoint_state(exp, cfg, progress)
-        atomic_save(state, Path(cfg.output_dir) / "last.pth")
+        if last or epoch % cfg.logging.checkpoint_every == 0:
+            atomic_save(state, Path(cfg.output_dir) / "last.pth")
         if improved:
             atomic_save(state, Path(cfg.output_dir) / "best.pth")
     return record
@@ -351,10 +367,11 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     ctkd = f" λ {record['lambda']:.4f}" if "lambda" in record else ""
     if "tau_last" in record:
         ctkd += f" τ {record['tau_last']:.3f} (epoch mean {record['tau_mean']:.3f})"
+    test = (f"test top-1 {record['test_acc1']:.2f}% top-5 {record['test_acc5']:.2f}%" if "test_acc1" in record
+            else "not evaluated (logging.eval_every)")
     return (
         f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g}{ctkd} loss {record['train_loss']:.4f} "
-        f"train top-1 {record['train_acc1']:.2f}% | test top-1 {record['test_acc1']:.2f}% "
-        f"top-5 {record['test_acc5']:.2f}% ({record['epoch_time']:.1f}s)"
+        f"train top-1 {record['train_acc1']:.2f}% | {test} ({record['epoch_time']:.1f}s)"
     )
 
 

@@ -313,7 +313,8 @@ def test_non_finite_loss_stops_before_the_update(tmp_path: Path, teacher_file: P
     nan_teacher = tmp_path / "nan_teacher.pth"
     torch.save(state, nan_teacher)
     cfg = load(ctkd_config(tmp_path, nan_teacher, epochs=1), tmp_path)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss in epoch 1 on rank\(s\) \[0\].*loss_kd=nan"):
+    expected = r"non-finite loss in epoch 1 at step 0 on rank\(s\) \[0\].*loss_kd=nan"
+    with pytest.raises(FloatingPointError, match=expected):
         run(cfg)
     assert not (Path(cfg.output_dir) / "last.pth").exists()
 

@@ -74,7 +74,7 @@ class StepContext:
 
     epoch: int
     step: int
-    grl_lambda: float
+    grl_lambda: float | Tensor  # λ of the epoch; the training loop passes a device tensor (no recompile per epoch)
 
 
 @dataclass
