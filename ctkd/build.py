@@ -1,8 +1,13 @@
 """Builders that turn a validated Config into the objects of a run: data, networks, teacher, distiller, optimizer."""
 from __future__ import annotations
 
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,16 +18,19 @@ import models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError, load_config
 from ctkd.curriculum import Curriculum, build_curriculum
-from ctkd.distiller import Distiller, build_distiller, measure_setup
+from ctkd.distiller import Distiller, NetworkRuntime, build_distiller, measure_setup
 from ctkd.distributed import DistributedContext, main_process_first, resolve_device
 from ctkd.methods import METHODS
-from ctkd.optim import StepLRSchedule, build_sgd
+from ctkd.optim import StepLRSchedule, build_lr_schedule, build_sgd
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader
 
 
-def build_split(cfg: Config, *, train: bool) -> datasets.ImageDataset:
-    """The train or test split named by `cfg.data` (validated on load: a missing dataset fails here)."""
+def build_split(cfg: Config, *, train: bool) -> datasets.DataSource:
+    """The train or test split named by `cfg.data` (validated on load: a missing dataset fails here).
+
+    Folder datasets list their files here but decode no image (that happens in the loader's workers).
+    """
     data = cfg.data
     return datasets.build_dataset(
         data.name, root=data.root, train=train, download=data.download, **data.dataset_options()
@@ -30,7 +38,7 @@ def build_split(cfg: Config, *, train: bool) -> datasets.ImageDataset:
 
 
 def build_split_loader(
-    cfg: Config, dataset: datasets.ImageDataset, *, train: bool, ctx: DistributedContext
+    cfg: Config, dataset: datasets.DataSource, *, train: bool, ctx: DistributedContext
 ) -> DataLoader:
     """Train loader (shuffled, augmented as a function of (seed, epoch, index)) or test loader (in order, half batch).
 
@@ -70,16 +78,27 @@ def build_split_loader(
     )
 
 
-def identify_architectures(state: dict[str, torch.Tensor], num_classes: int) -> list[str]:
-    """Registered models whose state_dict fits `state`: same keys and shapes, or else (say, when the file was
-    trained for another number of classes) the same keys. Models are built on the meta device: no memory.
+IDENTIFY_LIMIT = 50  # library models built (on the meta device) at most when identifying a file's architecture
 
-    Only the explicitly registered names are tried: the torchvision./timm. namespaces hold too many models to build.
+
+def identify_architectures(
+    state: dict[str, torch.Tensor], num_classes: int, like: str | None = None, limit: int = IDENTIFY_LIMIT
+) -> list[str]:
+    """Models whose state_dict fits `state`: same keys and shapes, or else (say, when the file was trained for
+    another number of classes) the same keys. Models are built on the meta device: no memory.
+
+    The search stays in the family of `like`, the architecture the config names. For a zoo name (or None) that is
+    every explicitly registered name (the CIFAR zoo and the paper's ImageNet names); for ``torchvision.X`` or
+    ``timm.X``, that library's models named like X up to its first digit or underscore (resnet18 → resnet*), at
+    most `limit` of them: the plain variants (resnet34, resnet50, ...) first, then the names closest to X.
     """
     same_keys, same_shapes = [], []
-    for name in models.MODELS.explicit_names():
-        with torch.device("meta"):
-            expected = models.build_model(name, num_classes=num_classes).state_dict()
+    for name in _family_candidates(like, limit):
+        try:
+            with torch.device("meta"):
+                expected = models.build_model(name, num_classes=num_classes).state_dict()
+        except (ValueError, TypeError, RuntimeError, NotImplementedError):
+            continue  # a library model that cannot be built on meta or has no Linear head: not the file's
         if expected.keys() == state.keys():
             same_keys.append(name)
             if all(state[k].shape == v.shape for k, v in expected.items()):
@@ -87,18 +106,87 @@ def identify_architectures(state: dict[str, torch.Tensor], num_classes: int) -> 
     return same_shapes or same_keys
 
 
+def _family_candidates(like: str | None, limit: int) -> list[str]:
+    """The names `identify_architectures` tries for a config naming `like` (see there)."""
+    explicit = models.MODELS.explicit_names()
+    if like is None or like in explicit or models.library_model(like) is None:
+        return explicit
+    library, _, wanted = like.partition(".")
+    family = re.match(r"[^\d_.]*", wanted).group() or wanted  # type: ignore[union-attr]  # always matches
+    if library == "torchvision":
+        import torchvision
+
+        names = [n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(family)]
+    else:
+        import timm
+
+        names = timm.list_models(f"{family}*")
+    plain = re.compile(re.escape(family) + r"\d+")
+    names = sorted(names, key=lambda n: (not plain.fullmatch(n), -difflib.SequenceMatcher(None, wanted, n).ratio()))
+    return [f"{library}.{n}" for n in names[:limit]]
+
+
+@contextlib.contextmanager
+def _naming_keys(section: str) -> Iterator[None]:
+    """Prefix a model's argument or pretrained-weights error with the config key of `section` that caused it."""
+    try:
+        yield
+    except models.ModelArgumentError as err:
+        raise models.ModelArgumentError(f"{section}.kwargs: {err}") from err
+    except models.PretrainedWeightsError as err:
+        raise models.PretrainedWeightsError(f"{section}.pretrained: {err}") from err
+
+
+def _build_network(section: str, name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    """Build model `name` of config section `section` with its kwargs and, if `pretrained`, the library's weights."""
+    with _naming_keys(section):
+        models.check_arguments(name, kwargs, try_build=False)
+        return models.build_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
+
+
 def load_teacher(cfg: Config, num_classes: int) -> nn.Module:
-    """Build `cfg.teacher.name` and load `cfg.teacher.checkpoint` strictly (to CPU first)."""
-    assert cfg.teacher.name is not None and cfg.teacher.checkpoint is not None  # guaranteed by config validation
-    teacher = models.build_model(cfg.teacher.name, num_classes=num_classes)
-    path = Path(cfg.teacher.checkpoint)
+    """Build `cfg.teacher.name` with `teacher.kwargs` and load `cfg.teacher.checkpoint` strictly (to CPU first).
+
+    Without a checkpoint (`teacher.pretrained`), the teacher is the library's pretrained model, whose classifier
+    must have `num_classes` outputs: a teacher with a newly initialised classifier would teach nothing.
+    """
+    teacher_cfg = cfg.teacher
+    assert teacher_cfg.name is not None  # guaranteed by config validation, as a checkpoint or pretrained is
+    if teacher_cfg.checkpoint is None:
+        with _naming_keys("teacher"):
+            classes = models.pretrained_num_classes(teacher_cfg.name)
+        if classes != num_classes:
+            raise ConfigError(
+                f"teacher.pretrained: the pretrained {teacher_cfg.name} classifies {classes} classes, but the "
+                f"dataset ({cfg.data.name}) has {num_classes}; a teacher with a newly initialised classifier would "
+                f"teach nothing. Give teacher.checkpoint=PATH, a {teacher_cfg.name} trained on this dataset"
+            )
+        return _build_network("teacher", teacher_cfg.name, num_classes, teacher_cfg.kwargs, pretrained=True)
+    teacher = _build_network("teacher", teacher_cfg.name, num_classes, teacher_cfg.kwargs, pretrained=False)
+    path = Path(teacher_cfg.checkpoint)
     if not path.is_file():
         raise CheckpointError(_missing_teacher_message(cfg))
     load_weights_strict(
-        teacher, path, arch=cfg.teacher.name, key="teacher.name",
-        identify=lambda state: identify_architectures(state, num_classes),
+        teacher, path, arch=teacher_cfg.name, key="teacher.name",
+        identify=lambda state: identify_architectures(state, num_classes, like=teacher_cfg.name),
     )
     return teacher
+
+
+def build_student(cfg: Config, num_classes: int) -> nn.Module:
+    """Build `cfg.student.name` with `student.kwargs`, starting from the library's pretrained weights
+    (`student.pretrained`; see models.build_model for a classifier of another size) or from the local file
+    `student.weights` (loaded strictly; any layout ctkd.checkpoint.extract_state_dict reads), else from scratch."""
+    student_cfg = cfg.student
+    student = _build_network(
+        "student", student_cfg.name, num_classes, student_cfg.kwargs, pretrained=student_cfg.pretrained
+    )
+    if student_cfg.weights is not None:
+        load_weights_strict(
+            student, student_cfg.weights, arch=student_cfg.name, key="student.name",
+            identify=lambda state: identify_architectures(state, num_classes, like=student_cfg.name),
+        )
+    return student
 
 
 def _missing_teacher_message(cfg: Config) -> str:
@@ -109,19 +197,36 @@ def _missing_teacher_message(cfg: Config) -> str:
         else f"train one with a config of method vanilla and student.name={cfg.teacher.name} "
         f"(e.g. a copy of configs/quickstart_teacher.yaml)"
     )
-    return (
+    message = (
         f"teacher.checkpoint {cfg.teacher.checkpoint} does not exist. Download the teacher (e.g. the CRD/mdistiller "
         f"cifar_teachers.tar) or {train}, then pass teacher.checkpoint=PATH (or set teacher.train_config to that "
         f"config to train it automatically)"
     )
+    if cfg.teacher.name is not None and models.library_model(cfg.teacher.name) is not None:
+        message += (
+            "; or, for a teacher with the library's own ImageNet weights (the paper's ImageNet teachers are "
+            "torchvision's), set teacher.pretrained=true and teacher.checkpoint=null"
+        )
+    return message
 
 
 def check_teacher_source(cfg: Config) -> None:
-    """The teacher file exists, or `teacher.train_config` trains exactly the teacher and file the config names.
+    """The teacher file exists, or `teacher.train_config` trains exactly the teacher and file the config names, or
+    `teacher.pretrained` (without a checkpoint) takes the library's weights.
 
     Checked before anything runs, so a wrong path never trains (or resumes) some other teacher run first.
     """
-    if not METHODS.get(cfg.method.name).uses_teacher or Path(cfg.teacher.checkpoint).is_file():
+    if not METHODS.get(cfg.method.name).uses_teacher:
+        return
+    if cfg.teacher.pretrained:
+        if cfg.teacher.checkpoint is not None:
+            raise ConfigError(
+                f"teacher.pretrained is true and teacher.checkpoint is {cfg.teacher.checkpoint}: the teacher's "
+                "weights come from one of them. Set teacher.checkpoint=null to use the library's pretrained "
+                "weights, or teacher.pretrained=false to load the file"
+            )
+        return
+    if Path(cfg.teacher.checkpoint).is_file():
         return
     if cfg.teacher.train_config is None:
         raise CheckpointError(_missing_teacher_message(cfg))
@@ -143,10 +248,38 @@ def check_teacher_source(cfg: Config) -> None:
 
 
 def check_model_names(cfg: Config) -> None:
-    """Fail fast on an unknown student or teacher name (with close matches), before loading any data."""
-    models.MODELS.get(cfg.student.name)
+    """Fail fast, before loading any data, on an unknown student or teacher name (with close matches), on
+    `kwargs` the model does not take, on `pretrained` for a model without library weights and on a missing
+    `student.weights` file."""
+    sections = [("student", cfg.student)]
     if METHODS.get(cfg.method.name).uses_teacher and cfg.teacher.name is not None:
-        models.MODELS.get(cfg.teacher.name)
+        sections.append(("teacher", cfg.teacher))
+    for key, section in sections:
+        assert section.name is not None  # the loop only holds named sections
+        models.MODELS.get(section.name)
+        with _naming_keys(key):
+            models.check_arguments(section.name, section.kwargs)  # built on the meta device only if kwargs are set
+            if section.pretrained:
+                models.pretrained_num_classes(section.name)  # weights exist (nothing is downloaded here)
+    check_student_weights(cfg)
+
+
+def check_student_weights(cfg: Config) -> None:
+    """`student.weights`, when set, is an existing file, and the student does not also start from `pretrained`."""
+    weights = cfg.student.weights
+    if weights is None:
+        return
+    if cfg.student.pretrained:
+        raise ConfigError(
+            f"student.pretrained is true and student.weights is {weights}: the student starts from one of them. "
+            "Set student.pretrained=false to start from the file, or student.weights=null for the library's weights"
+        )
+    if not Path(weights).is_file():
+        raise CheckpointError(
+            f"student.weights {weights} does not exist (or is not a file): give the path of a weights file of "
+            f"{cfg.student.name} (a state_dict, {{'model': ...}}, {{'state_dict': ...}} or a ctkd run checkpoint), "
+            "or student.weights=null to start from a random initialisation"
+        )
 
 
 def check_inputs(cfg: Config) -> None:
@@ -159,17 +292,17 @@ def check_inputs(cfg: Config) -> None:
         build_split(cfg, train=False)
 
 
-def build_networks(cfg: Config, train_set: datasets.ImageDataset, ctx: DistributedContext) -> Distiller:
+def build_networks(cfg: Config, train_set: datasets.DataSource, ctx: DistributedContext) -> Distiller:
     """Student, teacher (loaded strictly), temperature module and the method's heads and state."""
     num_classes = train_set.num_classes
-    student = models.build_model(cfg.student.name, num_classes=num_classes)
+    student = build_student(cfg, num_classes)
     method = METHODS.get(cfg.method.name)
     teacher, temperature = None, None
     if method.uses_teacher:
         teacher = load_teacher(cfg, num_classes)
         temperature = build_temperature(cfg.temperature, num_classes=num_classes)
     setup = measure_setup(
-        student, teacher, image_shape=tuple(train_set.images.shape[1:]), num_classes=num_classes,
+        student, teacher, image_shape=train_set.image_shape, num_classes=num_classes,
         train_targets=train_set.targets, seed=cfg.seed, features=method.features,
     )
     distiller = build_distiller(
@@ -187,11 +320,12 @@ class Experiment:
 
     distiller: Distiller
     optimizer: torch.optim.SGD
-    schedule: StepLRSchedule
+    schedule: StepLRSchedule  # epoch-based step LR, and the per-iteration warm-up/cosine multiplier if any
     curriculum: Curriculum
     train_loader: DataLoader
     test_loader: DataLoader
     ctx: DistributedContext
+    scaler: torch.amp.GradScaler | None = None  # runtime.amp: fp16 only
 
     @property
     def device(self) -> torch.device:
@@ -222,12 +356,14 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
     test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
     distiller = build_networks(cfg, train_set, ctx)
+    distiller.set_runtime(NetworkRuntime.from_config(ctx.device.type, cfg.runtime.amp, cfg.runtime.channels_last))
     optimizer = build_sgd(
         distiller.unwrapped, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
         weight_decay=cfg.optimizer.weight_decay, temperature_lr=cfg.temperature.lr,
-        temperature_weight_decay=cfg.temperature.weight_decay,
+        temperature_weight_decay=cfg.temperature.weight_decay, implementation=cfg.runtime.sgd,
     )
-    schedule = StepLRSchedule(optimizer, cfg.optimizer.lr_decay_epochs, cfg.optimizer.lr_decay_rate)
+    schedule = build_lr_schedule(optimizer, cfg.optimizer, steps_per_epoch=len(train_loader), epochs=cfg.epochs)
+    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.runtime.amp == "fp16" else None
     c = cfg.curriculum
     curriculum = build_curriculum(c.name, lambda_min=c.lambda_min, lambda_max=c.lambda_max, loops=c.loops)
-    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, ctx)
+    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, ctx, scaler)

@@ -1,4 +1,4 @@
-"""Datasets: in-memory image splits built by name, deterministic augmentation and loading.
+"""Datasets: splits built by name (in memory, or folders of image files read per sample), deterministic loading.
 
 Usage::
 
@@ -34,17 +34,20 @@ def register_dataset(name: str, options: type) -> Callable[[_B], _B]:
 
     return decorator
 
-from . import cifar, synthetic  # noqa: E402,F401  (importing registers "cifar100" and "synthetic")
-from .base import DatasetError, ImageDataset  # noqa: E402
+from . import cifar, folder, synthetic  # noqa: E402,F401  (importing registers the datasets)
+from .base import DatasetError, DataSource, ImageDataset  # noqa: E402
+from .folder import ImageFolderSource  # noqa: E402
 from .loader import Batch, BatchedDataset, EpochBatchSampler, build_loader, shard_sizes  # noqa: E402
 
 __all__ = [
     "DATASETS",
     "Batch",
     "BatchedDataset",
+    "DataSource",
     "DatasetError",
     "EpochBatchSampler",
     "ImageDataset",
+    "ImageFolderSource",
     "build_dataset",
     "build_loader",
     "register_dataset",
@@ -61,12 +64,12 @@ def _check_options(name: str, builder: Any, options: dict[str, Any]) -> None:
         raise ValueError(f"dataset '{name}' has no option(s) {unknown}; its options are {accepted}")
 
 
-def build_dataset(name: str, *, root: str, train: bool, download: bool = False, **options: Any) -> ImageDataset:
+def build_dataset(name: str, *, root: str, train: bool, download: bool = False, **options: Any) -> DataSource:
     """Build one split of the dataset registered as `name`.
 
     Args:
-        name: registered name ("cifar100", "synthetic", ...); an unknown name raises a ValueError with close
-            matches.
+        name: registered name ("cifar100", "synthetic", "imagenet", "image_folder", ...); an unknown name raises a
+            ValueError with close matches.
         root: folder holding (or receiving) the dataset files.
         train: the training split if True, else the test split.
         download: fetch the files if they are missing (datasets that have files to fetch).

@@ -1,12 +1,20 @@
-"""The in-memory image dataset every builder returns, and the error raised for unusable data."""
+"""The interface every dataset builder returns (`DataSource`), the in-memory `ImageDataset`, and `DatasetError`.
+
+A data source answers "these samples of epoch e, transformed" with `load_batch`; `BatchedDataset` (datasets/loader.py)
+calls it inside the DataLoader's workers, so a source may decode its samples there (datasets/folder.py reads image
+files per sample) instead of holding the split in memory.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ctkd.errors import UserError
+
+from .transforms import eval_transform, train_transform
 
 
 class DatasetError(UserError, ValueError):
@@ -18,9 +26,50 @@ class DatasetError(UserError, ValueError):
     """
 
 
+@runtime_checkable
+class DataSource(Protocol):
+    """One split of a dataset: labels up front, transformed images on demand.
+
+    Sources travel to the DataLoader's worker processes (pickled under the spawn start method), so they hold
+    light state: tensors, arrays, paths, numbers.
+    """
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task (a split need not contain all of them)."""
+        ...
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Human-readable class names, `num_classes` of them; label k is ``classes[k]``."""
+        ...
+
+    @property
+    def targets(self) -> Tensor:
+        """int64 (N,) labels of all samples, in [0, num_classes) (CRD's memory bank needs them all at once)."""
+        ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a transformed sample, as `load_batch` returns it (train and eval alike)."""
+        ...
+
+    def __len__(self) -> int:
+        """Number of samples N."""
+        ...
+
+    def load_batch(self, indices: Tensor, *, epoch: int, train: bool, seed: int) -> Tensor:
+        """float32 (B, *image_shape) normalised images of the samples `indices` (int64 (B,)).
+
+        With `train`, the augmentation of sample i is a pure function of (seed, epoch, i) (see `hashing`); without,
+        the images are only normalised (and resized/cropped to `image_shape`), whatever the epoch and seed.
+        """
+        ...
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """A whole split held in memory as uint8 CHW images plus int64 labels.
+    """A whole split held in memory as uint8 CHW images plus int64 labels (a `DataSource`).
 
     Attributes:
         images: uint8 tensor of shape (N, 3, H, W), pixel values 0..255.
@@ -46,3 +95,16 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(3, H, W): the transforms keep the stored size."""
+        _, channels, height, width = self.images.shape
+        return channels, height, width
+
+    def load_batch(self, indices: Tensor, *, epoch: int, train: bool, seed: int) -> Tensor:
+        """Padded random crop + flip drawn from (seed, epoch, index) when `train`, then normalisation (`transforms`)."""
+        images = self.images[indices]
+        if train:
+            return train_transform(images, indices, seed=seed, epoch=epoch, mean=self.mean, std=self.std)
+        return eval_transform(images, mean=self.mean, std=self.std)

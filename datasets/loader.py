@@ -16,9 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .base import ImageDataset
+from .base import DataSource
 from .hashing import seed_for
-from .transforms import eval_transform, train_transform
 
 BatchKey = tuple[int, list[int], int]  # (epoch, this rank's sample indices, samples in the whole global batch)
 
@@ -109,21 +108,17 @@ class BatchedDataset(Dataset[Batch]):
 
     ``dataset[(epoch, indices, global_size)]`` returns a `Batch`: float32 (B, 3, H, W) normalised images (with
     the train augmentation of that epoch when `train`), int64 (B,) labels and the indices. It is a pure function
-    of the key, holding no epoch state, so it works unchanged in (persistent) worker processes.
+    of the key, holding no epoch state, so it works unchanged in (persistent) worker processes. The images come
+    from the source's `load_batch`, so a source that decodes files does it here, in the workers.
     """
 
-    def __init__(self, dataset: ImageDataset, *, train: bool, seed: int) -> None:
+    def __init__(self, dataset: DataSource, *, train: bool, seed: int) -> None:
         self.dataset, self.train, self.seed = dataset, train, seed
 
     def __getitem__(self, key: tuple[int, Sequence[int], int]) -> Batch:
         epoch, indices, global_size = key
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        images = self.dataset.images[idx]
-        mean, std = self.dataset.mean, self.dataset.std
-        if self.train:
-            images = train_transform(images, idx, seed=self.seed, epoch=epoch, mean=mean, std=std)
-        else:
-            images = eval_transform(images, mean=mean, std=std)
+        images = self.dataset.load_batch(idx, epoch=epoch, train=self.train, seed=self.seed)
         return Batch(images, self.dataset.targets[idx], idx, global_size)
 
 
@@ -140,7 +135,7 @@ def ignore_sigterm(worker_id: int) -> None:
 
 
 def build_loader(
-    dataset: ImageDataset,
+    dataset: DataSource,
     *,
     batch_size: int,
     train: bool,
