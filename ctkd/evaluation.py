@@ -12,6 +12,7 @@ from ctkd.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_di
 from ctkd.config import Config, config_from_dict
 from ctkd.distributed import DistributedContext, resolve_device
 from ctkd.engine import evaluate
+from ctkd.methods.base import NetworkRuntime
 
 
 def config_of_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -43,5 +44,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         model, checkpoint, arch=cfg.student.name, key="student.name",
         identify=lambda state: identify_architectures(state, test_set.num_classes, like=cfg.student.name),
     )
-    metrics = evaluate(model.to(device), test_loader, device)
+    runtime = NetworkRuntime.from_config(device.type, cfg.runtime.amp, cfg.runtime.channels_last)
+    model = model.to(device, memory_format=runtime.memory_format)
+    metrics = evaluate(model, test_loader, device, runtime)
     return {"model": cfg.student.name, "dataset": cfg.data.name, "checkpoint": str(checkpoint), **metrics}
