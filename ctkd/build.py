@@ -37,12 +37,27 @@ def build_split(cfg: Config, *, train: bool) -> datasets.DataSource:
     )
 
 
+def batches_in_process(cfg: Config, dataset: datasets.DataSource, device: torch.device) -> bool:
+    """Whether batches are made in the training process, on its device, instead of in loader workers
+    (`runtime.data_on_device`): in-memory datasets only (an image folder decodes its files in workers)."""
+    movable = isinstance(dataset, datasets.ImageDataset)
+    setting = cfg.runtime.data_on_device
+    if setting == "on" and not movable:
+        raise ConfigError(
+            f"runtime.data_on_device=on needs an in-memory dataset (cifar100, synthetic); data.name "
+            f"{cfg.data.name} decodes its files in loader workers: set runtime.data_on_device=auto or off"
+        )
+    return movable and (setting == "on" or (setting == "auto" and device.type == "cuda"))
+
+
 def build_split_loader(
     cfg: Config, dataset: datasets.DataSource, *, train: bool, ctx: DistributedContext
 ) -> DataLoader:
     """Train loader (shuffled, augmented as a function of (seed, epoch, index)) or test loader (in order, half batch).
 
     Batch sizes are global: each rank takes its share of every batch, so N processes see the same batches as one.
+    With `runtime.data_on_device` an in-memory split moves to the device and is augmented there in batches, in this
+    process (no workers, no pinned copies): the same pixels as the CPU path.
     """
     key, batch_size = ("data.batch_size", cfg.data.batch_size) if train else (
         "data.test_batch_size", cfg.data.effective_test_batch_size)
@@ -65,15 +80,18 @@ def build_split_loader(
             f"process(es) of method {cfg.method.name} need; choose a data.batch_size for which "
             f"{len(dataset)} % batch_size is 0 or ≥ {need}"
         )
+    in_process = batches_in_process(cfg, dataset, ctx.device)
+    if in_process:
+        dataset = dataset.to(ctx.device)  # type: ignore[attr-defined]  (an ImageDataset: checked above)
     return build_loader(
         dataset,
         batch_size=batch_size,
         train=train,
         seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=0 if in_process else cfg.data.num_workers,
         rank=ctx.rank,
         world_size=ctx.world_size,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda" and not in_process,
         persistent_workers=True,  # batches are pure functions of their key: no reason to re-fork workers per epoch
     )
 

@@ -208,7 +208,8 @@ def train_one_epoch(
     distiller.train()
     totals = EpochTotals()
     guard = NonFiniteGuard(device, epoch)
-    grl_lambda = torch.as_tensor(grl_lambda, dtype=torch.float32, device=device)  # a tensor: no recompile per epoch
+    if not isinstance(grl_lambda, Tensor):  # a device tensor (filled there: no copy): no recompile per epoch
+        grl_lambda = torch.full((), grl_lambda, dtype=torch.float32, device=device)
     memory_format = distiller.runtime.memory_format
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):

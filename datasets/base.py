@@ -6,6 +6,7 @@ files per sample) instead of holding the split in memory.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -102,8 +103,16 @@ class ImageDataset:
         _, channels, height, width = self.images.shape
         return channels, height, width
 
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """This split with images and labels on `device`: batches are then cropped, flipped and normalised there
+        (bit-identical pixels: integer indexing and the same float operations), with no worker process."""
+        return dataclasses.replace(self, images=self.images.to(device), targets=self.targets.to(device))
+
     def load_batch(self, indices: Tensor, *, epoch: int, train: bool, seed: int) -> Tensor:
         """Padded random crop + flip drawn from (seed, epoch, index) when `train`, then normalisation (`transforms`)."""
+        if self.images.is_cuda and not indices.is_cuda:  # a pinned host copy goes to the GPU without a host sync
+            indices = indices.pin_memory()
+        indices = indices.to(self.images.device, non_blocking=True)
         images = self.images[indices]
         if train:
             return train_transform(images, indices, seed=seed, epoch=epoch, mean=self.mean, std=self.std)

@@ -119,6 +119,8 @@ class BatchedDataset(Dataset[Batch]):
         epoch, indices, global_size = key
         idx = torch.as_tensor(indices, dtype=torch.int64)
         images = self.dataset.load_batch(idx, epoch=epoch, train=self.train, seed=self.seed)
+        if images.is_cuda:  # the dataset lives on the GPU: indices follow from pinned memory, without a host sync
+            idx = idx.pin_memory().to(images.device, non_blocking=True)
         return Batch(images, self.dataset.targets[idx], idx, global_size)
 
 

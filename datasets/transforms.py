@@ -46,13 +46,14 @@ def crop_and_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pa
         flip: (B,) bool.
     """
     batch, channels, height, width = images.shape
+    device = images.device  # CPU or the GPU the dataset lives on: the same integer indexing, the same pixels
     padded = F.pad(images, (padding, padding, padding, padding))  # zeros, like RandomCrop(padding=4)
-    rows = top[:, None] + torch.arange(height)  # (B, H)
-    cols = torch.arange(width).expand(batch, width)  # (B, W)
+    rows = top[:, None] + torch.arange(height, device=device)  # (B, H)
+    cols = torch.arange(width, device=device).expand(batch, width)  # (B, W)
     cols = left[:, None] + torch.where(flip[:, None], width - 1 - cols, cols)
     return padded[
-        torch.arange(batch)[:, None, None, None],
-        torch.arange(channels)[None, :, None, None],
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(channels, device=device)[None, :, None, None],
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]  # (B, C, H, W)
@@ -61,8 +62,8 @@ def crop_and_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pa
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (B, C, H, W) → float32 scaled to [0, 1] (ToTensor), then (x - mean) / std per channel (Normalize)."""
     x = images.to(torch.float32).div_(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return x.sub_(mean_t).div_(std_t)
 
 
