@@ -1,0 +1,115 @@
+"""scripts/benchmark.py: a --quick end-to-end run on CPU (variants a, b, d, the pipeline table, --append)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from conftest import REPO_ROOT
+
+# the script as a user runs it: `python scripts/benchmark.py` from the repository root, the repo root not on the path
+SCRIPT_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+ROW_LABELS = ("a: reference loop", "b: ctkd defaults", "d: KD, fixed τ", "d: CTKD, global τ", "d: CTKD, instance τ")
+
+
+def load_script() -> ModuleType:
+    """Import scripts/benchmark.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("scripts_benchmark", REPO_ROOT / "scripts" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, first_header: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose first header cell is `first_header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def number(cell: str) -> float:
+    """A table cell's leading number ('1,234.5', '75.36 (fp32)')."""
+    match = re.match(r"-?[\d,]*\.?\d+", cell)
+    assert match, cell
+    return float(match.group(0).replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list[str]]:
+    """One --quick run of the script (stdout, the appended file, the arguments)."""
+    appended = tmp_path_factory.mktemp("bench") / "benchmarks.md"
+    appended.write_text("# Measurements\n\nearlier content\n", encoding="utf-8")
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--pairs", "resnet8:resnet8", "--batch-size", "8",
+            "--warmup", "2", "--steps", "3", "--workers", "0", "--variants", "a,b,d", "--pipeline",
+            "--append", str(appended)]
+    done = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", *argv],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=SCRIPT_ENV,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, appended, argv
+
+
+def test_table_has_a_row_per_variant_with_positive_numbers(quick_run: tuple[str, Path, list[str]]) -> None:
+    stdout, _, _ = quick_run
+    rows = table_rows(stdout, "pair")
+    assert [row[1] for row in rows] == list(ROW_LABELS)
+    for row in rows:
+        assert row[0] == "resnet8 → resnet8"
+        images_per_s, step_ms, memory, gflop, tflops, share = (number(cell) for cell in row[3:9])
+        assert images_per_s > 0 and step_ms > 0 and gflop > 0 and tflops > 0 and share > 0, row
+        assert memory >= 0, row
+        # the step time and the throughput describe the same window: batch 8 images per step
+        assert images_per_s * step_ms / 1000 == pytest.approx(8, rel=0.02), row
+    assert "synthetic (100 classes, 32 training images" in stdout  # 4 batches: the timed steps cross an epoch
+    relative = {row[1]: row[9] for row in rows}
+    assert relative["a: reference loop"] == "reference" and relative["b: ctkd defaults"].endswith("× a")
+    assert "vs fixed τ" in relative["d: CTKD, instance τ"]
+
+
+def test_pipeline_table_compares_per_image_and_batched_transforms(quick_run: tuple[str, Path, list[str]]) -> None:
+    stdout, _, _ = quick_run
+    rows = table_rows(stdout, "pipeline")
+    assert len(rows) == 3  # PIL per image, ctkd batched in the main process, ctkd's loader (no CUDA row on CPU)
+    assert "PIL" in rows[0][0] and "train_transform" in rows[1][0] and "build_loader" in rows[2][0]
+    assert all(number(row[1]) > 0 for row in rows)
+
+
+def test_appended_section_names_the_command_and_machine(quick_run: tuple[str, Path, list[str]]) -> None:
+    stdout, appended, argv = quick_run
+    text = appended.read_text(encoding="utf-8")
+    assert text.startswith("# Measurements\n\nearlier content\n\n## Training throughput, ")
+    section = text.split("## Training throughput, ", 1)[1]
+    assert f"Command: `python scripts/benchmark.py {' '.join(argv)}`" in section
+    assert "torch " in section and "GPU: none" in section
+    assert table_rows(section, "pair") == table_rows(stdout, "pair")
+
+
+def test_options_are_checked_and_defaults_follow_quick() -> None:
+    bench = load_script()
+    parser = bench.build_parser()
+    args = bench.resolve_args(parser.parse_args([]))
+    assert (args.warmup, args.steps, args.workers, args.batch_size) == (20, 100, 2, 64)
+    assert bench.parse_pairs(args.pairs) == [("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")]
+    assert bench.synthetic_size(args) == 5056  # 5,000 rounded up to whole batches of 64
+    quick = bench.resolve_args(parser.parse_args(["--quick", "--steps", "7"]))
+    assert (quick.warmup, quick.steps) == (2, 7)  # an explicit value wins over --quick's
+    with pytest.raises(SystemExit):
+        bench.resolve_args(parser.parse_args(["--variants", "a,e"]))
+    with pytest.raises(SystemExit):
+        bench.parse_pairs("resnet56-resnet20")
+    with pytest.raises(SystemExit, match="Did you mean.*resnet20"):
+        bench.parse_pairs("resnet56:resnet2O")
