@@ -22,6 +22,7 @@ from ctkd.distiller import Distiller, NetworkRuntime, build_distiller, measure_s
 from ctkd.distributed import DistributedContext, main_process_first, resolve_device
 from ctkd.methods import METHODS
 from ctkd.optim import StepLRSchedule, build_lr_schedule, build_sgd
+from ctkd.system import tune_malloc
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader
 
@@ -369,6 +370,8 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     The trainable module is not wrapped in DDP here: a resumed run loads its state first (see `Distiller.wrap_ddp`).
     """
     check_model_names(cfg)
+    if cfg.runtime.tune_malloc:
+        tune_malloc()
     with main_process_first(ctx):  # rank 0 downloads, the others then read what it wrote
         train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
     train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
