@@ -3,6 +3,10 @@
     python train.py --config FILE [--resume PATH|auto] [KEY=VALUE ...]
     python train.py --config FILE --print-config [KEY=VALUE ...]   # the resolved config; nothing is run or written
     torchrun --nproc_per_node=N train.py --config FILE [...]
+
+Exit status: 0 when the run finished; 1 for an error in the input, reported in one line (config, names, data,
+teacher or checkpoint files, an output_dir that another run holds, that cannot be written or whose disk is full);
+130 when the run was stopped at a checkpoint (Ctrl-C; the preempted status scripts/slurm_train.sbatch requeues on).
 """
 from __future__ import annotations
 

@@ -6,20 +6,30 @@ every helper here is a no-op, so the same code path serves 1 and N processes.
 from __future__ import annotations
 
 import os
+import random
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from ctkd.config import ConfigError
+from ctkd.errors import UserError
+from ctkd.logging import get_logger
+from ctkd.runs import RunLock, adopt_run_lock, check_free_space, lock_holder, lock_run, prepare_output_dir, try_lock_run
+from datasets.hashing import seed_for
 from datasets.loader import shard_sizes
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,95 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def decide_on_main(ctx: DistributedContext, decide: Callable[[], T]) -> T | None:
+    """`decide()` on rank 0 alone; a UserError it raises is raised on every rank (so all stop together).
+
+    Returns its value on rank 0 and None on the other ranks.
+    """
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = decide()
+        except UserError as err:
+            error = err
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
+def _log_lock(lock: RunLock) -> None:
+    """Say that the run directory is unprotected, or whose stale lock was taken over."""
+    if lock.unsupported:
+        get_logger().warning(f"warning: {lock.directory} is not locked ({lock.unsupported}): a second run started "
+                             "into it would not be refused")
+    elif lock.takeover_message():
+        get_logger().warning(lock.takeover_message())
+
+
+def claim_run_directory(directory: str | Path, ctx: DistributedContext, held: RunLock | None = None) -> RunLock | None:
+    """Make rank 0 the one writer of `directory` for the run's life: its lock (`held` if the caller already holds
+    it, else the one a parent process passed in CTKD_RUN_LOCK_FD, else a new one), a writable directory and a
+    minimum of free space. Every rank raises the same error when this fails (another run holds the directory,
+    it cannot be written, its disk is full). Returns the lock on rank 0 (the caller releases it), None elsewhere.
+    """
+    def claim() -> RunLock:
+        prepare_output_dir(directory)
+        lock = held or adopt_run_lock(directory) or lock_run(directory)
+        try:
+            check_free_space(directory)
+        except UserError:
+            if held is None:
+                lock.release()
+            raise
+        _log_lock(lock)
+        return lock
+
+    return decide_on_main(ctx, claim)
+
+
+WAIT_POLL_S = 2.0  # how often a run waiting for another run's directory looks again
+
+
+def wait_for_run_directory(directory: str | Path, ctx: DistributedContext, what: str,
+                           poll_s: float = WAIT_POLL_S) -> RunLock | None:
+    """The lock of `directory` for rank 0, waiting (with one log line) while another run holds it.
+
+    Every rank polls together, one short collective per look, so a long wait never reaches the collectives'
+    timeout. Returns the lock on rank 0 (the caller releases it), None elsewhere.
+    """
+    told = False
+    while True:
+        lock = decide_on_main(ctx, lambda: try_lock_run(directory))
+        holder = broadcast_object((lock_holder(directory) if lock is None else "") if ctx.is_main else None)
+        if not holder:
+            if lock is not None:
+                _log_lock(lock)
+            return lock
+        if not told:
+            get_logger().info(f"waiting for {what}: {directory} is locked by {holder}, which is producing it")
+            told = True
+        time.sleep(poll_s)
+
+
+RANK_SEED_STREAM = -(1 << 40)  # an "epoch" no data stream uses: the per-rank seeds are unrelated to the data's
+
+
+def seed_rank(seed: int, ctx: DistributedContext) -> None:
+    """Under DDP, give each rank its own global RNG stream, drawn from (seed, rank), once the models exist.
+
+    The networks are initialised from `seed` alike on every rank; afterwards dropout and drop-path masks must differ
+    between ranks (each rank's samples get their own masks, as one process's samples do). A single process keeps the
+    stream of `seed` unchanged.
+    """
+    if ctx.world_size == 1:
+        return
+    rank_seed = seed_for(seed, RANK_SEED_STREAM - ctx.rank)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:

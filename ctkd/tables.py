@@ -4,9 +4,7 @@ Only yaml and the standard library are used here, so the table scripts start qui
 """
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,10 @@ from typing import Any
 import yaml
 
 from ctkd.errors import UserError
-from ctkd.runs import RunFileError, read_metrics, read_results
+
+# the run directory's lock lives in ctkd.runs (train.py takes it too); LOCK_FILE, is_locked and lock_holder are
+# re-exported here for the table scripts
+from ctkd.runs import LOCK_FILE, RunFileError, is_locked, lock_holder, read_metrics, read_results  # noqa: F401
 
 TABLES_DIR = Path("configs/tables")
 DEFAULT_RUNS_ROOT = "runs"
@@ -23,7 +24,6 @@ METRICS: tuple[str, ...] = ("best_acc1", "last_acc1")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("title", "paper_table", "metric", "seeds", "teachers", "rows", "columns", "cells")
 CELL_KEYS: tuple[str, ...] = ("config", "overrides", "paper")
 RUN_STATES: tuple[str, ...] = ("done", "running", "interrupted", "failed", "pending")
-LOCK_FILE = ".lock"
 FAILED_FILE = "FAILED"  # written by scripts/reproduce.py when train.py exits with a non-zero status
 
 
@@ -260,32 +260,6 @@ def paper_number(value: float | Mapping[str, Any] | None) -> float | None:
     if isinstance(value, Mapping):
         value = value.get("mean", value.get("top1"))
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def is_locked(run_dir: str | Path) -> bool:
-    """Whether a live process holds the run's lock (a dead holder's lock is released by the kernel)."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        # a shared probe fails exactly when someone holds the exclusive lock, and is released at once
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def lock_holder(run_dir: str | Path) -> str:
-    """'pid N on HOST' as the holder wrote it into the lock file, or 'another process'."""
-    try:
-        text = (Path(run_dir) / LOCK_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    return text or "another process"
 
 
 def is_done(run_dir: str | Path, planned_epochs: int | None) -> bool:

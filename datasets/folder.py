@@ -15,6 +15,12 @@ image, as the authors' pipeline does (docs/settings.md, ImageNet):
   (seed, epoch, index) (`resized_crop_params`), so the data does not depend on workers, batching or resuming;
 - eval: resize the shorter side to resize_size, centre crop image_size;
 - then ToTensor-style scaling to [0, 1] and Normalize(mean, std).
+
+An image file that cannot be decoded stops the run with an `ImageDecodeError` naming the file and its sample index.
+With `data.max_bad_images: N` > 0, up to N unreadable *training* files are tolerated instead: each is replaced by the
+next readable file of its class (in file order, wrapping around within the class), with the augmentation of the
+sample it replaces, so the replacement is deterministic; the count reaches the epoch's metrics (`bad_images`), and
+the N+1-th unreadable file stops the run, naming the files. A test image that cannot be read always stops the run.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 
 from ctkd.config import ConfigError, DataConfig, _spec
+from ctkd.logging import get_logger
 
 from . import register_dataset
 from .base import DatasetError
@@ -169,8 +176,14 @@ class ImageFolderSource:
         crop_ratio: Sequence[float] = CROP_RATIO,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        max_bad_images: int = 0,
     ) -> None:
-        """`files` are paths relative to `folder` (the split's folder); `targets[k]` is the label of `files[k]`."""
+        """`files` are paths relative to `folder` (the split's folder); `targets[k]` is the label of `files[k]`, and
+        the labels are sorted (each class's files are contiguous, as `_list_files` lists them).
+
+        `max_bad_images` > 0: up to that many unreadable files are replaced in training batches (see the module's
+        docstring); 0: an unreadable file stops the run.
+        """
         assert targets.dtype == torch.int64 and targets.shape == (len(files),)
         self.folder = str(folder)
         self._path_bytes, self._path_offsets = _pack_paths(files)
@@ -179,6 +192,10 @@ class ImageFolderSource:
         self.image_size, self.resize_size = image_size, resize_size
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.max_bad_images = max_bad_images
+        # per sample: 1 + the last epoch its file was found unreadable (0: never). In shared memory, so that what
+        # the loader's worker processes find is seen by the training process (and by the other workers).
+        self._bad = torch.zeros(len(files), dtype=torch.int32).share_memory_() if max_bad_images > 0 else None
 
     @property
     def num_classes(self) -> int:
@@ -243,13 +260,54 @@ class ImageFolderSource:
         """Decode, transform and normalise the samples `indices`: float32 (B, 3, image_size, image_size)."""
         uniforms, flips = crop_draws(seed, epoch, indices) if train else (None, None)
         out = torch.empty(len(indices), *self.image_shape, dtype=torch.uint8)
+        tolerant = train and self._bad is not None
         for k, index in enumerate(indices.tolist()):
-            image = self.load_image(index)
+            image = self._load_or_replace(index, epoch) if tolerant else self.load_image(index)
             if uniforms is None:
                 out[k] = self._transform(image, None, False)
             else:
                 out[k] = self._transform(image, uniforms[k], bool(flips[k]))
         return normalize(out, self.mean, self.std)
+
+    def bad_images(self, epoch: int) -> int:
+        """How many unreadable files this process's loader met (and replaced) in training epoch `epoch`."""
+        return 0 if self._bad is None else int((self._bad == epoch + 1).sum())
+
+    def _load_or_replace(self, index: int, epoch: int) -> Image.Image:
+        """Sample `index` decoded, or, if its file cannot be read, the next readable file of its class."""
+        try:
+            return self.load_image(index)
+        except ImageDecodeError as err:
+            self._count_bad(index, epoch, err)
+        label = int(self._targets[index])
+        low = int(torch.searchsorted(self._targets, label))
+        high = int(torch.searchsorted(self._targets, label, right=True))
+        for other in [*range(index + 1, high), *range(low, index)]:
+            try:
+                return self.load_image(other)
+            except ImageDecodeError as err:
+                self._count_bad(other, epoch, err)
+        raise ImageDecodeError(
+            f"no image file of class {self._classes[label]} ({high - low} files, samples {low}..{high - 1} of the "
+            f"split in {self.folder}) can be read, so unreadable sample {index} cannot be replaced; replace them"
+        )
+
+    def _count_bad(self, index: int, epoch: int, err: ImageDecodeError) -> None:
+        """Record that sample `index`'s file is unreadable; stop (naming the files) past data.max_bad_images."""
+        assert self._bad is not None
+        first = int(self._bad[index]) == 0
+        self._bad[index] = epoch + 1
+        bad = self._bad.nonzero().flatten().tolist()
+        if len(bad) > self.max_bad_images:
+            raise ImageDecodeError(
+                f"{len(bad)} training image files cannot be read, more than data.max_bad_images = "
+                f"{self.max_bad_images} allows: {_examples([self.path(i) for i in bad])}. The last one: {err}"
+            )
+        if first:
+            get_logger().warning(
+                f"warning: training image {self.path(index)} (sample {index}) cannot be read; it is replaced by the "
+                f"next readable image of its class ({len(bad)} of data.max_bad_images = {self.max_bad_images})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- listing the files
@@ -367,8 +425,10 @@ def _build(
     crop_scale: Sequence[float],
     mean: Sequence[float],
     std: Sequence[float],
+    max_bad_images: int = 0,
 ) -> ImageFolderSource:
-    """One split of a folder dataset, after checking the layout of both splits' class folders."""
+    """One split of a folder dataset, after checking the layout of both splits' class folders (`max_bad_images`
+    applies to the training split only)."""
     _check_options(image_size=image_size, resize_size=resize_size, crop_scale=crop_scale, mean=mean, std=std)
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -397,6 +457,7 @@ def _build(
     return ImageFolderSource(
         folder=split_dir, files=files, targets=targets, classes=classes, image_size=image_size,
         resize_size=resize_size, crop_scale=crop_scale, mean=mean, std=std,
+        max_bad_images=max_bad_images if train else 0,
     )
 
 
@@ -435,6 +496,7 @@ class ImageNetData(DataConfig):
     resize_size: int = _spec(256, ge=1)  # test images: shorter side resized to this before the centre crop
     crop_scale: tuple[float, ...] = _spec(CROP_SCALE, gt=0)  # [low, high] area fraction of the train random crop
     num_classes: int = _spec(1000, ge=2)  # class folders expected in each split (e.g. 10 for Imagenette)
+    max_bad_images: int = _spec(0, ge=0)  # unreadable training images replaced (and counted) before the run stops
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -454,6 +516,7 @@ def imagenet(
     resize_size: int = 256,
     crop_scale: Sequence[float] = CROP_SCALE,
     num_classes: int = 1000,
+    max_bad_images: int = 0,
 ) -> ImageFolderSource:
     """One split of ImageNet from `<root>/train` or `<root>/val` (class k = the k-th wnid folder in sorted order).
 
@@ -476,7 +539,7 @@ def imagenet(
             "Imagenette (10 classes) set data.num_classes to its number of classes."
         ),
         describe=describe, image_size=image_size, resize_size=resize_size, crop_scale=crop_scale,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, max_bad_images=max_bad_images,
     )
 
 
@@ -496,6 +559,7 @@ class ImageFolderData(DataConfig):
     num_classes: int | None = _spec(None, ge=2)  # class folders expected in each split; null = as many as there are
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel mean of the [0, 1] pixels (R, G, B), for normalisation
     std: tuple[float, ...] = _spec(IMAGENET_STD, gt=0)  # per-channel standard deviation (R, G, B)
+    max_bad_images: int = _spec(0, ge=0)  # unreadable training images replaced (and counted) before the run stops
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -519,6 +583,7 @@ def image_folder(
     num_classes: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    max_bad_images: int = 0,
 ) -> ImageFolderSource:
     """One split of an ImageFolder tree, `<root>/<train_dir>` or `<root>/<val_dir>`, with ImageNet-style transforms.
 
@@ -546,4 +611,5 @@ def image_folder(
             "remove class folders."
         ),
         describe=describe, image_size=image_size, resize_size=resize_size, crop_scale=crop_scale, mean=mean, std=std,
+        max_bad_images=max_bad_images,
     )

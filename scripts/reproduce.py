@@ -9,15 +9,15 @@
 TABLE is a table file or its name in configs/tables. Each run is an ordinary
 `python train.py --config CFG [overrides] output_dir=<runs-root>/tables/<table>/<row>/<column>/seed<k> seed=<k>
 --resume auto` started from the repository root, its output appended to train.log in the run directory. The runner
-holds an exclusive lock (flock on <run_dir>/.lock) while a run trains, so runners started together on one table never
-train a run twice. Done runs are skipped, interrupted ones resume, failed ones (a FAILED file) are retried only with
---retry-failed. Exit status: 0 when every run is done or running elsewhere, 1 if any failed (or the input is wrong),
-130 on Ctrl-C.
+holds an exclusive lock (flock on <run_dir>/.lock) while a run trains and passes it to its train.py (which adopts it
+through CTKD_RUN_LOCK_FD instead of locking again), so runners started together on one table never train a run twice,
+and neither does a train.py started by hand into the same directory. Done runs are skipped, interrupted ones resume,
+failed ones (a FAILED file) are retried only with --retry-failed. Exit status: 0 when every run is done or running
+elsewhere, 1 if any failed (or the input is wrong), 130 on Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shlex
 import signal
@@ -36,9 +36,9 @@ except ImportError:  # run as `python scripts/reproduce.py` without an install: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctkd.errors import UserError  # noqa: E402
+from ctkd.runs import LOCK_FD_ENV, release_run_lock, try_lock_run  # noqa: E402
 from ctkd.tables import (  # noqa: E402
     FAILED_FILE,
-    LOCK_FILE,
     RUN_STATES,
     Cell,
     Table,
@@ -174,21 +174,19 @@ def make_plan(
 
 # ----------------------------------------------------------------------------------------------------------- locking
 def try_lock(directory: Path) -> int | None:
-    """The fd of the run's exclusive lock, or None when another live process holds it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    for attempt in range(3):  # a `--status` elsewhere probes the lock for an instant: do not take that for a holder
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if attempt == 2:
-                os.close(fd)
-                return None
-            time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    return fd
+    """The fd of the run's exclusive lock (ctkd.runs), or None when another live process holds it.
+
+    The train.py started for the run adopts this lock through CTKD_RUN_LOCK_FD instead of taking its own.
+    """
+    lock = try_lock_run(directory)
+    if lock is None:
+        return None
+    if lock.unsupported:
+        print(f"warning: {directory} cannot be locked ({lock.unsupported}): two runners could train it at once",
+              flush=True)
+    elif lock.takeover_message():
+        print(lock.takeover_message(), flush=True)
+    return lock.fd
 
 
 # ----------------------------------------------------------------------------------------------------------- running
@@ -271,11 +269,11 @@ class Scheduler:
             return None
         # looked at again under the lock: another runner may have finished or failed it in the meantime
         if is_done(job.run_dir, job.planned_epochs):
-            os.close(fd)
+            release_run_lock(fd)
             self._settle(job, Outcome("done"))
             return None
         if (job.run_dir / FAILED_FILE).is_file() and not self.retry_failed:
-            os.close(fd)
+            release_run_lock(fd)
             self._settle(job, Outcome("failed", "failed before; not retried without --retry-failed"))
             return None
         return fd
@@ -287,9 +285,10 @@ class Scheduler:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         log.write(f"=== {stamp} {PROG} (pid {os.getpid()} on {socket.gethostname()}): {job.command}\n".encode())
         log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.slots[slot] or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.slots[slot] or {}), LOCK_FD_ENV: str(lock_fd)}
         # own session: a terminal Ctrl-C reaches only this runner, which passes exactly one SIGINT on to each child;
-        # the child keeps a copy of the lock fd, so the run stays locked even if this runner is killed
+        # the child keeps a copy of the lock fd and adopts it (LOCK_FD_ENV) rather than locking the directory again,
+        # so the run stays locked even if this runner is killed
         proc = subprocess.Popen([sys.executable, *job.argv], stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, pass_fds=(lock_fd,))
         where = f" on GPU {self.slots[slot]['CUDA_VISIBLE_DEVICES']}" if self.slots[slot] else ""
@@ -323,7 +322,7 @@ class Scheduler:
             self.outcomes[job.label] = Outcome("failed", reason)
             print(f"FAIL  {job.label}: {reason} (see {job.run_dir / 'train.log'})", flush=True)
         finally:
-            os.close(item.lock_fd)
+            release_run_lock(item.lock_fd)
 
     def stop(self) -> None:
         """Pass one SIGINT to every child so that it saves and stops; kill the ones that take too long."""
@@ -343,7 +342,7 @@ class Scheduler:
         for item in self.running.values():
             item.proc.wait()
             item.log.close()
-            os.close(item.lock_fd)  # no FAILED marker: an interrupted run resumes next time
+            release_run_lock(item.lock_fd)  # no FAILED marker: an interrupted run resumes next time
         self.running.clear()
 
 

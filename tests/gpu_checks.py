@@ -78,3 +78,29 @@ def test_compile_on_cuda_matches_eager(tmp_path) -> None:
         states.append(torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)["trainable"])
     for key in states[0]:
         torch.testing.assert_close(states[1][key].float(), states[0][key].float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("student", ["resnet8", "torchvision.resnet18"])
+def test_deterministic_cuda_runs_are_bit_identical(tmp_path, monkeypatch, student) -> None:
+    """runtime.deterministic on CUDA: no op of the training path lacks a deterministic kernel (torch would raise),
+    and two runs of the same config end with the same bytes (weights, τ, metrics). Run it in a fresh process for
+    cuBLAS to start with CUBLAS_WORKSPACE_CONFIG as the run sets it."""
+    import json
+    from pathlib import Path
+
+    from ctkd.trainer import run
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    states, records = [], []
+    try:
+        for name in ("a", "b"):
+            cfg = _cuda_config(tmp_path / name, epochs=2, student={"name": student},
+                               runtime={"compile": "off", "deterministic": True})
+            run(cfg)
+            states.append(torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)["trainable"])
+            lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+            records.append([{k: v for k, v in json.loads(line).items() if k != "epoch_time"} for line in lines])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert records[0] == records[1]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])

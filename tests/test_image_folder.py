@@ -354,7 +354,7 @@ def _config(tmp_path: Path, data: dict) -> object:
 def test_config_section_and_check_inputs_decode_nothing(tree: Path, tmp_path: Path, monkeypatch) -> None:
     cfg = _config(tmp_path, {"name": "imagenet", "root": str(tree), "num_classes": 3, **SMALL})
     assert cfg.data.dataset_options() == {"image_size": 32, "resize_size": 36, "crop_scale": (0.08, 1.0),
-                                          "num_classes": 3}
+                                          "num_classes": 3, "max_bad_images": 0}
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was opened while building a split")

@@ -267,7 +267,9 @@ def test_interrupted_run_resumes(finished: dict) -> None:
 @pytest.mark.slow
 def test_failed_run_is_reported_and_retried_only_on_request(tmp_path: Path) -> None:
     broken = tiny(tmp_path, "broken")
-    broken["data"] = {**broken["data"], "name": "cifar100", "root": str(tmp_path / "no_data")}
+    synthetic_only = ("num_classes", "train_size", "test_size", "seed")  # not options of cifar100
+    broken["data"] = {**{k: v for k, v in broken["data"].items() if k not in synthetic_only}, "name": "cifar100",
+                      "root": str(tmp_path / "no_data")}
     config = write_yaml(tmp_path / "cfg" / "broken.yaml", broken)
     table = write_yaml(tmp_path / "tiny.yaml", {
         "seeds": [0], "rows": {"pair": "r"}, "columns": {"vanilla": "v"},
