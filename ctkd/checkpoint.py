@@ -1,33 +1,62 @@
-"""Checkpoints: atomic writes, plain-type contents readable with ``weights_only=True``, and teacher loading.
+"""Checkpoints: verified atomic writes, the run directory's checkpoint series, plain-type contents readable with
+``weights_only=True``, and teacher loading.
 
-Our run checkpoints (`last.pth`, `best.pth`) hold the student, the temperature module, optimizer, LR schedule (and
-the position of a per-iteration warm-up/cosine schedule, ``lr_scheduler``), fp16's GradScaler state
-(``grad_scaler``; None without fp16), epoch, best accuracy, RNG states and the resolved config. Teacher files come
-in the layouts in circulation (docs/differences.md, Teacher loading): ``{"model": state_dict, ...}`` (CRD,
-mdistiller, CTKD CIFAR teachers), ``{"state_dict": ...}``, a bare state_dict, or one of our own run checkpoints
-(``{"student": ...}``), possibly saved from DDP or ``torch.compile``.
+Our run checkpoints hold the trainable module (student, temperature module, method heads) and the method's state,
+optimizer, LR schedule (and the position of a per-iteration warm-up/cosine schedule, ``lr_scheduler``), fp16's
+GradScaler state (``grad_scaler``; None without fp16), epoch, best accuracy, RNG states, the resolved config, the
+SHA-256 of the teacher file (``teacher_sha256``) and, for a checkpoint taken inside an epoch, the state that lets the
+epoch continue exactly (``epoch_state``: the epoch, its steps done, its LR, every rank's running sums and flags).
+
+Integrity: a file is written under a temporary name, fsynced, read back and checksummed; the SHA-256 of all its
+bytes is stored in the file itself, as the zip archive comment that ends every torch.save file
+(``ctkd-sha256:<64 hex digits>``; torch.load and any zip tool ignore it), then the file is fsynced and renamed into
+place. Loading verifies the checksum whenever a file carries one, so a truncated, emptied or bit-flipped file is
+reported as such (torch.load alone reads a flipped byte of tensor data silently). Files of checkpoint version ≤ 2
+and of other tools carry none and are read as before.
+
+The series (`CheckpointSeries`): ``ckpt-e<EEEE>-s<SSSSSS>.pth`` is the state after SSSSSS training steps of epoch
+EEEE (an epoch-end checkpoint has all of that epoch's steps and its evaluation); the newest `keep_last` are kept;
+``last.pth`` is a copy of the newest and ``best.pth`` a copy of the best-accuracy epoch's state.
+
+Teacher files come in the layouts in circulation (docs/differences.md, Teacher loading): ``{"model": state_dict,
+...}`` (CRD, mdistiller, CTKD CIFAR teachers), ``{"state_dict": ...}``, a bare state_dict, or one of our own run
+checkpoints (``{"student": ...}``), possibly saved from DDP or ``torch.compile``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import pickle
 import random
+import re
+import time
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ctkd.errors import UserError
-from ctkd.fileio import atomic_write
+from ctkd.fileio import atomic_copy, atomic_write
 
 CHECKPOINT_FORMAT = "ctkd-run"
-CHECKPOINT_VERSION = 2  # 1: "student" and "temperature" states; 2: the whole trainable module and method state
+# 1: "student" and "temperature" states; 2: the whole trainable module and method state; 3: a SHA-256 in the file,
+# "epoch_state" (checkpoints inside an epoch) and "teacher_sha256"
+CHECKPOINT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 _STATE_DICT_KEYS = ("student", "model", "state_dict")  # ours, CRD/mdistiller/CTKD, generic
+
+_CHECKSUM_PREFIX = b"ctkd-sha256:"
+_CHECKSUM_COMMENT = len(_CHECKSUM_PREFIX) + 64  # bytes of the zip comment holding the hex digest
+_EOCD = b"PK\x05\x06"  # the zip end-of-central-directory record: 22 bytes, its last 2 the comment's length
+_EOCD_SIZE = 22
+_CHUNK = 1 << 20
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -36,15 +65,86 @@ class CheckpointError(UserError, RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- files
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (see ctkd.fileio)."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    """torch.save `obj` to `path` atomically with its SHA-256: write, fsync, checksum, fsync, rename."""
+
+    def write(handle: IO[bytes]) -> None:
+        torch.save(obj, handle)
+        _append_checksum(handle)
+
+    atomic_write(path, write)
 
 
-def load_file(path: str | Path, *, extra_safe_globals: tuple[type, ...] = ()) -> Any:
-    """torch.load to CPU with ``weights_only=True``; failures become a CheckpointError naming the file and cause."""
+def _append_checksum(handle: IO[bytes]) -> None:
+    """Fsync what torch.save wrote, read it back, and store its SHA-256 as the zip archive comment."""
+    handle.flush()
+    os.fsync(handle.fileno())
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(max(size - _EOCD_SIZE, 0))
+    end = handle.read(_EOCD_SIZE)
+    if len(end) != _EOCD_SIZE or not end.startswith(_EOCD) or end[-2:] != b"\0\0":
+        raise RuntimeError("torch.save did not end its file with an empty zip comment: no place for the checksum")
+    digest = _sha256(handle, size - 2)  # every byte before the comment's length field
+    handle.seek(size - 2)
+    handle.write(_CHECKSUM_COMMENT.to_bytes(2, "little") + _CHECKSUM_PREFIX + digest.encode("ascii"))
+
+
+def _sha256(handle: IO[bytes], length: int) -> str:
+    """SHA-256 of the first `length` bytes of `handle`."""
+    digest = hashlib.sha256()
+    handle.seek(0)
+    while length > 0:
+        chunk = handle.read(min(_CHUNK, length))
+        if not chunk:
+            break
+        digest.update(chunk)
+        length -= len(chunk)
+    return digest.hexdigest()
+
+
+def stored_checksum(path: str | Path) -> str | None:
+    """The SHA-256 stored in file `path` by `atomic_save`, or None if it carries none."""
+    path = Path(path)
+    size = path.stat().st_size
+    tail_size = _EOCD_SIZE + _CHECKSUM_COMMENT
+    if size < tail_size:
+        return None
+    with path.open("rb") as handle:
+        handle.seek(size - tail_size)
+        tail = handle.read(tail_size)
+    comment = tail[_EOCD_SIZE:]
+    if (not tail.startswith(_EOCD) or tail[_EOCD_SIZE - 2:_EOCD_SIZE] != _CHECKSUM_COMMENT.to_bytes(2, "little")
+            or not comment.startswith(_CHECKSUM_PREFIX)):
+        return None
+    return comment[len(_CHECKSUM_PREFIX):].decode("ascii", errors="replace")
+
+
+def verify_checksum(path: str | Path) -> bool:
+    """Check file `path` against the SHA-256 stored in it: True if it matches, False if the file carries none
+    (version ≤ 2 checkpoints, other tools' files); a mismatch raises a CheckpointError naming the file."""
+    path = Path(path)
+    stored = stored_checksum(path)
+    if stored is None:
+        return False
+    with path.open("rb") as handle:
+        actual = _sha256(handle, path.stat().st_size - _CHECKSUM_COMMENT - 2)
+    if actual != stored:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: SHA-256 checksum mismatch (stored {stored[:16]}…, "
+            f"its bytes give {actual[:16]}…)"
+        )
+    return True
+
+
+def load_file(path: str | Path, *, extra_safe_globals: tuple[type, ...] = (), verify: bool = True) -> Any:
+    """torch.load to CPU with ``weights_only=True``, after verifying the file's checksum if it carries one (unless
+    `verify` is False); failures become a CheckpointError naming the file and cause."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted (empty: 0 bytes)")
+    if verify:
+        verify_checksum(path)
     try:
         with torch.serialization.safe_globals(list(extra_safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -52,7 +152,9 @@ def load_file(path: str | Path, *, extra_safe_globals: tuple[type, ...] = ()) ->
         raise CheckpointError(
             f"checkpoint {path} holds Python objects that are not plain data and is not loaded for safety: {err}"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except PermissionError as err:
+        raise CheckpointError(f"checkpoint {path} is not readable: {err}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:  # OSError: reads past the end
         reason = str(err).strip() or type(err).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from err
 
@@ -92,22 +194,167 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- run checkpoints
 def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our run checkpoints and check its format and version."""
-    state = load_file(path)
+    """Load one of our run checkpoints: verify its checksum, check its format and version, upgrade it to today's."""
+    path = Path(path)
+    checksummed = path.is_file() and path.stat().st_size > 0 and verify_checksum(path)
+    state = load_file(path, verify=False)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a ctkd run checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "
-            "--resume takes the last.pth or best.pth of a ctkd run"
+            "--resume takes a checkpoint of a ctkd run (last.pth, best.pth, ckpt-*.pth)"
         )
-    if state.get("version") == 1:
+    version = state.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+        raise CheckpointError(f"{path}: unsupported checkpoint version {version} (supported: {supported})")
+    if version >= 3 and not checksummed:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted: its SHA-256 checksum is missing")
+    if version == 1:
         state = _upgrade_from_version_1(state)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: unsupported checkpoint version {state.get('version')} (supported: 1, {CHECKPOINT_VERSION})"
-        )
+    if state["version"] == 2:
+        state = {**state, "version": 3, "epoch_state": None, "teacher_sha256": None}
     if isinstance(state.get("config"), dict):
         state["config"] = _upgrade_config(state["config"])
     return state
+
+
+# ---------------------------------------------------------------------------------------------- the series
+_SERIES_NAME = re.compile(r"^ckpt-e(\d{4,})-s(\d{6,})\.pth$")
+_TEMP_NAME = re.compile(r"^\.(ckpt-e\d+-s\d+\.pth|last\.pth|best\.pth)\..+\.tmp$")
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where a checkpoint stands: after `step` training steps of epoch `epoch` (1-based)."""
+
+    epoch: int
+    step: int
+
+    @property
+    def name(self) -> str:
+        """The file name of the series checkpoint at this position."""
+        return f"ckpt-e{self.epoch:04d}-s{self.step:06d}.pth"
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}, step {self.step}"
+
+
+def state_position(state: Mapping[str, Any], steps_per_epoch: int) -> Position:
+    """The position of a loaded run checkpoint: inside its epoch_state's epoch, or at the end of epoch `epoch`."""
+    inside = state.get("epoch_state")
+    if inside is not None:
+        return Position(int(inside["epoch"]), int(inside["step"]))
+    return Position(int(state["epoch"]), steps_per_epoch)
+
+
+def series(directory: str | Path) -> list[tuple[Position, Path]]:
+    """The series checkpoints in `directory`, oldest first."""
+    found = []
+    for path in Path(directory).glob("ckpt-e*-s*.pth"):
+        match = _SERIES_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((Position(int(match.group(1)), int(match.group(2))), path))
+    return sorted(found)
+
+
+def set_aside(path: Path, label: str) -> Path:
+    """Rename `path` to `<name>.<label>-<local time>` beside it (never deleted); returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
+    number = 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{number}")
+    os.replace(path, target)
+    return target
+
+
+def check_run_checkpoint(path: Path) -> None:
+    """Raise a CheckpointError (naming the file and the reason) unless `path` is an intact run checkpoint.
+
+    A checksummed file is checked by its checksum; one without (version ≤ 2) is loaded in full.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted (empty: 0 bytes)")
+    if not verify_checksum(path):
+        load_run_checkpoint(path)
+
+
+def newest_intact_checkpoint(directory: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint of the run in `directory` for ``--resume auto``, or None.
+
+    Series checkpoints are tried newest first (``last.pth`` only where there are none: a directory of an earlier
+    version); each damaged one is set aside as ``<name>.corrupt-<time>`` with a warning naming it and the reason.
+    """
+    directory = Path(directory)
+    candidates = [path for _, path in reversed(series(directory))]
+    if not candidates and (directory / "last.pth").is_file():
+        candidates = [directory / "last.pth"]
+    for path in candidates:
+        try:
+            check_run_checkpoint(path)
+        except CheckpointError as err:
+            moved = set_aside(path, "corrupt")
+            warn(f"{err}; set aside as {moved.name}, trying the previous checkpoint")
+            continue
+        return path
+    return None
+
+
+class CheckpointSeries:
+    """Writes the run directory's checkpoints (only rank 0 makes one): the series, ``last.pth`` and ``best.pth``.
+
+    Each save commits a new ``ckpt-*.pth`` (verified, atomic) first, then copies it to ``last.pth`` (and to
+    ``best.pth``), and only then deletes series checkpoints beyond the newest `keep_last`: never the `protected` one
+    (the checkpoint the run was resumed from). A crash at any point leaves the newest committed checkpoint intact;
+    a failed delete is logged and retried at the next save.
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int, warn: Callable[[str], None],
+                 protected: Position | None = None) -> None:
+        self.directory, self.keep_last, self.warn, self.protected = Path(directory), keep_last, warn, protected
+
+    def save(self, state: dict[str, Any], position: Position, *, best: bool = False) -> Path:
+        """Commit `state` as the series checkpoint at `position`, update last.pth (and best.pth), then prune."""
+        path = self.directory / position.name
+        atomic_save(state, path)
+        atomic_copy(path, self.directory / "last.pth")
+        if best:
+            atomic_copy(path, self.directory / "best.pth")
+        self.prune()
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        """Write best.pth alone (an epoch that improved without a series checkpoint)."""
+        atomic_save(state, self.directory / "best.pth")
+
+    def prune(self) -> None:
+        """Delete series checkpoints older than the newest `keep_last` (except the protected one), and temporary
+        files that a crash in the middle of a write left behind."""
+        for position, path in series(self.directory)[: -self.keep_last]:
+            if position != self.protected:
+                self._delete(path)
+        for path in self.directory.iterdir():
+            if _TEMP_NAME.match(path.name):
+                self._delete(path)
+
+    def set_aside_after(self, position: Position) -> None:
+        """Rename series checkpoints newer than `position` (a run resumed from an older one abandons them) to
+        ``<name>.superseded-<time>``, so the series continues from `position`."""
+        for newer, path in series(self.directory):
+            if newer > position:
+                moved = set_aside(path, "superseded")
+                self.warn(f"{path} is newer than the checkpoint resumed from ({position}): set aside as {moved.name}")
+
+    def _delete(self, path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            self.warn(f"could not delete old checkpoint file {path} ({err}); retrying at the next save")
 
 
 def _upgrade_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -267,6 +267,9 @@ class RuntimeConfig(_Section):
     sgd: str = _spec("fused", choices=("fused", "foreach", "loop"))
     tune_malloc: bool = True  # keep freed host memory for reuse (glibc): far fewer page faults per CPU step
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (CUDA; not bit-reproducible)
+    # bit-reproducible CUDA runs: deterministic cuDNN/cuBLAS kernels and torch.use_deterministic_algorithms (slower;
+    # overrides cudnn_benchmark). CPU runs are bit-reproducible without it
+    deterministic: bool = False
     # in-memory datasets (CIFAR, synthetic) kept on the GPU and augmented there in batches: auto = on with CUDA
     data_on_device: str = _spec("auto", choices=("auto", "on", "off"))
 
@@ -280,6 +283,14 @@ class LoggingConfig(_Section):
     interval: int = _spec(100, ge=1)  # steps between reads of the device's non-finite-step flags (a host sync)
     eval_every: int = _spec(1, ge=1)  # evaluate every this many epochs (and always after the last)
     checkpoint_every: int = _spec(1, ge=1)  # write last.pth every this many epochs (and after the last)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """Which checkpoints a run writes and keeps (when at epoch ends: logging.checkpoint_every)."""
+
+    keep_last: int = 2  # series checkpoints kept (ckpt-*.pth; last.pth copies the newest, best.pth is kept apart)
+    every_steps: int = _spec(0, ge=0)  # also checkpoint every this many training steps (0: at epoch ends only)
 
 
 # Checked here for device: cpu, and again at start-up for device: auto on a machine without CUDA.
@@ -316,6 +327,7 @@ class Config(_Section):
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and LR schedule
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # mixed precision, memory format
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress reporting
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint frequency and retention
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun settings
 
 
@@ -328,6 +340,13 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
             ("curriculum", "lambda_max"),
             f"'curriculum.lambda_max' ({cur.lambda_max}) must be >= 'curriculum.lambda_min' ({cur.lambda_min}); "
             "raise lambda_max or lower lambda_min",
+        ))
+    if cfg.checkpoint.keep_last < 2:
+        problems.append((
+            ("checkpoint", "keep_last"),
+            f"'checkpoint.keep_last' is {cfg.checkpoint.keep_last}, but at least 2 checkpoints must be kept: a "
+            "machine that dies while the newest is written, or a newest one damaged on disk, must leave an intact "
+            "earlier one to resume from; set checkpoint.keep_last=2 or more",
         ))
     if cfg.distributed.sync_bn and cfg.device == "cpu":
         problems.append((

@@ -6,13 +6,20 @@ the device, where a non-finite step is skipped by the optimizer itself (`NonFini
 once every `logging.interval` steps and at the end of the epoch. Mixed precision (autocast of the network forwards,
 a GradScaler for fp16), the images' memory format and a per-iteration LR schedule are applied here when the run asks
 for them.
+
+An epoch can be checkpointed after chosen steps and continued from such a checkpoint exactly: `train_one_epoch`
+hands the epoch's running sums (`EpochTotals`) and the `NonFiniteGuard`'s flags, as plain CPU state, to a callback
+after those steps (the only other host syncs: they happen at checkpoints), and takes them back with the step to
+start at.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
@@ -81,6 +88,67 @@ class EpochTotals:
             old.last = last
         if value.dim() == 1:
             old.values.append(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums as plain CPU tensors (a host sync: for checkpoints only)."""
+        return {
+            "samples": self.samples,
+            "losses": {name: value.cpu() for name, value in self.losses.items()},
+            "correct": None if self.correct is None else self.correct.cpu(),
+            "stats": {
+                name: {
+                    "total": stat.total.cpu(), "low": stat.low.cpu(), "high": stat.high.cpu(), "last": stat.last.cpu(),
+                    "values": torch.cat(stat.values).cpu() if stat.values else None,
+                }
+                for name, stat in self.stats.items()
+            },
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochTotals:
+        """The totals `state_dict` returned, on `device`: adding further batches continues the sums exactly."""
+        totals = cls(samples=int(state["samples"]))
+        totals.losses = {name: value.to(device) for name, value in state["losses"].items()}
+        totals.correct = None if state["correct"] is None else state["correct"].to(device)
+        for name, stat in state["stats"].items():
+            totals.stats[name] = _StatTotals(
+                stat["total"].to(device), stat["low"].to(device), stat["high"].to(device), stat["last"].to(device),
+                [stat["values"].to(device)] if stat["values"] is not None else [],
+            )
+        return totals
+
+    @classmethod
+    def from_states(cls, states: list[dict[str, Any]], rank: int, world_size: int, device: torch.device) -> EpochTotals:
+        """This rank's totals from every rank's `state_dict` of a checkpoint.
+
+        Under the same number of processes each rank continues its own sums (exact). Under another number, rank 0
+        takes the sums over the saved ranks and the others start empty, so the epoch's summary (sums, minima, maxima,
+        the mean of the ranks' last batches) covers every sample once; the float sums may then differ by rounding.
+        """
+        if len(states) == world_size:
+            return cls.from_state(states[rank], device)
+        first = states[0]
+        merged: dict[str, Any] = {
+            "samples": sum(int(s["samples"]) for s in states) if rank == 0 else 0,
+            "losses": {
+                name: sum(s["losses"][name] for s in states) if rank == 0 else torch.zeros_like(value)
+                for name, value in first["losses"].items()
+            },
+            "correct": None if first["correct"] is None else (
+                sum(s["correct"] for s in states) if rank == 0 else torch.zeros_like(first["correct"])),
+            "stats": {},
+        }
+        for name, stat in first["stats"].items():
+            parts = [s["stats"][name] for s in states]
+            values = [p["values"] for p in parts if p["values"] is not None]
+            merged["stats"][name] = {
+                "total": sum(p["total"] for p in parts) if rank == 0 else torch.zeros_like(stat["total"]),
+                "low": torch.stack([p["low"] for p in parts]).min(),
+                "high": torch.stack([p["high"] for p in parts]).max(),
+                "last": torch.stack([p["last"] for p in parts]).mean(),
+                "values": torch.cat(values) if values and rank == 0 else None,
+            }
+        return cls.from_state(merged, device)
 
     def per_sample_values(self) -> dict[str, Tensor]:
         """This rank's per-sample values of each (B,) statistic over the epoch (e.g. instance-wise τ)."""
@@ -162,6 +230,19 @@ class NonFiniteGuard:
             old = self.terms.get(name, torch.zeros((), device=self.device))
             self.terms[name] = torch.where(first, value.detach().float(), old)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The flags as plain CPU tensors (for checkpoints)."""
+        return {
+            "first_bad_step": self.first_bad_step.cpu(), "loss_bad": self.loss_bad.cpu(),
+            "terms": {name: value.cpu() for name, value in self.terms.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from the flags `state_dict` returned."""
+        self.first_bad_step = state["first_bad_step"].to(self.device)
+        self.loss_bad = state["loss_bad"].to(self.device)
+        self.terms = {name: value.to(self.device) for name, value in state["terms"].items()}
+
     def check(self) -> None:
         """Read the flags (a host sync: once per log interval) and raise if a step was not finite."""
         world, rank = get_world_size(), get_rank()
@@ -193,6 +274,10 @@ def train_one_epoch(
     check_every: int = 100,
     lr_schedule: StepLRSchedule | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    start_step: int = 0,
+    resume: dict[str, Any] | None = None,
+    checkpoint_after: Collection[int] = (),
+    checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Train `distiller.trainable` for one pass over `loader` with a fixed λ.
 
@@ -204,15 +289,24 @@ def train_one_epoch(
     Returns the epoch summary (weighted loss terms, train top-1/top-5, statistics such as τ) and this rank's
     per-sample values of per-sample statistics (instance-wise τ, for histograms). A non-finite step is skipped on the
     device and stops training when the flags are read (every `check_every` steps and at the end of the epoch).
+
+    Checkpoints: after each step count in `checkpoint_after` (steps of this epoch done), the flags are read (no
+    checkpoint follows a non-finite step) and `checkpoint(steps_done, state)` is called with this rank's epoch
+    state (`epoch_state`). A run continued from such a checkpoint passes `start_step` (= steps_done; `loader`
+    must then start at that batch, see EpochBatchSampler.set_epoch) and `resume` (that state) and ends the epoch
+    exactly as the uninterrupted one.
     """
     distiller.train()
-    totals = EpochTotals()
+    totals = EpochTotals() if resume is None else EpochTotals.from_state(resume["totals"], device)
     guard = NonFiniteGuard(device, epoch)
+    if resume is not None:
+        guard.load_state_dict(resume["guard"])
     if not isinstance(grl_lambda, Tensor):  # a device tensor (filled there: no copy): no recompile per epoch
         grl_lambda = torch.full((), grl_lambda, dtype=torch.float32, device=device)
     memory_format = distiller.runtime.memory_format
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
-    for step, batch in enumerate(bar):
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True,
+               initial=start_step)
+    for step, batch in enumerate(bar, start=start_step):
         batch = Batch(
             batch.images.to(device, non_blocking=True, memory_format=memory_format),
             batch.targets.to(device, non_blocking=True), batch.indices.to(device, non_blocking=True),
@@ -240,9 +334,35 @@ def train_one_epoch(
         if lr_schedule is not None:  # counts iterations, a step the scaler skipped included
             lr_schedule.step()
         totals.add(local, out.losses, topk_correct(out.logits.detach(), batch.targets), out.stats)
+        if checkpoint is not None and step + 1 in checkpoint_after:  # host-side integers: no sync unless saving
+            guard.check()
+            checkpoint(step + 1, epoch_state(totals, guard))
     bar.close()
     guard.check()
     return totals.summary(), totals.per_sample_values()
+
+
+def epoch_state(totals: EpochTotals, guard: NonFiniteGuard) -> dict[str, Any]:
+    """One rank's state of an unfinished epoch, as plain CPU types: its running sums and non-finite flags."""
+    return {"totals": totals.state_dict(), "guard": guard.state_dict()}
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable: an `epoch_state`, RNG states), in rank order; a collective under DDP,
+    so every rank calls it (at checkpoints only)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def local_epoch_state(states: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """This rank's part of every rank's saved `epoch_state` (see EpochTotals.from_states for another world size)."""
+    rank, world = get_rank(), get_world_size()
+    totals = EpochTotals.from_states([s["totals"] for s in states], rank, world, device).state_dict()
+    guard = states[rank]["guard"] if len(states) == world else NonFiniteGuard(device, 0).state_dict()
+    return {"totals": totals, "guard": guard}
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
 """Atomic file writes: a temporary file beside the target, fsync, then a rename over the target.
 
-A crash at any instant leaves either the old file or the new one under the target name, never a partial file.
+A crash at any instant leaves either the old file or the new one under the target name, never a partial file (a
+crash before the rename can leave the temporary file, `.<name>.<random>.tmp`, beside it).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,12 +14,16 @@ from typing import IO
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Create or replace `path` with what `write` writes into the binary handle it is given."""
+    """Create or replace `path` with what `write` writes into the binary handle it is given.
+
+    The handle is opened for reading too (``w+b``), so `write` may read back what it wrote (ctkd.checkpoint does, to
+    checksum the bytes) before the file is fsynced and renamed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "w+b") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -27,6 +33,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """Create or replace `path` with a byte-for-byte copy of the file `source`."""
+    with open(source, "rb") as src:
+        atomic_write(path, lambda handle: shutil.copyfileobj(src, handle, 1 << 20))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -58,9 +58,10 @@ class MetricsFileError(UserError, ValueError):
 class MetricsLog:
     """Per-epoch records in `metrics.jsonl` and TensorBoard, consistent across interruptions.
 
-    On resume after epoch k, records of epochs > k (written after the last checkpoint, before the crash) are dropped
-    from `metrics.jsonl`, and TensorBoard events from step k+1 on are purged, so every epoch appears exactly once with
-    the values of the run that produced the checkpoint.
+    On resume after epoch k (from its epoch-end checkpoint or one taken inside epoch k+1), records of epochs > k
+    (written after that checkpoint, before the crash) are dropped from `metrics.jsonl`, and TensorBoard events from
+    step k+1 on are purged (also for k = 0: a run that died before its first checkpoint), so every epoch appears
+    exactly once with the values of the run that produced the checkpoint.
     """
 
     def __init__(self, output_dir: str | Path, *, start_epoch: int, tensorboard: bool, enabled: bool = True) -> None:
@@ -73,7 +74,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=start_epoch if start_epoch > 1 else None)
+            self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=start_epoch)
 
     def _truncate_after(self, last_epoch: int) -> None:
         """Keep only the records of epochs ≤ `last_epoch`."""

@@ -1,6 +1,7 @@
 """The training run: output directory, teacher preparation, resume, the epoch loop, checkpoints and results."""
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -16,24 +17,36 @@ from ctkd.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     CheckpointError,
-    atomic_save,
+    CheckpointSeries,
+    Position,
     capture_rng_state,
+    check_run_checkpoint,
     load_run_checkpoint,
+    newest_intact_checkpoint,
     restore_rng_state,
+    series,
+    state_position,
 )
 from ctkd.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs, load_config, save_config
 from ctkd.distributed import (
     DistributedContext,
+    all_reduce,
     broadcast_buffers,
     broadcast_object,
+    claim_run_directory,
+    decide_on_main,
     init_distributed,
     inject_fault_if_requested,
+    seed_rank,
+    wait_for_run_directory,
 )
-from ctkd.engine import evaluate, train_one_epoch
+from ctkd.engine import evaluate, gather_objects, local_epoch_state, train_one_epoch
 from ctkd.errors import UserError
+from ctkd.fileio import atomic_copy
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 from ctkd.methods import METHODS
 from ctkd.provenance import file_sha256, provenance
+from ctkd.runs import RunLock, check_free_space
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
@@ -68,6 +81,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CUBLAS_WORKSPACE_CONFIGS = (":4096:8", ":16:8")  # the settings under which cuBLAS is deterministic
+
+
+def set_cublas_workspace() -> None:
+    """CUBLAS_WORKSPACE_CONFIG for deterministic cuBLAS (runtime.deterministic), unless already set to a valid one."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_WORKSPACE_CONFIGS:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIGS[0]
+
+
+def set_determinism(cfg: Config, device: torch.device) -> None:
+    """runtime.deterministic: deterministic algorithms everywhere (torch raises on an op that has none), and
+    deterministic cuDNN without its benchmark; otherwise cuDNN's benchmark as runtime.cudnn_benchmark says."""
+    deterministic = cfg.runtime.deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark and not deterministic
+
+
 def resolve_resume(cfg: Config, resume: str | None, ctx: DistributedContext) -> Path | None:
     """The checkpoint to resume from, decided by rank 0 and shared, so every rank resumes from the same file.
 
@@ -86,18 +118,27 @@ def resolve_resume(cfg: Config, resume: str | None, ctx: DistributedContext) -> 
 
 
 def _find_resume_checkpoint(cfg: Config, resume: str | None) -> Path | None:
-    """'auto' → `<output_dir>/last.pth` if present; a given path must exist; without --resume, an output
-    directory that already holds a run is refused rather than overwritten."""
+    """'auto' → the newest intact checkpoint of `<output_dir>` (damaged ones are set aside with a warning; none:
+    a fresh start); a given path must be an intact run checkpoint (else an error naming it and why); without
+    --resume, an output directory that already holds a run is refused rather than overwritten."""
     output_dir = Path(cfg.output_dir)
     if resume == "auto":
-        last = output_dir / "last.pth"
-        return last if last.is_file() else None
+        had_checkpoints = bool(series(output_dir)) or (output_dir / "last.pth").is_file()
+        found = newest_intact_checkpoint(output_dir, get_logger().warning)
+        if found is None and had_checkpoints:
+            get_logger().warning(f"no intact checkpoint left in {output_dir}: starting from scratch")
+        return found
     if resume is not None:
         path = Path(resume)
         if not path.is_file():
             raise CheckpointError(f"--resume {path}: no such checkpoint file")
+        try:
+            check_run_checkpoint(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"--resume {path} refused: {err}") from None
         return path
     existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    existing += [path.name for _, path in series(output_dir)]
     if existing:
         raise RunDirectoryError(_occupied_message(cfg, existing))
     return None
@@ -129,24 +170,42 @@ def ensure_teacher_checkpoint(cfg: Config, ctx: DistributedContext) -> None:
 
     The teacher run is an ordinary run of its own config file (resumed if it was interrupted; the student's
     command-line overrides do not apply to it), so its result is reused by every later student run. Rank 0 decides,
-    so all ranks enter the same run.
+    so all ranks enter the same run. Student runs started together that need the same teacher train it once: the
+    first takes the teacher run's directory lock, the others wait for it and then use the file it wrote.
     """
     if cfg.teacher.checkpoint is None or cfg.teacher.train_config is None:
         return  # no teacher (vanilla), or load_teacher reports a missing file with instructions
     missing = broadcast_object(not Path(cfg.teacher.checkpoint).is_file() if ctx.is_main else None)
     if not missing:
         return
-    get_logger().info(
-        f"teacher checkpoint {cfg.teacher.checkpoint} not found: training it with {cfg.teacher.train_config}"
-    )
-    run(load_config(cfg.teacher.train_config), resume="auto")  # check_teacher_source: it writes that file
+    teacher_cfg = load_config(cfg.teacher.train_config)  # check_teacher_source: it writes that file
+    lock = wait_for_run_directory(teacher_cfg.output_dir, ctx, f"teacher checkpoint {cfg.teacher.checkpoint}")
+    try:
+        if not broadcast_object(not Path(cfg.teacher.checkpoint).is_file() if ctx.is_main else None):
+            get_logger().info(f"teacher checkpoint {cfg.teacher.checkpoint} was written by the run that held it: "
+                              "using it")
+            return
+        get_logger().info(
+            f"teacher checkpoint {cfg.teacher.checkpoint} not found: training it with {cfg.teacher.train_config}"
+        )
+        run(teacher_cfg, resume="auto", run_lock=lock)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[str, Any]:
+def checkpoint_state(
+    exp: Experiment, cfg: Config, progress: Progress, teacher_sha256: str | None = None,
+    epoch_state: dict[str, Any] | None = None, rng: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Everything needed to continue the run, as plain types (loadable with weights_only=True).
 
     Module states are taken from the unwrapped modules, so a checkpoint written by N processes resumes on M.
+    `epoch_state` (a checkpoint inside an epoch): the epoch, its steps done, its LR and time so far, and every
+    rank's running sums and flags (`ranks`); None at epoch ends. `rng`: every rank's RNG states (default: this
+    process's); rank 0's are stored as "rng", the others' as "rng_ranks".
     """
+    rng = rng if rng is not None else [capture_rng_state()]
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -162,9 +221,12 @@ def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[s
         "best_acc5": progress.best_acc5,
         "best_epoch": progress.best_epoch,
         "elapsed_s": progress.elapsed_s,
-        "rng": capture_rng_state(),
+        "rng": rng[0],
+        "rng_ranks": rng[1:],  # ranks 1, 2, ... (each draws its own dropout masks)
         "world_size": exp.ctx.world_size,
         "config": config_to_dict(cfg),
+        "teacher_sha256": teacher_sha256,  # of the teacher file: a resume with another file is refused
+        "epoch_state": epoch_state,
     }
 
 
@@ -173,7 +235,7 @@ def checkpoint_state(exp: Experiment, cfg: Config, progress: Progress) -> dict[s
 # run a different experiment from the one its checkpoint, metrics and config.yaml describe.
 RESUMABLE_CHANGES = (
     "output_dir", "epochs", "device", "data.root", "data.download", "data.num_workers", "data.test_batch_size",
-    "teacher.checkpoint", "teacher.train_config", "logging.", "distributed.",
+    "teacher.checkpoint", "teacher.train_config", "logging.", "checkpoint.", "distributed.",
 )
 
 
@@ -198,10 +260,20 @@ def check_resume_config(saved: Config, current: Config, path: Path) -> None:
         get_logger().info(f"resume: {line}")
 
 
-def restore(exp: Experiment, cfg: Config, path: Path, progress: Progress) -> None:
-    """Load a run checkpoint into `exp` and `progress` (after checking that `cfg` continues the same experiment)."""
+def restore(
+    exp: Experiment, cfg: Config, path: Path, progress: Progress, teacher_sha256: str | None = None
+) -> tuple[Position, dict[str, Any] | None]:
+    """Load a run checkpoint into `exp` and `progress` (after checking that `cfg` continues the same experiment
+    with the same teacher file); returns its position and, for one taken inside an epoch, its epoch_state."""
     state = load_run_checkpoint(path)
     check_resume_config(config_from_dict(state["config"], source=f"{path} (saved config)"), cfg, path)
+    saved_teacher = state.get("teacher_sha256")
+    if saved_teacher is not None and teacher_sha256 is not None and saved_teacher != teacher_sha256:
+        raise CheckpointError(
+            f"--resume {path}: the teacher file {cfg.teacher.checkpoint} (SHA-256 {teacher_sha256[:16]}…) is not "
+            f"the one this run was trained with (SHA-256 {saved_teacher[:16]}…). Point teacher.checkpoint at that "
+            "file (moved or copied, the same content is fine), or start a new run with this teacher elsewhere."
+        )
     exp.distiller.load_state_dict(state)
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.schedule.load_state_dict(state["lr_schedule"])
@@ -210,26 +282,37 @@ def restore(exp: Experiment, cfg: Config, path: Path, progress: Progress) -> Non
             if state.get(name) is None:
                 raise CheckpointError(f"{path} holds no '{name}' state, which this run needs to continue exactly")
             part.load_state_dict(state[name])
-    restore_rng_state(state["rng"])
+    rank, others = exp.ctx.rank, state.get("rng_ranks") or []
+    if rank == 0 or rank <= len(others):  # a rank the checkpoint did not have keeps the stream seeded for it
+        restore_rng_state(state["rng"] if rank == 0 else others[rank - 1])
     for name in vars(progress):
         setattr(progress, name, state[name])
+    return state_position(state, len(exp.train_loader)), state["epoch_state"]
 
 
-def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: Config, resume: str | None = None, *, run_lock: RunLock | None = None) -> dict[str, Any]:
     """Train (or distil) as `cfg` says, writing everything under `cfg.output_dir`; returns the results summary.
 
     Under torchrun every process calls this; they join one process group, train one DDP-wrapped trainable module,
-    and only rank 0 writes files.
+    and only rank 0 writes files. Rank 0 holds the output directory's lock for the whole run (`run_lock` when the
+    caller already holds it), so a second run started into the same directory fails at once.
     """
+    if cfg.runtime.deterministic:  # cuBLAS reads it when CUDA starts: set before anything touches the device
+        set_cublas_workspace()
     ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
     check_inputs(cfg)  # input errors first: they are the user's to fix, whatever the run directory holds
-    resume_path = resolve_resume(cfg, resume, ctx)
-    ensure_teacher_checkpoint(cfg, ctx)
-    progress = Progress()
+    lock = claim_run_directory(cfg.output_dir, ctx, held=run_lock)  # before deciding anything about its contents
     try:
-        return _train(cfg, ctx, resume_path, progress)
-    except KeyboardInterrupt:
-        raise RunInterrupted(cfg.output_dir, _saved_epoch(Path(cfg.output_dir) / "last.pth")) from None
+        resume_path = resolve_resume(cfg, resume, ctx)
+        ensure_teacher_checkpoint(cfg, ctx)
+        progress = Progress()
+        try:
+            return _train(cfg, ctx, resume_path, progress)
+        except KeyboardInterrupt:
+            raise RunInterrupted(cfg.output_dir, _saved_epoch(Path(cfg.output_dir) / "last.pth")) from None
+    finally:
+        if lock is not None and lock is not run_lock:
+            lock.release()
 
 
 def _saved_epoch(path: Path) -> int | None:
@@ -250,43 +333,60 @@ def resolve_compile_mode(setting: str, device: torch.device) -> str | None:
 def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None, progress: Progress) -> dict[str, Any]:
     """Build the experiment and train it, stopping its loader workers however training ends."""
     seed_everything(cfg.seed)
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark
+    set_determinism(cfg, ctx.device)
     exp = build_experiment(cfg, ctx)
+    seed_rank(cfg.seed, ctx)  # networks are initialised alike on every rank; dropout masks then differ per rank
     try:
+        decide_on_main(ctx, lambda: check_free_space(cfg.output_dir, checkpoint_bytes(exp)))
         return _train_experiment(exp, cfg, ctx, resume_path, progress)
     finally:
         exp.close()
+
+
+def checkpoint_bytes(exp: Experiment) -> int:
+    """Estimated size of a checkpoint: the trainable module's and the method's state plus SGD's momentum buffers."""
+    state = exp.distiller.state_dict()
+    tensors = [*state["trainable"].values(), *state["method_state"].values()]
+    momentum = [p for p in exp.distiller.unwrapped.parameters() if p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in [*tensors, *momentum] if isinstance(t, torch.Tensor))
 
 
 def _train_experiment(
     exp: Experiment, cfg: Config, ctx: DistributedContext, resume_path: Path | None, progress: Progress
 ) -> dict[str, Any]:
     """Restore `exp` if resuming, run the remaining epochs and write the results."""
+    teacher_sha256 = _teacher_sha256(exp, cfg, ctx)
+    position, inside = None, None
     if resume_path is not None:
-        restore(exp, cfg, resume_path, progress)
-        get_logger().info(f"resumed from {resume_path} after epoch {progress.epoch}")
+        position, inside = restore(exp, cfg, resume_path, progress, teacher_sha256)
+        where = (f"after epoch {progress.epoch}" if inside is None
+                 else f"inside epoch {position.epoch}, after step {position.step} of {len(exp.train_loader)}")
+        get_logger().info(f"resumed from {resume_path} {where}")
     if ctx.enabled:
         exp.distiller.wrap_ddp([ctx.device.index] if ctx.device.type == "cuda" else None)
     compile_mode = resolve_compile_mode(cfg.runtime.compile, ctx.device)
     if compile_mode is not None:  # after loading the state: compiled modules keep their state_dict keys anyway
         exp.distiller.compile(compile_mode)
     output_dir = Path(cfg.output_dir)
+    checkpoints = _Checkpoints(None, teacher_sha256)
     if ctx.is_main:
         save_config(cfg, output_dir / "config.yaml")
+        checkpoints.writer = CheckpointSeries(output_dir, cfg.checkpoint.keep_last, get_logger().warning,
+                                              protected=position)
+        if resume_path is not None and position is not None:
+            _continue_series(checkpoints.writer, resume_path, position, output_dir)
     teacher_metrics = _evaluate_teacher(exp, cfg)
     origin = None
-    if ctx.is_main:  # hashed now: the file this run was built from (a resume may point at a moved copy)
-        has_file = exp.distiller.teacher is not None and cfg.teacher.checkpoint is not None  # not: pretrained
-        teacher_sha256 = file_sha256(cfg.teacher.checkpoint) if has_file else None
+    if ctx.is_main:  # hashed at start-up: the file this run was built from (a resume may point at a moved copy)
         origin = provenance(cfg, varies_freely=_resumable, device=ctx.device, world_size=ctx.world_size,
                             teacher_sha256=teacher_sha256)
     metrics = MetricsLog(output_dir, start_epoch=progress.epoch + 1, tensorboard=cfg.logging.tensorboard,
                          enabled=ctx.is_main)
     try:
-        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        first = progress.epoch + 1
+        for epoch in range(first, cfg.epochs + 1):
             inject_fault_if_requested(ctx.rank, epoch)
-            record = _run_epoch(exp, cfg, epoch, progress, metrics)
+            record = _run_epoch(exp, cfg, epoch, progress, metrics, checkpoints, inside if epoch == first else None)
             get_logger().info(_epoch_line(record, cfg.epochs))
     finally:
         metrics.close()
@@ -303,6 +403,43 @@ def _train_experiment(
     return results
 
 
+@dataclass
+class _Checkpoints:
+    """What the epochs need to checkpoint: rank 0's writer of the run directory's series (None on other ranks)
+    and the teacher file's SHA-256 that each checkpoint records."""
+
+    writer: CheckpointSeries | None
+    teacher_sha256: str | None
+
+
+def _teacher_sha256(exp: Experiment, cfg: Config, ctx: DistributedContext) -> str | None:
+    """SHA-256 of the teacher file the run is built from (None without one, e.g. teacher.pretrained), hashed by
+    rank 0 and shared, so every rank checks a resume against it alike."""
+    has_file = exp.distiller.teacher is not None and cfg.teacher.checkpoint is not None
+    return broadcast_object(file_sha256(cfg.teacher.checkpoint) if ctx.is_main and has_file else None)
+
+
+def _continue_series(writer: CheckpointSeries, resume_path: Path, position: Position, output_dir: Path) -> None:
+    """Make the series continue from the checkpoint resumed from: newer series checkpoints (of a run resumed from an
+    older one) are set aside, and a resumed file of the run directory that is not in the series (last.pth of an
+    earlier version, best.pth) is copied into it, so later saves neither replace nor prune it."""
+    writer.set_aside_after(position)
+    target = output_dir / position.name
+    if resume_path.resolve().parent == output_dir.resolve() and not target.exists():
+        atomic_copy(resume_path, target)
+
+
+def _checkpoint_steps(cfg: Config, epoch: int, steps: int, start: int, epoch_end: bool) -> frozenset[int]:
+    """Steps of `epoch` (counted from 1) after which a checkpoint is taken inside it: every `checkpoint.every_steps`
+    training steps of the run, except after the epoch's last step when the epoch-end checkpoint follows."""
+    every = cfg.checkpoint.every_steps
+    if every == 0:
+        return frozenset()
+    before = (epoch - 1) * steps
+    return frozenset(s for s in range(start + 1, steps + 1)
+                     if (before + s) % every == 0 and not (s == steps and epoch_end))
+
+
 def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
     """Evaluate the frozen teacher once at start-up, so a wrong checkpoint shows before hours of training."""
     teacher = exp.distiller.teacher
@@ -313,28 +450,52 @@ def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
     return metrics
 
 
-def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, metrics: MetricsLog) -> dict[str, Any]:
-    """Train and evaluate one epoch, log it, then checkpoint.
+def _run_epoch(
+    exp: Experiment, cfg: Config, epoch: int, progress: Progress, metrics: MetricsLog, checkpoints: _Checkpoints,
+    inside: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one epoch, log it, then checkpoint (and inside it every `checkpoint.every_steps` steps).
 
-    The metrics line is written before the checkpoint: a resume drops lines past the checkpoint's epoch.
+    `inside`: the epoch_state of a checkpoint taken inside this epoch, which it continues from. The metrics line is
+    written before the epoch-end checkpoint: a resume drops lines past the checkpoint's epoch.
     """
     start = time.perf_counter()
-    lr = exp.schedule.set_epoch(epoch)
+    lr = exp.schedule.set_epoch(epoch)  # the LRs of this epoch (and of the restored per-iteration position)
+    start_step, elapsed, resume = 0, 0.0, None
+    if inside is not None:
+        start_step, lr, elapsed = int(inside["step"]), inside["lr"], float(inside["elapsed_s"])
+        resume = local_epoch_state(inside["ranks"], exp.device)
     distilling = exp.distiller.teacher is not None
     grl_lambda = exp.curriculum(epoch) if distilling else 0.0
-    exp.train_loader.sampler.set_epoch(epoch)
+    last = epoch == cfg.epochs
+    epoch_end = last or epoch % cfg.logging.checkpoint_every == 0
+    steps = len(exp.train_loader)
+
+    def checkpoint_inside(done: int, local: dict[str, Any]) -> None:  # every rank, after `done` steps of the epoch
+        parts = gather_objects({"rng": capture_rng_state(), "epoch_state": local})
+        if checkpoints.writer is not None:
+            state = {"epoch": epoch, "step": done, "lr": lr, "elapsed_s": elapsed + time.perf_counter() - start,
+                     "ranks": [part["epoch_state"] for part in parts]}
+            checkpoints.writer.save(
+                checkpoint_state(exp, cfg, progress, checkpoints.teacher_sha256, state, [p["rng"] for p in parts]),
+                Position(epoch, done),
+            )
+
+    exp.train_loader.sampler.set_epoch(epoch, start_batch=start_step)
     train_stats, per_sample = train_one_epoch(
         exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=grl_lambda, device=exp.device, epoch=epoch,
         progress=cfg.logging.progress_bar and exp.ctx.is_main and _stderr_is_terminal(),
         lr_schedule=exp.schedule, scaler=exp.scaler, check_every=cfg.logging.interval,
+        start_step=start_step, resume=resume, checkpoint=checkpoint_inside,
+        checkpoint_after=_checkpoint_steps(cfg, epoch, steps, start_step, epoch_end),
     )
-    last = epoch == cfg.epochs
     test_stats: dict[str, float] = {}
     if last or epoch % cfg.logging.eval_every == 0:
         broadcast_buffers(exp.distiller.student)  # all ranks evaluate (and rank 0 saves) the same BN statistics
         test_stats = evaluate(exp.distiller.student, exp.test_loader, exp.device, exp.distiller.runtime)
-    epoch_time = time.perf_counter() - start
-    record = {"epoch": epoch, "lr": lr, **({"lambda": grl_lambda} if distilling else {}), **train_stats}
+    epoch_time = elapsed + time.perf_counter() - start
+    record = {"epoch": epoch, "lr": lr, **({"lambda": grl_lambda} if distilling else {}), **train_stats,
+              **_bad_images(exp, epoch)}
     record.update({f"test_{k}": v for k, v in test_stats.items()}, epoch_time=epoch_time)
     record = {key: _round(value) for key, value in record.items()}
     metrics.log_epoch(record, per_sample)
@@ -343,13 +504,25 @@ def _run_epoch(exp: Experiment, cfg: Config, epoch: int, progress: Progress, met
     progress.elapsed_s += epoch_time
     if improved:
         progress.best_acc1, progress.best_acc5, progress.best_epoch = test_stats["acc1"], test_stats["acc5"], epoch
-    if exp.ctx.is_main and (improved or last or epoch % cfg.logging.checkpoint_every == 0):
-        state = checkpoint_state(exp, cfg, progress)
-        if last or epoch % cfg.logging.checkpoint_every == 0:
-            atomic_save(state, Path(cfg.output_dir) / "last.pth")
-        if improved:
-            atomic_save(state, Path(cfg.output_dir) / "best.pth")
+    if improved or epoch_end:  # every rank (both are the same on all): each rank's RNG states go into it
+        rng = gather_objects(capture_rng_state())
+        if checkpoints.writer is not None:
+            state = checkpoint_state(exp, cfg, progress, checkpoints.teacher_sha256, rng=rng)
+            if epoch_end:
+                checkpoints.writer.save(state, Position(epoch, steps), best=improved)
+            else:
+                checkpoints.writer.save_best(state)
     return record
+
+
+def _bad_images(exp: Experiment, epoch: int) -> dict[str, int]:
+    """`bad_images`: the unreadable training images replaced in `epoch`, over all ranks (one collective per epoch),
+    for a dataset with a budget for them (data.max_bad_images > 0); else nothing."""
+    source = getattr(exp.train_loader.dataset, "dataset", None)
+    if not getattr(source, "max_bad_images", 0):
+        return {}
+    count = torch.tensor([source.bad_images(epoch)], dtype=torch.int64, device=exp.device)
+    return {"bad_images": int(all_reduce(count).item())}
 
 
 def _stderr_is_terminal() -> bool:

@@ -45,7 +45,8 @@ def hash_keys(seed: int, epoch: int, indices: Tensor) -> Tensor:
     The three inputs are chained through the mixer (rather than summed) so that, e.g., (epoch 1, index 0)
     and (epoch 0, index 1) give unrelated values.
     """
-    h = splitmix64(torch.tensor(_as_int64(seed), dtype=torch.int64, device=indices.device))
+    # (seed, epoch) mix on the host: a 0-d CPU tensor enters a GPU op as a scalar, with no copy or sync
+    h = splitmix64(torch.tensor(_as_int64(seed), dtype=torch.int64))
     h = splitmix64(h ^ _as_int64(epoch))
     return splitmix64(h ^ indices.to(torch.int64))
 

@@ -47,7 +47,9 @@ class EpochBatchSampler(Sampler[BatchKey]):
     every rank runs the same number of steps, and a rank's last piece may be smaller (empty if fewer samples
     than ranks remain).
 
-    Call `set_epoch` before iterating each epoch; the epoch is not advanced automatically.
+    Call `set_epoch` before iterating each epoch; the epoch is not advanced automatically. `set_epoch(epoch,
+    start_batch=k)` starts that epoch's iteration at its batch k (a run resumed after k steps of the epoch): the
+    batches are the same as those of the whole epoch from k on, and `len` stays the whole epoch's.
     """
 
     def __init__(
@@ -73,10 +75,13 @@ class EpochBatchSampler(Sampler[BatchKey]):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate next."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch to iterate next, and the batch its iteration starts at (0: the whole epoch)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}] (the batches of an epoch), got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         """Number of batches in an epoch."""
@@ -98,7 +103,7 @@ class EpochBatchSampler(Sampler[BatchKey]):
 
     def __iter__(self) -> Iterator[BatchKey]:
         order = self.order()
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):
             global_batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.epoch, self._shard(global_batch).tolist(), global_batch.numel()
 
@@ -124,16 +129,20 @@ class BatchedDataset(Dataset[Batch]):
         return Batch(images, self.dataset.targets[idx], idx, global_size)
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers ignore SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # what stops a run: the training process handles them
 
-    SLURM and Kubernetes send SIGTERM to the whole process group; if workers die of it the main process
-    crashes at once ("DataLoader worker ... killed by signal") instead of handling the
-    signal itself. Workers still exit through the loader's shutdown protocol, and torch's watchdog ends
-    them if the main process dies.
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGTERM, SIGUSR1 and SIGINT.
+
+    SLURM and Kubernetes signal the whole process group (SIGTERM; SLURM's warning signal, here SIGUSR1), and a
+    terminal's Ctrl-C sends SIGINT to it; if workers die of it the main process crashes at once ("DataLoader
+    worker ... killed by signal") instead of handling the signal itself. Workers still exit through the loader's
+    shutdown protocol, and torch's watchdog ends them if the main process dies.
     """
     del worker_id
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def build_loader(
@@ -165,7 +174,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=ignore_sigterm if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         persistent_workers=persistent_workers and num_workers > 0,
         # DataLoader draws a worker base seed per iterator; a private generator keeps that draw from
         # advancing the global torch RNG, which would shift dropout etc. after a mid-epoch resume.

@@ -77,7 +77,7 @@ def test_checkpoint_holds_plain_state_without_teacher(tmp_path: Path, teacher_fi
     state = torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)  # plain types only
     expected = {"epoch", "trainable", "method_state", "optimizer", "lr_schedule", "best_acc1", "rng", "config"}
     assert expected <= state.keys()
-    assert state["epoch"] == 1 and state["version"] == 2 and state["method_state"] == {}
+    assert state["epoch"] == 1 and state["version"] == 3 and state["method_state"] == {}
     assert config_from_dict(state["config"], "ckpt") == cfg
     student_keys = {f"student.{key}" for key in models.build_model("resnet8", num_classes=10).state_dict()}
     assert set(state["trainable"]) == student_keys | {"temperature.raw"}  # no teacher weights anywhere
@@ -181,7 +181,7 @@ def test_version_1_checkpoint_resumes_like_the_current_format(tmp_path: Path, te
     run(continued, resume="auto")
     a = torch.load(tmp_path / "v1" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "v2" / "last.pth", weights_only=True)
-    assert a["version"] == 2 and state_hash(a["trainable"]) == state_hash(b["trainable"])
+    assert a["version"] == 3 and state_hash(a["trainable"]) == state_hash(b["trainable"])
 
 
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:

@@ -1,0 +1,134 @@
+"""Kill points for the crash tests: SIGKILL at a chosen point of a train.py run (test code; production has no hooks).
+
+A test runs train.py in a subprocess with tests/ on PYTHONPATH and CTKD_TEST_KILL set::
+
+    python -c "import fault_hooks; fault_hooks.main()" --config FILE [--resume auto] [KEY=VALUE ...]
+
+`main` installs the kill point (monkeypatching ctkd.trainer / ctkd.checkpoint functions by wrapping them), then runs
+train.py as `python train.py` would. CTKD_TEST_KILL is one of
+
+- ``step:E:S``: before step S (0-based) of epoch E, i.e. once S steps of it are done (after a checkpoint there);
+- ``eval:N``: inside the N-th evaluation of the process (epoch N's without a teacher), after its first batch;
+- ``save:NAME:PHASE``: while checkpoint file NAME (a glob, e.g. ``ckpt-e0002-s000003.pth``) is written: PHASE
+  ``partial`` (half its bytes in the temporary file), ``written`` (the temporary file complete and fsynced, not
+  renamed), ``renamed`` (in place under its name; last.pth not yet updated);
+- ``prune:N``: at the N-th pruning of the process's checkpoint series (after its N-th save: the new checkpoint and
+  last.pth in place, older ones not yet deleted).
+
+Importing this module also registers the test models (tests/tiny_models.py) in the process.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import runpy
+import signal
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import tiny_models  # noqa: F401  (registers tiny_dropout_mlp in the child process)
+from ctkd import checkpoint, trainer
+
+ENV = "CTKD_TEST_KILL"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _killing_before(batches: Iterable[Any], index: int) -> Iterator[Any]:
+    """`batches`, dying when batch number `index` (0-based) of this iteration would be fetched."""
+    position = 0
+    for batch in batches:
+        if position == index:
+            _die()
+        yield batch
+        position += 1
+    if position == index:  # a kill point after the epoch's last step
+        _die()
+
+
+def _kill_at_step(epoch: int, step: int) -> None:
+    real = trainer.train_one_epoch
+
+    def train_one_epoch(distiller, optimizer, loader, **kwargs):  # noqa: ANN001, ANN202
+        if kwargs["epoch"] == epoch:
+            loader = _killing_before(loader, step - kwargs.get("start_step", 0))
+        return real(distiller, optimizer, loader, **kwargs)
+
+    trainer.train_one_epoch = train_one_epoch
+
+
+def _kill_in_evaluation(number: int) -> None:
+    real = trainer.evaluate
+    calls = 0
+
+    def evaluate(model, loader, *args, **kwargs):  # noqa: ANN001, ANN202
+        nonlocal calls
+        calls += 1
+        if calls == number:
+            loader = _killing_before(loader, 1)
+        return real(model, loader, *args, **kwargs)
+
+    trainer.evaluate = evaluate
+
+
+def _kill_in_save(pattern: str, phase: str) -> None:
+    real = checkpoint.atomic_write
+
+    def atomic_write(path, write):  # noqa: ANN001, ANN202
+        if not fnmatch.fnmatch(Path(path).name, pattern):
+            return real(path, write)
+
+        def write_then_die(handle) -> None:  # noqa: ANN001
+            write(handle)
+            handle.flush()
+            if phase == "partial":
+                handle.truncate(handle.seek(0, os.SEEK_END) // 2)
+            os.fsync(handle.fileno())
+            _die()
+
+        if phase == "renamed":
+            real(path, write)
+            _die()
+        return real(path, write_then_die)
+
+    checkpoint.atomic_write = atomic_write
+
+
+def _kill_in_prune(number: int) -> None:
+    real = checkpoint.CheckpointSeries.prune
+    calls = 0
+
+    def prune(self) -> None:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        if calls == number:
+            _die()
+        real(self)
+
+    checkpoint.CheckpointSeries.prune = prune
+
+
+def install(spec: str) -> None:
+    """Install the kill point `spec` (see the module docstring)."""
+    kind, *args = spec.split(":")
+    if kind == "step":
+        _kill_at_step(int(args[0]), int(args[1]))
+    elif kind == "eval":
+        _kill_in_evaluation(int(args[0]))
+    elif kind == "save":
+        _kill_in_save(args[0], args[1])
+    elif kind == "prune":
+        _kill_in_prune(int(args[0]))
+    else:
+        raise ValueError(f"{ENV}={spec}: unknown kill point")
+
+
+def main() -> None:
+    """Install the kill point of $CTKD_TEST_KILL (if set), then run train.py with this process's arguments."""
+    if os.environ.get(ENV):
+        install(os.environ[ENV])
+    runpy.run_path(str(REPO_ROOT / "train.py"), run_name="__main__")
