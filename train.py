@@ -6,7 +6,8 @@
 
 Exit status: 0 when the run finished; 1 for an error in the input, reported in one line (config, names, data,
 teacher or checkpoint files, an output_dir that another run holds, that cannot be written or whose disk is full);
-130 when the run was stopped at a checkpoint (Ctrl-C; the preempted status scripts/slurm_train.sbatch requeues on).
+130 when the run was stopped by SIGTERM, SIGUSR1 or Ctrl-C after saving a checkpoint of the step it stopped at (the
+preempted status scripts/slurm_train.sbatch requeues on; a second signal stops at once).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ctkd.config import config_to_yaml, load_config
 from ctkd.distributed import shutdown_distributed
 from ctkd.errors import UserError
 from ctkd.logging import get_logger, setup_console
+from ctkd.preemption import PREEMPTED_EXIT_CODE
 from ctkd.trainer import RunInterrupted, run
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as stop:
         if rank == 0:  # every rank stops; one line says how to continue
             get_logger().error(interrupted_message(stop, args))
-        return 130  # the shell's code for a Ctrl-C
+        return PREEMPTED_EXIT_CODE  # 130, the shell's code for a Ctrl-C: scripts/slurm_train.sbatch requeues on it
     finally:
         shutdown_distributed(clean)
     return 0
@@ -67,10 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 def interrupted_message(stop: RunInterrupted, args: argparse.Namespace) -> str:
     """One line on a Ctrl-C: what is saved, and the exact command that continues from it."""
     command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume", "auto"])
+    if stop.signal_name:  # a stop at a step boundary, saved there
+        return (
+            f"stopped by {stop.signal_name} after step {stop.saved_steps} of epoch {stop.saved_epoch}: "
+            f"{stop.output_dir}/last.pth holds that point; continue with: {command}"
+        )
     if stop.saved_epoch is None:
-        return f"interrupted before the first epoch was saved in {stop.output_dir}; start again with: {command}"
+        return f"interrupted before anything was saved in {stop.output_dir}; start again with: {command}"
     return (
-        f"interrupted: {stop.output_dir}/last.pth holds epoch {stop.saved_epoch} (an unfinished epoch is run again); "
+        f"interrupted: {stop.output_dir}/last.pth holds epoch {stop.saved_epoch} (or a later step of it); "
         f"continue with: {command}"
     )
 

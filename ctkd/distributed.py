@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -262,19 +261,3 @@ def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
-
-FAULT_ENV = "CTKD_INJECT_FAULT"
-
-
-def inject_fault_if_requested(rank: int, epoch: int) -> None:
-    """Testing hook for failure handling: with CTKD_INJECT_FAULT="RANK:EPOCH:raise|kill", that rank raises (or
-    SIGKILLs itself) when that epoch starts. Unset in normal use."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault_rank, fault_epoch, kind = spec.split(":")
-    if int(fault_rank) != rank or int(fault_epoch) != epoch:
-        return
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"fault injected by {FAULT_ENV}={spec}")

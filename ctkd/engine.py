@@ -31,6 +31,7 @@ from ctkd.errors import UserError
 from ctkd.methods import StepContext
 from ctkd.methods.base import NetworkRuntime
 from ctkd.optim import StepLRSchedule
+from ctkd.preemption import STOP, StopRequested
 from datasets.loader import Batch
 
 
@@ -278,6 +279,7 @@ def train_one_epoch(
     resume: dict[str, Any] | None = None,
     checkpoint_after: Collection[int] = (),
     checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    stop_check: Callable[[int], bool] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Train `distiller.trainable` for one pass over `loader` with a fixed λ.
 
@@ -295,6 +297,9 @@ def train_one_epoch(
     state (`epoch_state`). A run continued from such a checkpoint passes `start_step` (= steps_done; `loader`
     must then start at that batch, see EpochBatchSampler.set_epoch) and `resume` (that state) and ends the epoch
     exactly as the uninterrupted one.
+
+    Stopping: when `stop_check(steps_done)` is true after a step (every rank agrees: see ctkd.preemption), that point
+    is checkpointed (unless it just was) and StopRequested is raised.
     """
     distiller.train()
     totals = EpochTotals() if resume is None else EpochTotals.from_state(resume["totals"], device)
@@ -337,6 +342,12 @@ def train_one_epoch(
         if checkpoint is not None and step + 1 in checkpoint_after:  # host-side integers: no sync unless saving
             guard.check()
             checkpoint(step + 1, epoch_state(totals, guard))
+        if stop_check is not None and stop_check(step + 1):  # a signal: save this point and stop, on every rank
+            guard.check()
+            if checkpoint is not None and step + 1 not in checkpoint_after:
+                checkpoint(step + 1, epoch_state(totals, guard))
+            bar.close()
+            raise StopRequested(epoch, step + 1, STOP.name or "a stop signal on another rank")
     bar.close()
     guard.check()
     return totals.summary(), totals.per_sample_values()

@@ -36,7 +36,6 @@ from ctkd.distributed import (
     claim_run_directory,
     decide_on_main,
     init_distributed,
-    inject_fault_if_requested,
     seed_rank,
     wait_for_run_directory,
 )
@@ -45,6 +44,7 @@ from ctkd.errors import UserError
 from ctkd.fileio import atomic_copy
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 from ctkd.methods import METHODS
+from ctkd.preemption import STOP, StopRequested, stop_agreed
 from ctkd.provenance import file_sha256, provenance
 from ctkd.runs import RunLock, check_free_space
 
@@ -56,11 +56,14 @@ class RunDirectoryError(UserError, RuntimeError):
 
 
 class RunInterrupted(Exception):
-    """Training was stopped by Ctrl-C; says what was saved so the command-line entry can tell how to continue."""
+    """Training was stopped by a signal (SIGTERM, SIGUSR1, Ctrl-C); says what was saved so the command-line entry can
+    tell how to continue: after `saved_steps` steps of epoch `saved_epoch` (None: the epoch's end)."""
 
-    def __init__(self, output_dir: str, saved_epoch: int | None) -> None:
+    def __init__(self, output_dir: str, saved_epoch: int | None, saved_steps: int | None = None,
+                 signal_name: str = "") -> None:
         super().__init__(f"interrupted: {output_dir}")
-        self.output_dir, self.saved_epoch = output_dir, saved_epoch
+        self.output_dir, self.saved_epoch, self.saved_steps = output_dir, saved_epoch, saved_steps
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -302,15 +305,22 @@ def run(cfg: Config, resume: str | None = None, *, run_lock: RunLock | None = No
     ctx = init_distributed(cfg.device, cfg.distributed.timeout_s)
     check_inputs(cfg)  # input errors first: they are the user's to fix, whatever the run directory holds
     lock = claim_run_directory(cfg.output_dir, ctx, held=run_lock)  # before deciding anything about its contents
+    STOP.on_first = lambda name: get_logger().warning(
+        f"{name} received: stopping after a step, with a checkpoint (send it again to stop at once)")
+    installed = STOP.install()
     try:
         resume_path = resolve_resume(cfg, resume, ctx)
         ensure_teacher_checkpoint(cfg, ctx)
         progress = Progress()
         try:
             return _train(cfg, ctx, resume_path, progress)
+        except StopRequested as stop:
+            raise RunInterrupted(cfg.output_dir, stop.epoch, stop.steps, stop.signal_name) from None
         except KeyboardInterrupt:
             raise RunInterrupted(cfg.output_dir, _saved_epoch(Path(cfg.output_dir) / "last.pth")) from None
     finally:
+        if installed:
+            STOP.restore()
         if lock is not None and lock is not run_lock:
             lock.release()
 
@@ -385,9 +395,10 @@ def _train_experiment(
     try:
         first = progress.epoch + 1
         for epoch in range(first, cfg.epochs + 1):
-            inject_fault_if_requested(ctx.rank, epoch)
             record = _run_epoch(exp, cfg, epoch, progress, metrics, checkpoints, inside if epoch == first else None)
             get_logger().info(_epoch_line(record, cfg.epochs))
+            if epoch < cfg.epochs and stop_agreed(1, 1, exp.device):  # a signal during the epoch's end: stop here
+                raise StopRequested(epoch, len(exp.train_loader), STOP.name or "a stop signal on another rank")
     finally:
         metrics.close()
     results = broadcast_object(
@@ -488,6 +499,8 @@ def _run_epoch(
         lr_schedule=exp.schedule, scaler=exp.scaler, check_every=cfg.logging.interval,
         start_step=start_step, resume=resume, checkpoint=checkpoint_inside,
         checkpoint_after=_checkpoint_steps(cfg, epoch, steps, start_step, epoch_end),
+        # not after the last step: the epoch then ends (evaluation, epoch-end checkpoint) and the run stops after it
+        stop_check=lambda done: done < steps and stop_agreed(done, cfg.logging.interval, exp.device),
     )
     test_stats: dict[str, float] = {}
     if last or epoch % cfg.logging.eval_every == 0:

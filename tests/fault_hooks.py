@@ -13,7 +13,10 @@ train.py as `python train.py` would. CTKD_TEST_KILL is one of
   ``partial`` (half its bytes in the temporary file), ``written`` (the temporary file complete and fsynced, not
   renamed), ``renamed`` (in place under its name; last.pth not yet updated);
 - ``prune:N``: at the N-th pruning of the process's checkpoint series (after its N-th save: the new checkpoint and
-  last.pth in place, older ones not yet deleted).
+  last.pth in place, older ones not yet deleted);
+- ``fail:RANK:EPOCH:raise|kill``: rank RANK raises (or SIGKILLs itself) as epoch EPOCH starts (a crashed rank);
+- ``signal:E:S:NAME[:RANK]``: not a kill: the process sends itself signal NAME (SIGTERM, SIGUSR1, SIGINT) before
+  step S of epoch E, as a scheduler or Ctrl-C would (only on rank RANK under torchrun, when given).
 
 Importing this module also registers the test models (tests/tiny_models.py) in the process.
 """
@@ -38,27 +41,34 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _killing_before(batches: Iterable[Any], index: int) -> Iterator[Any]:
-    """`batches`, dying when batch number `index` (0-based) of this iteration would be fetched."""
+def _killing_before(batches: Iterable[Any], index: int, action: Any = None) -> Iterator[Any]:
+    """`batches`, dying (or doing `action`) when batch number `index` (0-based) of this iteration would be fetched."""
+    action = action or _die
     position = 0
     for batch in batches:
         if position == index:
-            _die()
+            action()
         yield batch
         position += 1
     if position == index:  # a kill point after the epoch's last step
-        _die()
+        action()
 
 
-def _kill_at_step(epoch: int, step: int) -> None:
+def _kill_at_step(epoch: int, step: int, action: Any = None) -> None:
     real = trainer.train_one_epoch
 
     def train_one_epoch(distiller, optimizer, loader, **kwargs):  # noqa: ANN001, ANN202
         if kwargs["epoch"] == epoch:
-            loader = _killing_before(loader, step - kwargs.get("start_step", 0))
+            loader = _killing_before(loader, step - kwargs.get("start_step", 0), action)
         return real(distiller, optimizer, loader, **kwargs)
 
     trainer.train_one_epoch = train_one_epoch
+
+
+def _signal_at_step(epoch: int, step: int, name: str, rank: str | None) -> None:
+    if rank is not None and os.environ.get("RANK", "0") != rank:
+        return
+    _kill_at_step(epoch, step, lambda: os.kill(os.getpid(), getattr(signal, name)))
 
 
 def _kill_in_evaluation(number: int) -> None:
@@ -112,6 +122,21 @@ def _kill_in_prune(number: int) -> None:
     checkpoint.CheckpointSeries.prune = prune
 
 
+def _fail_at_epoch(rank: int, epoch: int, how: str, spec: str) -> None:
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    real = trainer._run_epoch
+
+    def run_epoch(exp, cfg, number, *args, **kwargs):  # noqa: ANN001, ANN202
+        if number == epoch:
+            if how == "kill":
+                _die()
+            raise RuntimeError(f"fault injected by {ENV}={spec}")
+        return real(exp, cfg, number, *args, **kwargs)
+
+    trainer._run_epoch = run_epoch
+
+
 def install(spec: str) -> None:
     """Install the kill point `spec` (see the module docstring)."""
     kind, *args = spec.split(":")
@@ -123,6 +148,10 @@ def install(spec: str) -> None:
         _kill_in_save(args[0], args[1])
     elif kind == "prune":
         _kill_in_prune(int(args[0]))
+    elif kind == "fail":
+        _fail_at_epoch(int(args[0]), int(args[1]), args[2], spec)
+    elif kind == "signal":
+        _signal_at_step(int(args[0]), int(args[1]), args[2], args[3] if len(args) > 3 else None)
     else:
         raise ValueError(f"{ENV}={spec}: unknown kill point")
 
@@ -132,3 +161,7 @@ def main() -> None:
     if os.environ.get(ENV):
         install(os.environ[ENV])
     runpy.run_path(str(REPO_ROOT / "train.py"), run_name="__main__")
+
+
+if __name__ == "__main__":  # torchrun -m fault_hooks --config ... (each rank installs the hook itself)
+    main()

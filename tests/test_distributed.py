@@ -109,8 +109,10 @@ def _worker_train_steps(rank: int, config: str, out: str) -> None:
 
 def _worker_run(rank: int, config: str, resume: str | None, fault: str | None) -> None:
     """The whole training run, as train.py runs it under torchrun."""
-    if fault:
-        os.environ["CTKD_INJECT_FAULT"] = fault
+    if fault:  # "RANK:EPOCH:raise|kill" (tests/fault_hooks.py)
+        import fault_hooks
+
+        fault_hooks.install(f"fail:{fault}")
     run(load_config(config), resume=resume)
 
 
@@ -313,8 +315,10 @@ def _launch(command: list[str], fault: str | None = None, env: dict | None = Non
             timeout: float = 120) -> tuple[int, str, float]:
     """Run a launcher from the repository root; returns (exit code, output, seconds)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    if fault:
-        full_env["CTKD_INJECT_FAULT"] = fault
+    if fault:  # installed in each training process by tests/fault_site/sitecustomize.py
+        tests = REPO_ROOT / "tests"
+        full_env["PYTHONPATH"] = os.pathsep.join([str(tests / "fault_site"), str(tests), str(REPO_ROOT)])
+        full_env["CTKD_TEST_KILL"] = f"fail:{fault}"
     start = time.monotonic()
     done = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr, time.monotonic() - start

@@ -1,0 +1,89 @@
+"""Preemption (R5; C1–C6): SIGTERM, SIGUSR1 and SIGINT stop a real train.py run after a step, on every rank at the
+same step, with a checkpoint of that step and exit status 130; `--resume auto` then ends bit-identical to the
+uninterrupted run. The signals are sent by the process to itself at a chosen step (tests/fault_hooks.py), as a
+scheduler would send them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_checkpoint_reliability import _train_py, dropout_config, fingerprint
+
+from conftest import REPO_ROOT, write_yaml
+
+
+def _config(root: Path, name: str, **sections) -> Path:
+    """3 epochs × 5 steps of tiny_dropout_mlp, no periodic mid-epoch checkpoint: only the signal makes one."""
+    data = dropout_config(root, name, **sections)
+    data["checkpoint"] = {"every_steps": 0, "keep_last": 2}
+    return write_yaml(root / f"{name}.yaml", data)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("straight")
+    done = _train_py(_config(root, "run"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return fingerprint(root / "run")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_run_continues_exactly(
+    tmp_path: Path, straight: dict, name: str
+) -> None:
+    config = _config(tmp_path, "run")
+    stopped = _train_py(config, kill=f"signal:2:3:{name}")  # arrives during step 4 of epoch 2 (3 steps done)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 130, output
+    assert f"stopped by {name} after step 4 of epoch 2" in output and "--resume auto" in output
+    assert "Traceback" not in output
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (state["epoch_state"]["epoch"], state["epoch_state"]["step"]) == (2, 4)
+    assert (tmp_path / "run" / "ckpt-e0002-s000004.pth").is_file()
+    resumed = _train_py(config, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert fingerprint(tmp_path / "run") == straight
+
+
+def test_a_signal_during_evaluation_stops_at_the_epoch_end(tmp_path: Path, straight: dict) -> None:
+    config = _config(tmp_path, "run")
+    stopped = _train_py(config, kill="signal:2:5:SIGTERM")  # after epoch 2's last step: evaluation and its save run
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "stopped by SIGTERM after step 5 of epoch 2" in stopped.stdout + stopped.stderr
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 2
+    assert _train_py(config, "--resume", "auto").returncode == 0
+    assert fingerprint(tmp_path / "run") == straight
+
+
+def _torchrun(config: Path, *args: str, signal_spec: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("CTKD_TEST_KILL", None)
+    if signal_spec:
+        env["CTKD_TEST_KILL"] = signal_spec
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "fault_hooks", "--config", str(config), *args]
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 alone during step 2 of epoch 2; with logging.interval 2 both ranks stop after step 2
+    (the next agreement), save that point once and continue exactly as the uninterrupted 2-process run."""
+    sections = {"logging": {"tensorboard": True, "progress_bar": False, "interval": 2},
+                "distributed": {"timeout_s": 60.0}}
+    straight_config = _config(tmp_path, "straight", **sections)
+    done = _torchrun(straight_config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = _config(tmp_path, "run", **sections)
+    stopped = _torchrun(config, signal_spec="signal:2:1:SIGTERM:1")
+    assert stopped.returncode != 0  # torchrun reports its workers' exit status 130 as a failure
+    assert "stopped by a stop signal on another rank after step 2 of epoch 2" in stopped.stdout + stopped.stderr
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (state["epoch_state"]["epoch"], state["epoch_state"]["step"]) == (2, 2)
+    resumed = _torchrun(config, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert fingerprint(tmp_path / "run") == fingerprint(tmp_path / "straight")
