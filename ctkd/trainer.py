@@ -376,6 +376,8 @@ def _train_experiment(
         exp.distiller.wrap_ddp([ctx.device.index] if ctx.device.type == "cuda" else None)
     compile_mode = resolve_compile_mode(cfg.runtime.compile, ctx.device)
     if compile_mode is not None:  # after loading the state: compiled modules keep their state_dict keys anyway
+        if cfg.runtime.compile == "auto":  # the default must never break a run: a graph that fails runs eagerly
+            torch._dynamo.config.suppress_errors = True
         exp.distiller.compile(compile_mode)
     output_dir = Path(cfg.output_dir)
     checkpoints = _Checkpoints(None, teacher_sha256)
