@@ -150,7 +150,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
 
     monkeypatch.setattr(trainer, "train_one_epoch", ctrl_c)
     assert train_cli.main(["--config", str(path)]) == 130
-    assert "before the first epoch was saved" in capsys.readouterr().out
+    assert "interrupted before anything was saved" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
