@@ -270,7 +270,8 @@ class RuntimeConfig(_Section):
     # bit-reproducible CUDA runs: deterministic cuDNN/cuBLAS kernels and torch.use_deterministic_algorithms (slower;
     # overrides cudnn_benchmark). CPU runs are bit-reproducible without it
     deterministic: bool = False
-    # in-memory datasets (CIFAR, synthetic) kept on the GPU and augmented there in batches: auto = on with CUDA
+    # in-memory datasets (CIFAR, synthetic) augmented in batches in the training process, on its device (the GPU's
+    # memory with CUDA), without loader workers: auto = on for them; off = loader workers (data.num_workers)
     data_on_device: str = _spec("auto", choices=("auto", "on", "off"))
 
 

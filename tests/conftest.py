@@ -50,6 +50,8 @@ def tiny_run_config(tmp_path: Path, name: str = "run", **sections: dict) -> dict
             "num_classes": 10, "train_size": 160, "test_size": 70, "seed": 0,
         },
         "student": {"name": "resnet8"},
+        # batches from data.num_workers loader workers as written in each test (auto would make them in-process)
+        "runtime": {"data_on_device": "off"},
         "optimizer": {"lr": 0.05, "lr_decay_epochs": [2]},
         "logging": {"tensorboard": True, "progress_bar": False},
     }

@@ -26,6 +26,8 @@ def test_in_process_batches_equal_the_worker_batches(tmp_path: Path) -> None:
     cpu = torch.device("cpu")
     assert not batches_in_process(workers, build_split(workers, train=True), cpu)
     assert batches_in_process(in_process, build_split(in_process, train=True), cpu)
+    auto = load({**tiny_run_config(tmp_path), "runtime": {}}, tmp_path, "auto.yaml")  # the default: auto
+    assert auto.runtime.data_on_device == "auto" and batches_in_process(auto, build_split(auto, train=True), cpu)
     a, b = _batches(workers, cpu), _batches(in_process, cpu)
     assert len(a) == len(b) == 5
     for x, y in zip(a, b):
@@ -51,5 +53,5 @@ def test_on_is_refused_for_an_image_folder(tmp_path: Path) -> None:
     cfg = load({**tiny_run_config(tmp_path), "data": data, "runtime": {"data_on_device": "on"}}, tmp_path)
     with pytest.raises(ConfigError, match="runtime.data_on_device=on needs an in-memory dataset"):
         batches_in_process(cfg, build_split(cfg, train=True), torch.device("cpu"))
-    auto = load({**tiny_run_config(tmp_path), "data": data}, tmp_path, "auto.yaml")
-    assert not batches_in_process(auto, build_split(auto, train=True), torch.device("cuda", 0))
+    auto = load({**tiny_run_config(tmp_path), "data": data, "runtime": {}}, tmp_path, "auto.yaml")
+    assert not batches_in_process(auto, build_split(auto, train=True), torch.device("cuda", 0))  # files: workers
