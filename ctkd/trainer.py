@@ -239,6 +239,7 @@ def checkpoint_state(
 RESUMABLE_CHANGES = (
     "output_dir", "epochs", "device", "data.root", "data.download", "data.num_workers", "data.test_batch_size",
     "teacher.checkpoint", "teacher.train_config", "logging.", "checkpoint.", "distributed.",
+    "runtime.data_on_device", "runtime.tune_malloc",  # where batches are made, where memory comes from: same numbers
 )
 
 
