@@ -36,26 +36,38 @@ class StopFlag:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._depth = 0  # nested installs (see install)
         self.on_first: Callable[[str], None] | None = None  # e.g. a log line; called from the handler
 
     def install(self) -> bool:
-        """Catch the stop signals (main thread only, where Python delivers them); False if not possible."""
+        """Catch the stop signals (main thread only, where Python delivers them); False if not possible.
+
+        Nested runs (a teacher trained first by the student's run) share the outer run's handlers: only the
+        outermost install and its restore change them.
+        """
         if threading.current_thread() is not threading.main_thread():
             return False
-        self.received = None
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
+        if self._depth == 1:
+            self.received = None
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return True
 
     def restore(self) -> None:
-        """Put back the handlers that were there before `install`."""
+        """Put back the handlers that were there before the outermost `install`."""
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self._put_back()
+
+    def _put_back(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:  # the second signal: stop now
-            self.restore()
+            self._put_back()
             signal.raise_signal(signum)
             return
         self.received = signum

@@ -87,3 +87,18 @@ def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(tmp_path: Pa
     resumed = _torchrun(config, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert fingerprint(tmp_path / "run") == fingerprint(tmp_path / "straight")
+
+
+def test_nested_runs_leave_the_handlers_as_they_found_them() -> None:
+    """A student run that trains its teacher first installs the stop handlers twice; the process's own handlers
+    (here Python's Ctrl-C → KeyboardInterrupt) are back once the outer run ends."""
+    import signal
+
+    from ctkd.preemption import STOP
+
+    before = signal.getsignal(signal.SIGINT)
+    assert STOP.install() and STOP.install()
+    STOP.restore()
+    assert signal.getsignal(signal.SIGINT) == STOP._handle  # the outer run still catches it
+    STOP.restore()
+    assert signal.getsignal(signal.SIGINT) is before
