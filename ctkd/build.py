@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from ctkd.optim import StepLRSchedule, build_lr_schedule, build_sgd
 from ctkd.system import tune_malloc
 from ctkd.temperature import build_temperature
 from datasets.loader import build_loader
+from models.fusion import fold_batchnorm
+
+_log = logging.getLogger("ctkd.build")  # a child of the project's logger: printed like the run's messages
 
 
 def build_split(cfg: Config, *, train: bool) -> datasets.DataSource:
@@ -314,6 +318,19 @@ def check_inputs(cfg: Config) -> None:
         build_split(cfg, train=False)
 
 
+def fold_teacher_batchnorm(teacher: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """`runtime.fold_teacher_bn`: fold the frozen teacher's BatchNorms into its convolutions, checked through both
+    entry points the methods call (logits, and features with logits); returns how many were folded."""
+    teacher.eval()
+    example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0))
+    entry_points = [lambda net, x: net(x)]
+    if hasattr(teacher, "forward_with_features"):
+        entry_points.append(lambda net, x: net.forward_with_features(x))
+    folded = fold_batchnorm(teacher, example, entry_points)
+    _log.info("teacher: %d BatchNorm layers folded into their convolutions (runtime.fold_teacher_bn)", folded)
+    return folded
+
+
 def build_networks(cfg: Config, train_set: datasets.DataSource, ctx: DistributedContext) -> Distiller:
     """Student, teacher (loaded strictly), temperature module and the method's heads and state."""
     num_classes = train_set.num_classes
@@ -322,6 +339,8 @@ def build_networks(cfg: Config, train_set: datasets.DataSource, ctx: Distributed
     teacher, temperature = None, None
     if method.uses_teacher:
         teacher = load_teacher(cfg, num_classes)
+        if cfg.runtime.fold_teacher_bn:
+            fold_teacher_batchnorm(teacher, train_set.image_shape)
         temperature = build_temperature(cfg.temperature, num_classes=num_classes)
     setup = measure_setup(
         student, teacher, image_shape=train_set.image_shape, num_classes=num_classes,

@@ -256,15 +256,21 @@ class OptimizerConfig(_Section):
 
 @dataclass(frozen=True)
 class RuntimeConfig(_Section):
-    """How the step runs on the device: numerics and memory layout (results are unchanged with the defaults)."""
+    """How the step runs on the device: numerics and memory layout (the defaults change results by float rounding
+    only; docs/benchmarks.md measures each)."""
 
     amp: str = _spec("off", choices=("off", "bf16", "fp16"))  # autocast of the networks (the KD loss and τ stay fp32)
-    channels_last: bool = False  # NHWC memory format for the networks and images (faster convolutions on GPUs)
+    # NHWC memory format for the networks and images: auto = on for CPU (oneDNN's convolutions, ~1.3x faster in fp32)
+    # and for CUDA with amp (tensor cores), off for fp32 CUDA; true/false are read as on/off
+    channels_last: str = _spec("auto", choices=("auto", "on", "off"), bools=("on", "off"))
     # torch.compile of student and teacher: auto = `default` on CUDA, off on CPU; reduce-overhead adds CUDA graphs
     compile: str = _spec("auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"))
     # SGD kernel: fused (one kernel, skips a non-finite step on the device), foreach, or loop (torch's default and
     # the authors': bit-identical to their updates; fused differs by float rounding), the last two read a flag per step
     sgd: str = _spec("fused", choices=("fused", "foreach", "loop"))
+    # fold the frozen teacher's BatchNorms into the convolutions before them: the same function up to float rounding,
+    # one pass over each activation fewer (models/fusion.py checks every fold against the unfolded teacher)
+    fold_teacher_bn: bool = True
     tune_malloc: bool = True  # keep freed host memory for reuse (glibc): far fewer page faults per CPU step
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (CUDA; not bit-reproducible)
     # bit-reproducible CUDA runs: deterministic cuDNN/cuBLAS kernels and torch.use_deterministic_algorithms (slower;

@@ -31,9 +31,13 @@ def _spec(
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
     increasing: bool = False,
+    bools: tuple[str, str] | None = None,
 ) -> Any:
-    """A dataclass field with its validation rules in metadata (for a list field, `ge`/`gt` apply to each item)."""
-    rules = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "increasing": increasing}
+    """A dataclass field with its validation rules in metadata (for a list field, `ge`/`gt` apply to each item).
+
+    `bools` = (for true, for false): the choices a bool stands for, in a string field that once was a bool.
+    """
+    rules = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "increasing": increasing, "bools": bools}
     metadata = {k: v for k, v in rules.items() if v is not None and v is not False}
     return field(default=default, metadata=metadata)
 
@@ -181,6 +185,8 @@ def _check_rules(rules: Mapping[str, Any], value: Any) -> None:
 
 def _validated(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     """The value of field `f`, type-checked, converted and range-checked; raises _FieldError."""
+    if isinstance(value, bool) and "bools" in f.metadata:
+        value = f.metadata["bools"][0 if value else 1]
     value = _coerce(hint, value)
     if value is not None:
         _check_rules(f.metadata, value)

@@ -240,6 +240,9 @@ RESUMABLE_CHANGES = (
     "output_dir", "epochs", "device", "data.root", "data.download", "data.num_workers", "data.test_batch_size",
     "teacher.checkpoint", "teacher.train_config", "logging.", "checkpoint.", "distributed.",
     "runtime.data_on_device", "runtime.tune_malloc",  # where batches are made, where memory comes from: same numbers
+    # the layout and the teacher's folded BatchNorms change float rounding only, as a change of device does (and
+    # their defaults changed: a run checkpointed with the former ones resumes under the new)
+    "runtime.channels_last", "runtime.fold_teacher_bn",
 )
 
 

@@ -16,9 +16,12 @@ import tiny_models  # noqa: F401  (registers tiny_mlp: fp16 convolutions are slo
 from conftest import ctkd_config, load
 from ctkd import engine, trainer
 from ctkd.build import Experiment, build_experiment
+from ctkd.config import RuntimeConfig
 from ctkd.losses import kd_loss
 from ctkd.methods import StepContext
+from ctkd.methods.base import resolve_channels_last
 from ctkd.optim import LRMultiplier, build_lr_schedule
+from ctkd.schema import ConfigError
 from ctkd.trainer import run
 from datasets.loader import Batch
 
@@ -160,11 +163,44 @@ def test_a_step_the_grad_scaler_skips_is_not_an_error(tmp_path: Path, mlp_teache
 
 
 # ------------------------------------------------------------------------------------------------ channels_last
+def _runtime(cfg: dict, **runtime: object) -> dict:
+    """`cfg` with these runtime.* keys set (the others kept)."""
+    return {**cfg, "runtime": {**cfg.get("runtime", {}), **runtime}}
+
+
+def test_channels_last_auto_is_nhwc_on_cpu_and_under_cuda_autocast() -> None:
+    """CPU: oneDNN's convolutions are faster in NHWC at any precision; CUDA: NHWC only pays off on tensor cores."""
+    assert resolve_channels_last("auto", "cpu", "off") and resolve_channels_last("auto", "cpu", "bf16")
+    assert resolve_channels_last("auto", "cuda", "bf16") and resolve_channels_last("auto", "cuda", "fp16")
+    assert not resolve_channels_last("auto", "cuda", "off")
+    assert not resolve_channels_last("off", "cpu", "bf16") and resolve_channels_last("on", "cuda", "off")
+
+
+def test_channels_last_reads_its_former_bool_values(tmp_path: Path, teacher_file: Path) -> None:
+    """The key was a bool: configs and checkpoints' saved configs with true/false keep working as on/off."""
+    base = ctkd_config(tmp_path, teacher_file)
+    for value, expected in ((True, "on"), (False, "off"), ("auto", "auto")):
+        assert load(_runtime(base, channels_last=value), tmp_path).runtime.channels_last == expected
+    assert RuntimeConfig().channels_last == "auto" and RuntimeConfig(channels_last=False).channels_last == "off"
+    with pytest.raises(ConfigError, match=r"runtime\.channels_last' must be one of auto, on, off; got 'yes'"):
+        load(_runtime(base, channels_last="yes"), tmp_path)
+
+
+def test_the_default_config_trains_in_nhwc_on_cpu(tmp_path: Path, teacher_file: Path) -> None:
+    exp = _experiment(load(ctkd_config(tmp_path, teacher_file), tmp_path))
+    assert exp.distiller.runtime.channels_last
+    convs = [m for part in (exp.distiller.student, exp.distiller.teacher) for m in part.modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+
+
 @pytest.mark.parametrize("method", ["kd", "vid"])
 def test_channels_last_matches_the_contiguous_layout(tmp_path: Path, teacher_file: Path, method: str) -> None:
     base = ctkd_config(tmp_path, teacher_file, method=method)
-    dense = _experiment(load(base, tmp_path, "dense.yaml"))
-    nhwc = _experiment(load({**base, "runtime": {"channels_last": True}}, tmp_path, "nhwc.yaml"))
+    dense = _experiment(load(_runtime(base, channels_last="off"), tmp_path, "dense.yaml"))
+    nhwc = _experiment(load(_runtime(base, channels_last=True), tmp_path, "nhwc.yaml"))
+    dense_convs = [m for m in dense.distiller.student.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+    assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in dense_convs)
     convs = [m for part in (nhwc.distiller.unwrapped, nhwc.distiller.teacher) for m in part.modules()
              if isinstance(m, nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
