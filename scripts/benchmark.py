@@ -20,9 +20,12 @@ own loader (the iterator is restarted when an epoch ends), so the time includes 
      trainer compiles (runtime.compile=auto: default on CUDA, off on CPU);
   c  ctkd fastest: CUDA: amp bf16, channels_last, data_on_device on, cudnn_benchmark, and torch.compile default and
      reduce-overhead both measured (the faster is reported); CPU: a greedy search over data.num_workers (0 or
-     --workers), data_on_device on (batches made in the training process), channels_last and amp bf16 (plus
-     compile with --cpu-compile), in short trials of --trial-steps;
+     --workers), data_on_device on (batches made in the training process), channels_last off (auto is NHWC on
+     CPU) and amp bf16 (plus compile with --cpu-compile), in short trials of --trial-steps;
   d  KD with a fixed τ = 4 against CTKD with a global and an instance-wise τ, all with ctkd defaults.
+The variants are measured --rounds times (default 3), alternating within each round, and each row reports the round
+with the median throughput and the range over the rounds: on a shared machine a slow spell then costs every variant
+alike (differences of a few percent between variants are otherwise noise).
 
 Per row: images/s, mean step time, peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the main process's peak
 RSS above its level at the variant's start, sampled every 10 ms, loader workers not counted), FLOPs per image of
@@ -81,6 +84,7 @@ from ctkd.config import Config, load_config  # noqa: E402
 from ctkd.distributed import DistributedContext  # noqa: E402
 from ctkd.engine import train_one_epoch  # noqa: E402
 from ctkd.losses import kd_loss  # noqa: E402
+from ctkd.methods.base import resolve_channels_last  # noqa: E402
 from ctkd.temperature import GlobalTemperature  # noqa: E402
 from ctkd.trainer import resolve_compile_mode, seed_everything  # noqa: E402
 from datasets.transforms import train_transform  # noqa: E402
@@ -104,6 +108,7 @@ QUICK_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "synthetic_size": (5000, None),  # quick: 4 batches, so the timed steps cross an epoch boundary
     "pipeline_batches": (100, 4),
     "concurrent": ("1,2,4", "1,2"),
+    "rounds": (3, 1),
 }
 
 
@@ -487,7 +492,10 @@ def describe(cfg: Config, timing: Timing, device: torch.device) -> str:
     """The settings a ctkd row ran with, in a few words."""
     r = cfg.runtime
     parts = [
-        f"amp {r.amp}", f"channels_last {'on' if r.channels_last else 'off'}", f"compile {timing.info['compile']}",
+        f"amp {r.amp}", f"channels_last {r.channels_last}"
+        + (f" ({'on' if resolve_channels_last('auto', device.type, r.amp) else 'off'})" if r.channels_last == "auto"
+           else ""),
+        f"fold_teacher_bn {'on' if r.fold_teacher_bn else 'off'}", f"compile {timing.info['compile']}",
         f"sgd {r.sgd}", f"workers {cfg.data.num_workers}", f"data_on_device {r.data_on_device}",
     ]
     if device.type == "cuda":
@@ -523,12 +531,13 @@ def fastest_cuda(
 def fastest_cpu(
     make_cfg: Callable[[Sequence[str]], Config], args: argparse.Namespace, device: torch.device,
 ) -> tuple[list[str], Timing, list[tuple[str, Timing | str]]]:
-    """Variant c on CPU: greedy search over workers, in-process batches, channels_last, bf16 (and compile) in
+    """Variant c on CPU: greedy search over workers, in-process batches, the memory format, bf16 (and compile) in
     short trials, each change kept when it is faster; the winner is then measured like the other variants."""
     choices: list[tuple[str, list[str]]] = []
     if args.workers > 0:
         choices.append(("data.num_workers", ["0"]))
-    choices += [("runtime.data_on_device", ["on"]), ("runtime.channels_last", ["true"]), ("runtime.amp", ["bf16"])]
+    # channels_last: auto is NHWC on CPU already, so the contiguous layout is the alternative to try
+    choices += [("runtime.data_on_device", ["on"]), ("runtime.channels_last", ["off"]), ("runtime.amp", ["bf16"])]
     if args.cpu_compile:
         choices.append(("runtime.compile", ["default"]))
 
@@ -548,8 +557,7 @@ def fastest_cpu(
             tried.append((" ".join(candidate), timing))
             if timing.images_per_s > best_timing.images_per_s:
                 best, best_timing = candidate, timing
-    final = measure_ctkd(make_cfg(best), device, args.warmup, args.steps)
-    return best, final, tried
+    return best, best_timing, tried
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs and peak
@@ -756,6 +764,13 @@ MAIN_HEADERS = ("pair", "variant", "settings", "images/s", "step (ms)", "peak me
                 "achieved TFLOP/s", "% of peak", "relative")
 
 
+def images_cell(timing: Timing) -> str:
+    """Images/s of the median round, with the range of all rounds when there were several."""
+    rounds = timing.info.get("rounds", [])
+    spread = f" ({min(rounds):,.0f}–{max(rounds):,.0f})" if len(rounds) > 1 else ""
+    return f"{timing.images_per_s:,.1f}{spread}"
+
+
 def main_rows(report: Report, flops: dict[str, int], peaks: dict[str, float]) -> list[list[str]]:
     """The main table's cells."""
     rows = []
@@ -764,7 +779,7 @@ def main_rows(report: Report, flops: dict[str, int], peaks: dict[str, float]) ->
         achieved = per_image * t.images_per_s
         kind = "bf16" if row.bf16 and "bf16" in peaks else "fp32"
         rows.append([
-            row.pair, row.label, row.settings, f"{t.images_per_s:,.1f}", f"{t.step_ms:,.2f}",
+            row.pair, row.label, row.settings, images_cell(t), f"{t.step_ms:,.2f}",
             f"{t.peak_bytes / MIB:,.1f}", f"{per_image / 1e9:.3f}", f"{achieved / 1e12:.4f}",
             f"{100 * achieved / peaks[kind]:.2f} ({kind})", row.relative,
         ])
@@ -844,6 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="a,b,c,d", help="any of a,b,c,d (see the module docstring)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing (default 20; --quick 2)")
     p.add_argument("--steps", type=int, help="timed steps (default 100; --quick 3)")
+    p.add_argument("--rounds", type=int, help="measure every variant this many times, alternating, and report the "
+                                              "median (default 3; --quick 1)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of variants a, b and d (default 2)")
     p.add_argument("--data-root", default="./data", help="folder holding cifar-100-python/ (else synthetic data)")
     p.add_argument("--synthetic-size", type=int, help="synthetic training images (default 5000; --quick 4 batches)")
@@ -876,8 +893,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
-    if min(args.warmup, args.trial_warmup) < 0 or min(args.steps, args.trial_steps, args.batch_size) < 1:
-        raise SystemExit("--steps, --trial-steps and --batch-size must be >= 1, --warmup >= 0")
+    if min(args.warmup, args.trial_warmup) < 0 or min(args.steps, args.trial_steps, args.batch_size, args.rounds) < 1:
+        raise SystemExit("--steps, --trial-steps, --batch-size and --rounds must be >= 1, --warmup >= 0")
     return args
 
 
@@ -886,6 +903,38 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Entry:
+    """A variant to measure in every round: how to measure it once, and how to describe its settings."""
+
+    variant: str
+    label: str
+    measure: Callable[[], Timing]
+    settings: Callable[[Timing], str]
+    bf16: bool = False
+    timings: list[Timing] = field(default_factory=list)
+
+    def median(self) -> Timing:
+        """The round with the median throughput, its info listing every round's images/s."""
+        ordered = sorted(self.timings, key=lambda t: t.images_per_s)
+        middle = ordered[(len(ordered) - 1) // 2]
+        middle.info["rounds"] = [t.images_per_s for t in self.timings]
+        return middle
+
+
+def measure_rounds(entries: Sequence[Entry], rounds: int, device: torch.device) -> None:
+    """Measure every entry `rounds` times, alternating them within each round, so that a slow spell of a shared
+    machine costs every variant alike instead of one."""
+    for number in range(1, rounds + 1):
+        if rounds > 1:
+            print(f"  round {number} of {rounds}", file=sys.stderr, flush=True)
+        for entry in entries:
+            timing = entry.measure()
+            entry.timings.append(timing)
+            release(device)
+            print(f"  {entry.label}: {timing.images_per_s:,.1f} images/s", file=sys.stderr, flush=True)
 
 
 def benchmark_pair(
@@ -901,42 +950,44 @@ def benchmark_pair(
         """This pair's config with `extra` overrides."""
         return ctkd_config(teacher_name, student_name, teacher_file, args, device, extra)
 
-    def add(variant: str, label: str, settings: str, timing: Timing, bf16: bool = False) -> None:
-        """Record a row and show progress on stderr."""
-        report.rows.append(Row(pair, variant, label, settings, timing, bf16))
-        print(f"  {label}: {timing.images_per_s:,.1f} images/s", file=sys.stderr, flush=True)
+    def ctkd_entry(variant: str, label: str, extra: Sequence[str], settings: str | None = None) -> Entry:
+        """An entry measuring ctkd with `extra` overrides (settings: described from the config unless given)."""
+        cfg = make_cfg(extra)
+        return Entry(variant, label, lambda: measure_ctkd(cfg, device, args.warmup, args.steps),
+                     lambda timing: settings or describe(cfg, timing, device),
+                     bf16=cfg.runtime.amp == "bf16")
 
-    chosen: list[str] = []
+    entries: list[Entry] = []
     if "a" in variants:
-        timing = run_reference(teacher_name, student_name, data, teacher_file, args, device)
-        add("a", "a: reference loop", f"PIL per-image transforms, {args.workers} workers, fp32, torch SGD "
-                                      "(default implementation), loss.item() every step", timing)
-        release(device)
+        entries.append(Entry(
+            "a", "a: reference loop",
+            lambda: run_reference(teacher_name, student_name, data, teacher_file, args, device),
+            lambda _: f"PIL per-image transforms, {args.workers} workers, fp32, torch SGD (default implementation), "
+                      "loss.item() every step",
+        ))
     if "b" in variants:
-        cfg = make_cfg([])
-        timing = measure_ctkd(cfg, device, args.warmup, args.steps)
-        add("b", "b: ctkd defaults", describe(cfg, timing, device), timing)
-        release(device)
+        entries.append(ctkd_entry("b", "b: ctkd defaults", []))
+    chosen: list[str] = []
     if "c" in variants:
         search = fastest_cuda if device.type == "cuda" else fastest_cpu
-        chosen, timing, tried = search(make_cfg, args, device)
-        cfg = make_cfg(chosen)
-        add("c", "c: ctkd fastest", describe(cfg, timing, device), timing, bf16=cfg.runtime.amp == "bf16")
+        chosen, _, tried = search(make_cfg, args, device)
         kind = "full measurements" if device.type == "cuda" else f"trials of {args.trial_steps} steps"
         report.extra_tables.append((
-            f"Variant c candidates, {pair} ({kind}; the fastest is in the main table)",
+            f"Variant c candidates, {pair} ({kind}; the fastest is then measured in the rounds of the main table)",
             ["overrides", "images/s", "step (ms)"],
             [[o, f"{t.images_per_s:,.1f}", f"{t.step_ms:,.2f}"] if isinstance(t, Timing) else [o, t, ""]
              for o, t in tried],
         ))
-        release(device)
+        entries.append(ctkd_entry("c", "c: ctkd fastest", chosen))
     if "d" in variants:
         for name, label in (("fixed", "d: KD, fixed τ"), ("global", "d: CTKD, global τ"),
                             ("instance", "d: CTKD, instance τ")):
-            cfg = make_cfg([f"temperature.name={name}"])
-            timing = measure_ctkd(cfg, device, args.warmup, args.steps)
-            add("d", label, f"ctkd defaults, temperature.name={name}", timing)
-            release(device)
+            entries.append(ctkd_entry("d", label, [f"temperature.name={name}"],
+                                      f"ctkd defaults, temperature.name={name}"))
+    measure_rounds(entries, args.rounds, device)
+    for entry in entries:
+        timing = entry.median()
+        report.rows.append(Row(pair, entry.variant, entry.label, entry.settings(timing), timing, entry.bf16))
     return chosen or [*CUDA_FASTEST, f"runtime.compile={args.c_compile or 'default'}"]
 
 
@@ -955,7 +1006,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> str:
     report.header += [
         f"machine: {info['cpu']}; GPU: {info['gpu']}; {info['software']}",
         f"device: {device}; data: {data.description}; batch {args.batch_size}; warm-up {args.warmup} steps, timed "
-        f"{args.steps} steps",
+        f"{args.steps} steps; each row is the median of {args.rounds} round(s) in which the variants alternate "
+        "(the range of images/s over the rounds in parentheses)",
         "matmul peak (" + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items())
         + f", {peak_size}² torch.mm); FLOPs per image = teacher forward + 3 × student forward: "
         + ", ".join(f"{pair} {value / 1e9:.3f} GFLOP" for pair, value in flops.items()),

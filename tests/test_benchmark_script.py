@@ -113,3 +113,30 @@ def test_options_are_checked_and_defaults_follow_quick() -> None:
         bench.parse_pairs("resnet56-resnet20")
     with pytest.raises(SystemExit, match="Did you mean.*resnet20"):
         bench.parse_pairs("resnet56:resnet2O")
+
+
+def test_rounds_alternate_the_variants_and_report_the_median() -> None:
+    """--rounds: each round measures every variant once, in turn; a row is the median round with the range."""
+    bench = load_script()
+    calls: list[str] = []
+
+    def measuring(label: str, images_per_s: list[float]):
+        def measure():
+            calls.append(label)
+            return bench.Timing(steps=1, images=int(images_per_s.pop(0)), seconds=1.0, peak_bytes=0)
+        return measure
+
+    entries = [bench.Entry("b", "b", measuring("b", [100, 300, 200]), lambda _: ""),
+               bench.Entry("d", "d", measuring("d", [50, 40, 60]), lambda _: "")]
+    bench.measure_rounds(entries, 3, bench.torch.device("cpu"))
+    assert calls == ["b", "d"] * 3
+    median = entries[0].median()
+    assert median.images_per_s == 200 and median.info["rounds"] == [100, 300, 200]
+    assert bench.images_cell(median) == "200.0 (100–300)"
+    assert entries[1].median().images_per_s == 50
+    assert bench.images_cell(bench.Timing(steps=1, images=64, seconds=1.0, peak_bytes=0)) == "64.0"  # one round
+    parser = bench.build_parser()
+    assert bench.resolve_args(parser.parse_args([])).rounds == 3
+    assert bench.resolve_args(parser.parse_args(["--quick"])).rounds == 1
+    with pytest.raises(SystemExit):
+        bench.resolve_args(parser.parse_args(["--rounds", "0"]))
