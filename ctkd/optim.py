@@ -46,6 +46,19 @@ def build_sgd(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, then each per-parameter buffer (SGD's momentum) in its parameter's memory
+    layout: a run resumed with another `runtime.channels_last` has NHWC weights and NCHW buffers, or the reverse, and
+    the fused kernel pairs their elements by memory offset (on CPU silently wrong, on CUDA an error)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            buffers = optimizer.state.get(param, {})
+            for key, value in buffers.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    buffers[key] = torch.empty_like(param).copy_(value)  # empty_like keeps the parameter's strides
+
+
 class LRMultiplier:
     """A per-iteration factor m(t) on the LR of every parameter group, shaped by torch's LR schedulers.
 

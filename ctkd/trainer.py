@@ -44,6 +44,7 @@ from ctkd.errors import UserError
 from ctkd.fileio import atomic_copy
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 from ctkd.methods import METHODS
+from ctkd.optim import load_optimizer_state
 from ctkd.preemption import STOP, StopRequested, stop_agreed
 from ctkd.provenance import file_sha256, provenance
 from ctkd.runs import RunLock, check_free_space
@@ -282,7 +283,7 @@ def restore(
             "file (moved or copied, the same content is fine), or start a new run with this teacher elsewhere."
         )
     exp.distiller.load_state_dict(state)
-    exp.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(exp.optimizer, state["optimizer"])
     exp.schedule.load_state_dict(state["lr_schedule"])
     for name, part in (("lr_scheduler", exp.schedule.multiplier), ("grad_scaler", exp.scaler)):
         if part is not None:
