@@ -8,11 +8,10 @@ is what a teacher that never trains wants (a third to a half of a CIFAR distilla
 Pairs are found by running the network once with hooks (a BatchNorm whose every input was the output of one and the
 same convolution), never by names, so the zoo, torchvision and timm networks need nothing declared. Because a hook
 cannot see a convolution's output used elsewhere as well, the folded network is then compared with the original on
-random images through every entry point the caller names; any difference beyond rounding restores the original.
+random images through every entry point the caller names; a fold that changes them beyond rounding is undone.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,13 +32,17 @@ def _foldable_pairs(model: nn.Module, example: Tensor, entry_points: Sequence[En
     def record_conv(module: nn.Module, _args: Any, output: Tensor) -> None:
         produced_by[id(output)] = (output, module)  # the tensor is kept so its id is not reused during the pass
 
-    def record_bn(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        source = produced_by.get(id(args[0]))
+    def record_bn(module: nn.Module, args: tuple[Any, ...]) -> None:
+        source = produced_by.get(id(args[0])) if args else None  # called with a keyword argument: not foldable
         fed_by.setdefault(module, set()).add(source[1] if source is not None and source[0] is args[0] else None)
 
     handles = []
     for module in model.modules():
-        if type(module) is nn.Conv2d:  # exact types: subclasses (timm's BatchNormAct2d, ...) may do more
+        # exact types (timm's BatchNormAct2d, a parametrized conv, ... may do more) and no hooks of their own (old
+        # weight_norm computes the weight in one; a BatchNorm's hooks would be lost with it)
+        if _has_hooks(module):
+            continue
+        if type(module) is nn.Conv2d:
             handles.append(module.register_forward_hook(record_conv))
         elif type(module) is nn.BatchNorm2d:
             handles.append(module.register_forward_pre_hook(record_bn))
@@ -58,6 +61,11 @@ def _foldable_pairs(model: nn.Module, example: Tensor, entry_points: Sequence[En
             pairs.append((names[conv], names[bn]))
     convs = [conv for conv, _ in pairs]
     return [pair for pair in pairs if convs.count(pair[0]) == 1]  # a conv feeding two BNs keeps both
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks or pre-hooks registered (by its library or its user)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,23 +90,31 @@ def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], N
 
 
 def _flat_tensors(output: Any) -> list[Tensor]:
-    """The tensors of an entry point's output, in order."""
+    """The tensors of an entry point's output, in order (lists, tuples and dict values; anything else is skipped)."""
     if isinstance(output, Tensor):
         return [output]
-    return [t for item in output for t in _flat_tensors(item)]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _flat_tensors(item)]
+    return []
 
 
-def _same_function(a: nn.Module, b: nn.Module, example: Tensor, entry_points: Sequence[EntryPoint]) -> bool:
-    """Whether `a` and `b` give the same outputs on `example` through every entry point, up to float rounding."""
+def _outputs(model: nn.Module, example: Tensor, entry_points: Sequence[EntryPoint]) -> list[list[Tensor]]:
+    """Every entry point's output tensors on `example`."""
     with torch.no_grad():
-        for entry in entry_points:
-            outs_a, outs_b = _flat_tensors(entry(a, example)), _flat_tensors(entry(b, example))
-            if len(outs_a) != len(outs_b):
+        return [_flat_tensors(entry(model, example)) for entry in entry_points]
+
+
+def _same_outputs(got: list[list[Tensor]], expected: list[list[Tensor]]) -> bool:
+    """Whether two `_outputs` agree up to float rounding (relative to each tensor's largest value)."""
+    for outs_a, outs_b in zip(expected, got, strict=True):
+        if len(outs_a) != len(outs_b):
+            return False
+        for x, y in zip(outs_a, outs_b):
+            scale = x.abs().max().item() if x.numel() else 0.0
+            if x.shape != y.shape or (x - y).abs().max().item() > 1e-4 * scale + 1e-6:
                 return False
-            for x, y in zip(outs_a, outs_b):
-                scale = x.abs().max().item() if x.numel() else 0.0
-                if x.shape != y.shape or (x - y).abs().max().item() > 1e-4 * scale + 1e-6:
-                    return False
     return True
 
 
@@ -115,16 +131,16 @@ def fold_batchnorm(model: nn.Module, example: Tensor, entry_points: Sequence[Ent
     pairs = _foldable_pairs(model, example, entry_points)
     if not pairs:
         return 0
-    original = copy.deepcopy(model)
+    expected = _outputs(model, example, entry_points)
     undos = [_fold_pair(model, *pair) for pair in pairs]
-    if _same_function(original, model, example, entry_points):
+    if _same_outputs(_outputs(model, example, entry_points), expected):
         return len(pairs)
     for undo in reversed(undos):  # some conv's output is also used elsewhere: find which pairs are safe, one by one
         undo()
     folded = 0
     for pair in pairs:
         undo = _fold_pair(model, *pair)
-        if _same_function(original, model, example, entry_points):
+        if _same_outputs(_outputs(model, example, entry_points), expected):
             folded += 1
         else:
             undo()

@@ -145,3 +145,29 @@ def test_fold_teacher_bn_leaves_the_loss_and_the_step_within_fp32_tolerance(tmp_
         torch.testing.assert_close(losses_b[key], losses_a[key], rtol=1e-5, atol=1e-6, msg=key)
     for key in weights_a:
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+class _TwoStages(nn.Module):
+    """conv → bn → relu → conv2 → bn2, returning a dict with a None entry (outputs of any nesting are compared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor | None]:
+        hidden = torch.relu(self.bn(self.conv(x)))
+        return {"out": self.bn2(self.conv2(hidden)), "aux": None, "stages": [hidden]}
+
+
+def test_modules_with_hooks_of_their_own_are_left_alone() -> None:
+    """A hook may compute the weight (old weight_norm) or watch the BatchNorm: such pairs are not folded."""
+    model = _randomised(_TwoStages())
+    model.conv.register_forward_pre_hook(lambda module, args: None)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)["out"]
+    assert fold_batchnorm(model, torch.randn(2, 3, 8, 8)) == 1
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["out"], expected, atol=1e-5, rtol=1e-5)
