@@ -1,6 +1,7 @@
 """Mixed precision (runtime.amp), channels_last and the per-iteration LR schedules (warm-up, cosine) on CPU."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from ctkd.config import RuntimeConfig
 from ctkd.losses import kd_loss
 from ctkd.methods import StepContext
 from ctkd.methods.base import resolve_channels_last
-from ctkd.optim import LRMultiplier, build_lr_schedule
+from ctkd.optim import LRMultiplier, build_lr_schedule, build_sgd, load_optimizer_state
 from ctkd.schema import ConfigError
 from ctkd.trainer import run
 from datasets.loader import Batch
@@ -347,3 +348,45 @@ def test_cosine_run_refuses_to_resume_with_other_epochs(
     longer = load(ctkd_config(tmp_path, teacher_file, **{**sections, "epochs": 3}), tmp_path, "b.yaml")
     with pytest.raises(trainer.ConfigError, match="epochs"):
         run(longer, resume="auto")
+
+
+def test_momentum_follows_the_parameter_layout_when_a_resume_changes_it() -> None:
+    """A checkpoint's momentum keeps the layout it was saved in; the fused SGD pairs weights and buffers by memory
+    offset, so load_optimizer_state gives each buffer its parameter's strides (same values)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    nhwc = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    opts = [build_sgd(net, lr=0.1, momentum=0.9, weight_decay=5e-4) for net in (conv, nhwc)]  # fused
+    conv(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    opts[0].step()
+    load_optimizer_state(opts[1], opts[0].state_dict())
+    nhwc.load_state_dict(conv.state_dict())
+    buffer = opts[1].state[nhwc.weight]["momentum_buffer"]
+    assert buffer.stride() == nhwc.weight.stride() != conv.weight.stride()
+    assert torch.equal(buffer, opts[0].state[conv.weight]["momentum_buffer"])
+    grad = torch.randn_like(conv.weight)
+    conv.weight.grad, nhwc.weight.grad = grad.clone(), grad.contiguous(memory_format=torch.channels_last)
+    conv.bias.grad = nhwc.bias.grad = torch.zeros_like(conv.bias)
+    for opt in opts:
+        opt.step()
+    torch.testing.assert_close(nhwc.weight, conv.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_a_run_resumes_with_another_memory_format_and_teacher_folding(
+    tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runtime.channels_last and fold_teacher_bn may change on resume (a run checkpointed before `auto` existed
+    resumes in NHWC): the run ends where the uninterrupted one does, up to float rounding."""
+    before = {"channels_last": "off", "fold_teacher_bn": False}
+    straight = load(ctkd_config(tmp_path, teacher_file, "straight", epochs=2, runtime=before), tmp_path, "a.yaml")
+    run(straight)
+    expected = torch.load(Path(straight.output_dir) / "last.pth", weights_only=True)["trainable"]
+    crashed = load(ctkd_config(tmp_path, teacher_file, "crashed", epochs=2, runtime=before), tmp_path, "b.yaml")
+    _run_crashing_in_epoch(crashed, 2, monkeypatch)
+    after = load(ctkd_config(tmp_path, teacher_file, "crashed", epochs=2,
+                             runtime={"channels_last": "on", "fold_teacher_bn": True}), tmp_path, "c.yaml")
+    run(after, resume="auto")
+    resumed = torch.load(Path(after.output_dir) / "last.pth", weights_only=True)["trainable"]
+    for key, value in expected.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(resumed[key], value, rtol=1e-3, atol=1e-5, msg=key)
