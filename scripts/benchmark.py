@@ -915,25 +915,34 @@ class Entry:
     settings: Callable[[Timing], str]
     bf16: bool = False
     timings: list[Timing] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     def median(self) -> Timing:
-        """The round with the median throughput, its info listing every round's images/s."""
+        """The round with the median throughput (the lower middle of an even count), its info listing every round's
+        images/s and its peak memory the largest of all rounds."""
         ordered = sorted(self.timings, key=lambda t: t.images_per_s)
         middle = ordered[(len(ordered) - 1) // 2]
         middle.info["rounds"] = [t.images_per_s for t in self.timings]
+        middle.peak_bytes = max(t.peak_bytes for t in self.timings)
         return middle
 
 
 def measure_rounds(entries: Sequence[Entry], rounds: int, device: torch.device) -> None:
     """Measure every entry `rounds` times, alternating them within each round, so that a slow spell of a shared
-    machine costs every variant alike instead of one."""
+    machine costs every variant alike instead of one. A measurement that fails is recorded and the rest go on."""
     for number in range(1, rounds + 1):
         if rounds > 1:
             print(f"  round {number} of {rounds}", file=sys.stderr, flush=True)
         for entry in entries:
-            timing = entry.measure()
+            try:
+                timing = entry.measure()
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory under one setting: the others still count
+                entry.errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
+                print(f"  {entry.label}: failed: {entry.errors[-1]}", file=sys.stderr, flush=True)
+                continue
+            finally:
+                release(device)
             entry.timings.append(timing)
-            release(device)
             print(f"  {entry.label}: {timing.images_per_s:,.1f} images/s", file=sys.stderr, flush=True)
 
 
@@ -986,8 +995,12 @@ def benchmark_pair(
                                       f"ctkd defaults, temperature.name={name}"))
     measure_rounds(entries, args.rounds, device)
     for entry in entries:
-        timing = entry.median()
-        report.rows.append(Row(pair, entry.variant, entry.label, entry.settings(timing), timing, entry.bf16))
+        if entry.timings:
+            timing = entry.median()
+            report.rows.append(Row(pair, entry.variant, entry.label, entry.settings(timing), timing, entry.bf16))
+        if entry.errors:
+            report.header.append(f"{pair}, {entry.label}: {len(entry.errors)} of {args.rounds} round(s) failed "
+                                 f"({entry.errors[0]})")
     return chosen or [*CUDA_FASTEST, f"runtime.compile={args.c_compile or 'default'}"]
 
 
@@ -1012,7 +1025,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> str:
         + f", {peak_size}² torch.mm); FLOPs per image = teacher forward + 3 × student forward: "
         + ", ".join(f"{pair} {value / 1e9:.3f} GFLOP" for pair, value in flops.items()),
         "peak memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                           else "peak RSS of the main process above its level at the variant's start"),
+                           else "peak RSS of the main process above its level at the variant's start")
+        + " (the largest over the rounds)",
     ]
     counts = [int(k) for k in args.concurrent.split(",") if k.strip() and int(k) > 0]
     with tempfile.TemporaryDirectory() as folder:

@@ -140,3 +140,20 @@ def test_rounds_alternate_the_variants_and_report_the_median() -> None:
     assert bench.resolve_args(parser.parse_args(["--quick"])).rounds == 1
     with pytest.raises(SystemExit):
         bench.resolve_args(parser.parse_args(["--rounds", "0"]))
+
+
+def test_a_failing_round_is_reported_and_the_others_still_count() -> None:
+    bench = load_script()
+    outcomes = [100.0, RuntimeError("CUDA out of memory. Tried to allocate"), 300.0]
+
+    def measure():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return bench.Timing(steps=1, images=int(outcome), seconds=1.0, peak_bytes=int(outcome))
+
+    entry = bench.Entry("c", "c", measure, lambda _: "")
+    bench.measure_rounds([entry], 3, bench.torch.device("cpu"))
+    assert [t.images_per_s for t in entry.timings] == [100, 300]
+    assert entry.errors == ["RuntimeError: CUDA out of memory. Tried to allocate"]
+    assert entry.median().peak_bytes == 300  # the largest peak of the rounds
