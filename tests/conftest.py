@@ -1,8 +1,10 @@
 """Shared test helpers: the repository root, the reference values of tests/data (see golden.py), tiny run configs."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -10,8 +12,35 @@ import torch
 import golden as golden_module
 import models
 from ctkd.config import Config, load_config
+from ctkd.methods import StepContext
+
+if TYPE_CHECKING:
+    from ctkd.build import Experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+Tensors = dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny forwards (`pytestmark = pytest.mark.usefixtures("single_thread")`): as
+    fast when the CPUs are free, far faster when other processes share them (OpenMP workers spin-wait for a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def first_batch_step(exp: Experiment, grl_lambda: float = 1.0) -> tuple[Tensors, Tensors]:
+    """One training step of `exp` on its first batch of epoch 1: (the loss terms, the trainable state after it)."""
+    exp.train_loader.sampler.set_epoch(1)
+    batch = next(iter(exp.train_loader))
+    out = exp.distiller.train()(batch, StepContext(epoch=1, step=0, grl_lambda=torch.tensor(grl_lambda)))
+    exp.optimizer.zero_grad()
+    sum(out.losses.values()).backward()
+    exp.optimizer.step()
+    losses = {key: value.detach() for key, value in out.losses.items()}
+    return losses, {key: value.detach().clone() for key, value in exp.distiller.unwrapped.state_dict().items()}
 
 
 @pytest.fixture(scope="session")

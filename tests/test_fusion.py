@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -11,23 +10,16 @@ import torch
 from test_models import NAMES, _golden_model, _input
 from torch import Tensor, nn
 
-from conftest import ctkd_config, load
+from conftest import ctkd_config, first_batch_step, load
 from ctkd import trainer
 from ctkd.build import build_experiment
-from ctkd.methods import StepContext
 from models import build_model
 from models.fusion import fold_batchnorm
 
 ENTRY_POINTS = [lambda net, x: net(x), lambda net, x: net.forward_with_features(x)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny batch-2 forwards: one thread is as fast and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forwards: one thread
 
 
 def _batchnorms(model: nn.Module) -> int:
@@ -129,15 +121,7 @@ def test_fold_teacher_bn_leaves_the_loss_and_the_step_within_fp32_tolerance(tmp_
         exp = build_experiment(cfg, trainer.DistributedContext())
         teacher, student = exp.distiller.teacher, exp.distiller.student
         assert (_batchnorms(teacher) == 0) is fold and _batchnorms(student) > 0
-        exp.train_loader.sampler.set_epoch(1)
-        batch = next(iter(exp.train_loader))
-        out = exp.distiller.train()(batch, StepContext(epoch=1, step=0, grl_lambda=torch.tensor(1.0)))
-        loss = sum(out.losses.values())
-        exp.optimizer.zero_grad()
-        loss.backward()
-        exp.optimizer.step()
-        results.append(({k: v.detach() for k, v in out.losses.items()},
-                        {k: v.clone() for k, v in exp.distiller.unwrapped.state_dict().items()}))
+        results.append(first_batch_step(exp))
         exp.close()
     (losses_a, weights_a), (losses_b, weights_b) = results
     assert losses_a.keys() == losses_b.keys()

@@ -1,7 +1,6 @@
 """The CIFAR model zoo against the authors': checkpoint layout, golden logits, features, classifier, registry."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -22,14 +21,7 @@ NO_PREACT = {"ResNet50"}
 PREACT_NAMES = [name for name in NAMES if name not in NO_PREACT]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Run this file's tiny batch-2 forwards on one thread: as fast when the CPUs are free, and far faster when
-    other processes share them (OpenMP workers otherwise spin-wait for a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forwards: one thread
 
 
 def _golden_model(golden: ModuleType, name: str) -> FeatureClassifier:

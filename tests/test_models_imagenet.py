@@ -35,13 +35,7 @@ from models import (
 PAPER_NAMES = ["ResNet18", "ResNet34", "MobileNetV2_Imagenet", "ShuffleV2_Imagenet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One thread: as fast for these small forwards, and far faster when other processes share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forwards: one thread
 
 
 @pytest.fixture

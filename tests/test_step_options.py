@@ -10,11 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ctkd_config, load, tiny_run_config
+from conftest import ctkd_config, first_batch_step, load, tiny_run_config
 from ctkd import engine, trainer
 from ctkd.build import Experiment, build_experiment
 from ctkd.engine import NonFiniteGuard, NonFiniteLossError, train_one_epoch
-from ctkd.methods import StepContext
 from ctkd.optim import build_sgd
 from ctkd.temperature import GlobalTemperature
 from ctkd.trainer import run
@@ -148,14 +147,8 @@ def test_compile_leaves_the_loss_and_the_step_within_fp32_tolerance(tmp_path: Pa
         exp = _experiment(cfg)
         if mode is not None:
             exp.distiller.compile(mode)
-        exp.train_loader.sampler.set_epoch(1)
-        batch = next(iter(exp.train_loader))
-        out = exp.distiller.train()(batch, StepContext(epoch=1, step=0, grl_lambda=torch.tensor(0.5)))
-        loss = sum(out.losses.values())
-        exp.optimizer.zero_grad()
-        loss.backward()
-        exp.optimizer.step()
-        results.append((loss.detach(), _weights(exp.distiller.unwrapped)))
+        losses, weights = first_batch_step(exp, grl_lambda=0.5)
+        results.append((sum(losses.values()), weights))
     (loss_a, weights_a), (loss_b, weights_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     assert weights_a.keys() == weights_b.keys()  # compiled in place: the checkpoint keys do not change
