@@ -55,7 +55,7 @@ def crop_and_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pa
     cols = torch.arange(width, device=device).expand(batch, width)  # (B, W)
     cols = left[:, None] + torch.where(flip[:, None], width - 1 - cols, cols)
     positions = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
-    flat = padded.reshape(batch, channels, -1)
+    flat = padded.flatten(2)  # (B, C, Hp·Wp); a copy for an NHWC or strided batch
     return flat.gather(2, positions.expand(batch, channels, height * width)).view(batch, channels, height, width)
 
 

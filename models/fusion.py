@@ -101,9 +101,9 @@ def _flat_tensors(output: Any) -> list[Tensor]:
 
 
 def _outputs(model: nn.Module, example: Tensor, entry_points: Sequence[EntryPoint]) -> list[list[Tensor]]:
-    """Every entry point's output tensors on `example`."""
+    """Every entry point's output tensors on `example` (copies: a network may return a buffer it later updates)."""
     with torch.no_grad():
-        return [_flat_tensors(entry(model, example)) for entry in entry_points]
+        return [[t.detach().clone() for t in _flat_tensors(entry(model, example))] for entry in entry_points]
 
 
 def _same_outputs(got: list[list[Tensor]], expected: list[list[Tensor]]) -> bool:

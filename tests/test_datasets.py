@@ -390,15 +390,23 @@ def test_crop_at_centre_without_flip_is_identity() -> None:
     assert torch.equal(crop_and_flip(images, centre, centre, torch.zeros(16, dtype=torch.bool)), images)
 
 
-def test_crop_and_flip_match_torchvision() -> None:
-    """Zero-pad 4 + crop at (top, left) in the 40x40 image + hflip, as RandomCrop(32, 4) + RandomHorizontalFlip."""
-    images = _images()
-    top, left, flip = crop_params(7, 2, torch.arange(16))
+@pytest.mark.parametrize(("shape", "layout"), [
+    ((16, 3, 32, 32), torch.contiguous_format),
+    ((6, 2, 20, 28), torch.contiguous_format),  # not square: rows and columns of the padded image differ
+    ((6, 3, 24, 16), torch.channels_last),  # an NHWC batch
+])
+def test_crop_and_flip_match_torchvision(shape: tuple[int, ...], layout: torch.memory_format) -> None:
+    """Zero-pad 4 + crop at (top, left) in the padded image + hflip, as RandomCrop(size, 4) + RandomHorizontalFlip."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).contiguous(memory_format=layout)
+    batch, _, height, width = shape
+    top, left, flip = crop_params(7, 2, torch.arange(batch))
     ours = crop_and_flip(images, top, left, flip)
-    for k in range(16):
-        expected = TF.crop(TF.pad(images[k], [4]), int(top[k]), int(left[k]), 32, 32)
+    for k in range(batch):
+        expected = TF.crop(TF.pad(images[k], [4]), int(top[k]), int(left[k]), height, width)
         expected = TF.hflip(expected) if flip[k] else expected
         assert torch.equal(ours[k], expected)
+    assert crop_and_flip(images[:0], top[:0], left[:0], flip[:0]).shape == (0, *shape[1:])  # an empty batch
 
 
 def test_offsets_cover_range_and_flips_are_fair() -> None:
