@@ -22,7 +22,10 @@ own loader (the iterator is restarted when an epoch ends), so the time includes 
      reduce-overhead both measured (the faster is reported); CPU: a greedy search over data.num_workers (0 or
      --workers), data_on_device on (batches made in the training process), channels_last off (auto is NHWC on
      CPU) and amp bf16 (plus compile with --cpu-compile), in short trials of --trial-steps;
-  d  KD with a fixed τ = 4 against CTKD with a global and an instance-wise τ, all with ctkd defaults.
+  d  KD with a fixed τ = 4 against CTKD with a global and an instance-wise τ, all with ctkd defaults; and, isolated
+     from the step, the temperature module (with the gradient reversal) and the KD loss alone, forward and backward,
+     for each τ: what a learnable τ adds, in ms and as a share of the fixed-τ step (the SGD update of τ's own
+     parameters, one scalar for the global τ, is not in it).
 The variants are measured --rounds times (default 3), alternating within each round, and each row reports the round
 with the median throughput and the range over the rounds: on a shared machine a slow spell then costs every variant
 alike (differences of a few percent between variants are otherwise noise).
@@ -80,12 +83,12 @@ from torchvision import transforms as T  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 from ctkd.build import build_experiment  # noqa: E402
-from ctkd.config import Config, load_config  # noqa: E402
+from ctkd.config import Config, TemperatureConfig, load_config  # noqa: E402
 from ctkd.distributed import DistributedContext  # noqa: E402
 from ctkd.engine import train_one_epoch  # noqa: E402
 from ctkd.losses import kd_loss  # noqa: E402
 from ctkd.methods.base import resolve_channels_last  # noqa: E402
-from ctkd.temperature import GlobalTemperature  # noqa: E402
+from ctkd.temperature import GlobalTemperature, build_temperature  # noqa: E402
 from ctkd.trainer import resolve_compile_mode, seed_everything  # noqa: E402
 from datasets.transforms import train_transform  # noqa: E402
 
@@ -628,6 +631,44 @@ class BatchedTransformLoader:
             yield images, self.targets[idx]
 
 
+TEMPERATURE_NAMES = ("fixed", "global", "instance")
+
+
+def temperature_overhead(
+    args: argparse.Namespace, device: torch.device, fixed_step_ms: dict[str, float], iterations: int = 200,
+) -> list[list[str]]:
+    """Variant d's difference isolated: the temperature module (with the gradient reversal) and the KD loss, forward
+    and backward on (batch, 100) logits, for each τ; what a τ adds over the fixed one, also as a share of each pair's
+    fixed-τ step. Run-to-run noise of whole steps hides a difference this small; timed alone, it does not."""
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(args.batch_size, NUM_CLASSES, generator=gen).to(device).requires_grad_()
+    teacher = torch.randn(args.batch_size, NUM_CLASSES, generator=gen).to(device)
+    grl_lambda = torch.tensor(1.0, device=device)
+    timings: dict[str, float] = {}
+    for name in TEMPERATURE_NAMES:
+        module = build_temperature(TemperatureConfig(name=name), num_classes=NUM_CLASSES).to(device)
+
+        def step(module: nn.Module = module) -> None:
+            """The KD term of one step with this τ, forward and backward."""
+            kd_loss(student, teacher, module(student, teacher, grl_lambda)).backward()
+
+        for _ in range(10):
+            step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        synchronize(device)
+        timings[name] = 1000.0 * (time.perf_counter() - start) / iterations
+    rows = []
+    for name in TEMPERATURE_NAMES:
+        added = timings[name] - timings["fixed"]
+        shares = ", ".join(f"{pair}: {100 * added / ms:+.2f} %" for pair, ms in fixed_step_ms.items())
+        rows.append([name, f"{timings[name]:.3f}", "—" if name == "fixed" else f"{added:+.3f}",
+                     "—" if name == "fixed" else (shares or "(no variant d step measured)")])
+    return rows
+
+
 def pipeline_benchmark(data: Data, args: argparse.Namespace, device: torch.device) -> list[list[str]]:
     """Images/s of the per-image PIL pipeline against ctkd's batched transforms (CPU, and the device with CUDA)."""
     n, rows = args.pipeline_batches, []
@@ -1043,6 +1084,14 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     run_concurrent(args, f"{teacher_name}:{student_name}", overrides, counts),
                 ))
     add_relative(report.rows)
+    if "d" in args.variants.split(","):
+        fixed_step_ms = {r.pair: r.timing.step_ms for r in report.rows if r.label == "d: KD, fixed τ"}
+        report.extra_tables.append((
+            f"The work a learnable τ adds, isolated: temperature module + KD loss, forward and backward on "
+            f"({args.batch_size}, {NUM_CLASSES}) logits, mean of 200 iterations",
+            ["temperature", "KD term (ms)", "added vs fixed τ (ms)", "as a share of the fixed-τ step (variant d)"],
+            temperature_overhead(args, device, fixed_step_ms),
+        ))
     if args.pipeline:
         report.extra_tables.append((
             f"Input pipeline, batch {args.batch_size}, {args.pipeline_batches} batches after one warm-up batch",

@@ -80,6 +80,15 @@ def test_table_has_a_row_per_variant_with_positive_numbers(quick_run: tuple[str,
     assert "vs fixed τ" in relative["d: CTKD, instance τ"]
 
 
+def test_the_added_work_of_a_learnable_tau_is_timed_alone(quick_run: tuple[str, Path, list[str]]) -> None:
+    stdout, _, _ = quick_run
+    rows = {row[0]: row for row in table_rows(stdout, "temperature")}
+    assert list(rows) == ["fixed", "global", "instance"]
+    assert all(number(row[1]) > 0 for row in rows.values())
+    assert rows["fixed"][2] == "—" and re.fullmatch(r"[+-]\d+\.\d{3}", rows["global"][2])
+    assert rows["global"][3].startswith("resnet8 → resnet8: ") and rows["global"][3].endswith(" %")
+
+
 def test_pipeline_table_compares_per_image_and_batched_transforms(quick_run: tuple[str, Path, list[str]]) -> None:
     stdout, _, _ = quick_run
     rows = table_rows(stdout, "pipeline")
