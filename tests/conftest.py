@@ -1,6 +1,8 @@
 """Shared test helpers: the repository root, the reference values of tests/data (see golden.py), tiny run configs."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +31,25 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def collect_epochs(loader, epochs: int) -> list:
+    """Every batch `loader` yields over epochs 0 .. epochs-1 (its sampler told each epoch)."""
+    out = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        out.extend(loader)
+    return out
 
 
 def first_batch_step(exp: Experiment, grl_lambda: float = 1.0) -> tuple[Tensors, Tensors]:

@@ -37,6 +37,17 @@ ENV = "CTKD_TEST_KILL"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def subprocess_env(kill: str | None = None) -> dict[str, str]:
+    """The environment of a launched training process: tests/ and the repository importable, one OpenMP thread (on a
+    shared 2-core machine threads spin against other processes: 3x slower) and the kill point `kill`, if any."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop(ENV, None)
+    if kill:
+        env[ENV] = kill
+    return env
+
+
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

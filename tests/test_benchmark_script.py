@@ -1,31 +1,21 @@
 """scripts/benchmark.py: a --quick end-to-end run on CPU (variants a, b, d, the pipeline table, --append)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 # the script as a user runs it: `python scripts/benchmark.py` from the repository root, the repo root not on the path
 SCRIPT_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 ROW_LABELS = ("a: reference loop", "b: ctkd defaults", "d: KD, fixed τ", "d: CTKD, global τ", "d: CTKD, instance τ")
 
 
-def load_script() -> ModuleType:
-    """Import scripts/benchmark.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("scripts_benchmark", REPO_ROOT / "scripts" / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_rows(text: str, first_header: str) -> list[list[str]]:
@@ -108,7 +98,7 @@ def test_appended_section_names_the_command_and_machine(quick_run: tuple[str, Pa
 
 
 def test_options_are_checked_and_defaults_follow_quick() -> None:
-    bench = load_script()
+    bench = load_script("benchmark")
     parser = bench.build_parser()
     args = bench.resolve_args(parser.parse_args([]))
     assert (args.warmup, args.steps, args.workers, args.batch_size) == (20, 100, 2, 64)
@@ -126,7 +116,7 @@ def test_options_are_checked_and_defaults_follow_quick() -> None:
 
 def test_rounds_alternate_the_variants_and_report_the_median() -> None:
     """--rounds: each round measures every variant once, in turn; a row is the median round with the range."""
-    bench = load_script()
+    bench = load_script("benchmark")
     calls: list[str] = []
 
     def measuring(label: str, images_per_s: list[float]):
@@ -152,7 +142,7 @@ def test_rounds_alternate_the_variants_and_report_the_median() -> None:
 
 
 def test_a_failing_round_is_reported_and_the_others_still_count() -> None:
-    bench = load_script()
+    bench = load_script("benchmark")
     outcomes = [100.0, RuntimeError("CUDA out of memory. Tried to allocate"), 300.0]
 
     def measure():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fault_hooks
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -333,12 +334,7 @@ def test_mid_epoch_resume_is_exact_and_each_ingredient_is_needed(
 
 def _train_py(config: Path, *args: str, kill: str | None = None) -> subprocess.CompletedProcess:
     """train.py in a subprocess, with a kill point of tests/fault_hooks.py if `kill` is given."""
-    # one thread: on a shared 2-core machine OpenMP threads spin against other processes (3× slower)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("CTKD_TEST_KILL", None)
-    if kill:
-        env["CTKD_TEST_KILL"] = kill
+    env = fault_hooks.subprocess_env(kill)
     command = [sys.executable, "-c", "import fault_hooks; fault_hooks.main()", "--config", str(config), *args]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from ctkd.config import load_config
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"_base_", "tables"} & set(p.parts))
@@ -81,12 +81,7 @@ def test_readme_config_reference_lists_every_key_with_its_default() -> None:
 # ------------------------------------------------------------------------------------------------ generated configs
 def _make_configs():
     """scripts/make_configs.py as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_configs", REPO_ROOT / "scripts/make_configs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_configs")
 
 
 def test_generated_configs_are_up_to_date_with_their_tables() -> None:

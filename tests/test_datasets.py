@@ -22,6 +22,7 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets import utils as tv_utils
 
 import datasets.cifar as cifar
+from conftest import collect_epochs
 from datasets import DatasetError, build_dataset, build_loader
 from datasets.hashing import splitmix64
 from datasets.loader import BatchedDataset, EpochBatchSampler
@@ -505,19 +506,13 @@ def test_sampler_rejects_non_dividing_batch() -> None:
 # ---------------------------------------------------------------------------------------------- loader
 
 
-def _collect(loader, epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        out.extend(loader)
-    return out
 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_loader_identical_with_0_and_2_workers(train: bool) -> None:
     ds = _synthetic(train_size=150)
     runs = [
-        _collect(build_loader(ds, batch_size=32, train=train, seed=11, num_workers=w), epochs=2) for w in (0, 2)
+        collect_epochs(build_loader(ds, batch_size=32, train=train, seed=11, num_workers=w), epochs=2) for w in (0, 2)
     ]
     assert len(runs[0]) == len(runs[1]) == 10
     for (x0, y0, i0, n0), (x2, y2, i2, n2) in zip(*runs):
@@ -531,7 +526,7 @@ def test_loader_identical_with_0_and_2_workers(train: bool) -> None:
 def test_loader_leaves_global_rng_alone() -> None:
     loader = build_loader(_synthetic(train_size=64), batch_size=32, train=True, seed=0, num_workers=0)
     state = torch.get_rng_state()
-    _collect(loader, epochs=2)
+    collect_epochs(loader, epochs=2)
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from conftest import collect_epochs
 from ctkd.build import build_split, check_inputs
 from ctkd.config import ConfigError, config_from_dict
 from datasets import DatasetError, DataSource, ImageFolderSource, build_dataset, build_loader
@@ -207,18 +208,12 @@ def test_grayscale_and_cmyk_images_become_rgb(tree: Path) -> None:
 # ---------------------------------------------------------------------------------------------- loaders
 
 
-def _epochs(loader, epochs: int) -> list:
-    out = []
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        out.extend(loader)
-    return out
 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_loader_identical_with_0_and_2_workers(tree: Path, train: bool) -> None:
     source = _imagenet(tree, train=train)
-    runs = [_epochs(build_loader(source, batch_size=5, train=train, seed=3, num_workers=w), 2) for w in (0, 2)]
+    runs = [collect_epochs(build_loader(source, batch_size=5, train=train, seed=3, num_workers=w), 2) for w in (0, 2)]
     assert len(runs[0]) == len(runs[1]) == 6
     for (x0, y0, i0, n0), (x2, y2, i2, n2) in zip(*runs):
         assert x0.shape[1:] == (3, 32, 32) and x0.dtype == torch.float32

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 CONFIG = "configs/quickstart.yaml"  # any existing config: the cells are never trained here
 ROW, OTHER_ROW = "resnet56_resnet20", "wrn"
@@ -25,17 +23,9 @@ PKT_BEST = 70.9  # one seed only
 EPOCHS = 3
 
 
-def load_script() -> ModuleType:
-    """Import scripts/make_table.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("scripts_make_table", REPO_ROOT / "scripts" / "make_table.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
-make_table = load_script()
+make_table = load_script("make_table")
 
 
 def write_run(path: Path, seed: int, best: float | None, last: float | None, learned_tau: bool,

@@ -4,11 +4,11 @@ uninterrupted run. The signals are sent by the process to itself at a chosen ste
 scheduler would send them."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import fault_hooks
 import pytest
 import torch
 from test_checkpoint_reliability import _train_py, dropout_config, fingerprint
@@ -60,11 +60,7 @@ def test_a_signal_during_evaluation_stops_at_the_epoch_end(tmp_path: Path, strai
 
 
 def _torchrun(config: Path, *args: str, signal_spec: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("CTKD_TEST_KILL", None)
-    if signal_spec:
-        env["CTKD_TEST_KILL"] = signal_spec
+    env = fault_hooks.subprocess_env(signal_spec)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "fault_hooks", "--config", str(config), *args]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

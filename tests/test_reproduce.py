@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from conftest import REPO_ROOT, tiny_run_config, write_yaml
+from conftest import REPO_ROOT, load_script, tiny_run_config, write_yaml
 from ctkd.tables import (
     Cell,
     TableError,
@@ -150,17 +148,10 @@ def test_real_tables_load() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- reproduce.py
-def load_script() -> ModuleType:
-    """scripts/reproduce.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("scripts_reproduce", REPO_ROOT / "scripts" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_locked_run_is_running_and_not_claimed_twice(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("reproduce")
     directory = tmp_path / "run"
     fd = script.try_lock(directory)
     assert fd is not None and run_state(directory, 1) == "running"
@@ -171,7 +162,7 @@ def test_a_locked_run_is_running_and_not_claimed_twice(tmp_path: Path) -> None:
 
 
 def test_gpu_slots_count_within_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    script = load_script()
+    script = load_script("reproduce")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert script.make_slots(None, 3) == [None]  # cpu: one run at a time
     assert script.make_slots(script.parse_devices("0,1"), 2) == [{"CUDA_VISIBLE_DEVICES": d} for d in "0011"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -10,12 +9,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, tiny_run_config
+from conftest import REPO_ROOT, load_script, tiny_run_config
 from ctkd import trainer
 from ctkd.config import config_from_dict
 from ctkd.runs import read_metrics, summarize_run, summarize_runs
@@ -27,14 +25,6 @@ CRASHED = "ctkd/crashed"
 SCRIPT_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
-def load_script(name: str) -> ModuleType:
-    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 summarize_cli = load_script("summarize_runs")
