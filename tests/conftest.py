@@ -23,6 +23,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 Tensors = dict[str, torch.Tensor]
 
 
+def _holds_tensor(value: object) -> bool:
+    """Whether `value` is a tensor or a list/tuple/dict holding one."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensor(v) for v in value)
+
+
+_pytest_approx = pytest.approx
+
+
+def _approx_of_plain_numbers(expected: object, *args: object, **kwargs: object) -> object:
+    """pytest.approx, refusing tensors with every pytest version: 9.2 iterates a 0-d tensor and raises inside, older
+    versions happened to accept it, so a suite green on an old pytest failed on a fresh install."""
+    if _holds_tensor(expected):
+        raise TypeError("pytest.approx of a tensor: compare plain numbers (.item() or .tolist()) instead")
+    return _pytest_approx(expected, *args, **kwargs)
+
+
+pytest.approx = _approx_of_plain_numbers  # type: ignore[assignment]
+
+
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """One torch thread for a module of tiny forwards (`pytestmark = pytest.mark.usefixtures("single_thread")`): as
@@ -136,7 +159,10 @@ def ctkd_config(tmp_path: Path, teacher_file: Path, name: str = "run", **section
     )
     merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
               for k, v in sections.items()}
-    return {**base, **merged}
+    config = {**base, **merged}
+    if config["temperature"].get("name") == "fixed" and "curriculum" not in sections:
+        del config["curriculum"]  # a fixed τ has no curriculum (its keys would be an error)
+    return config
 
 
 def load(data: dict, tmp_path: Path, file: str = "cfg.yaml") -> Config:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,11 +20,12 @@ import models
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd.build import build_experiment, build_split, build_split_loader, check_inputs
+from ctkd.checkpoint import verify_checksum
 from ctkd.config import ConfigError, load_config
 from ctkd.distributed import DistributedContext, broadcast_buffers, init_distributed, shutdown_distributed
 from ctkd.engine import evaluate
 from ctkd.methods import StepContext
-from ctkd.trainer import run, seed_everything
+from ctkd.trainer import RunInterrupted, run, seed_everything
 from datasets.loader import Batch
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
@@ -114,6 +117,20 @@ def _worker_run(rank: int, config: str, resume: str | None, fault: str | None) -
 
         fault_hooks.install(f"fail:{fault}")
     run(load_config(config), resume=resume)
+
+
+def _worker_stopped_run(rank: int, config: str, specs: str, out: str) -> None:
+    """A run stopped by the fault points `specs`; each rank records, as its run() returns, whether the stop
+    checkpoint that rank 0 writes was already complete and verified."""
+    import fault_hooks
+
+    fault_hooks.install(specs)
+    cfg = load_config(config)
+    with pytest.raises(RunInterrupted) as stopped:
+        run(cfg)
+    stop = stopped.value
+    path = Path(cfg.output_dir) / f"ckpt-e{stop.saved_epoch:04d}-s{stop.saved_steps:06d}.pth"
+    Path(out, f"left{rank}.json").write_text(json.dumps({"complete": path.is_file() and verify_checksum(path)}))
 
 
 def _worker_evaluate(rank: int, config: str, weights: str, out: str) -> None:
@@ -285,8 +302,8 @@ def test_two_process_run_resumed_after_a_crash_is_bit_identical(tmp_path: Path, 
 
     crashed = ctkd_config(tmp_path, teacher_file, "crashed")
     # Rank 1 raises in epoch 3; whichever rank's error mp.spawn reports first (the injected fault, or rank 0's
-    # "connection closed" as its peer vanished), the job dies after epoch 2's checkpoint.
-    with pytest.raises(mp.ProcessRaisedException, match="fault injected|Connection closed by peer"):
+    # gloo error as its peer vanished: "closed" or "reset" by peer, by timing), the job dies after epoch 2's checkpoint.
+    with pytest.raises(mp.ProcessRaisedException, match="fault injected|Connection (closed|reset) by peer"):
         spawn("_worker_run", str(crashed), None, "1:3:raise")
     assert last_state(tmp_path / "crashed")["epoch"] == 2
     spawn("_worker_run", str(crashed), "auto", None)  # 2 processes → 2 processes
@@ -295,6 +312,15 @@ def test_two_process_run_resumed_after_a_crash_is_bit_identical(tmp_path: Path, 
     lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "crashed")]
     strip = [[{k: v for k, v in json.loads(x).items() if k != "epoch_time"} for x in ls] for ls in lines]
     assert strip[0] == strip[1] and len(strip[0]) == 3
+
+
+def test_no_rank_leaves_a_stopped_run_before_the_stop_checkpoint_is_written(tmp_path: Path, teacher_file: Path) -> None:
+    """SIGTERM reaches rank 1 during epoch 2; rank 0 writes the stop checkpoint slowly. A rank that returned (and,
+    under torchrun, exited: torchrun then stops the others) before the write ended would let it be killed half done."""
+    config = ctkd_config(tmp_path, teacher_file, "stopped", logging={"interval": 2})
+    spawn("_worker_stopped_run", str(config), "signal:2:1:SIGTERM:1,slow_save:ckpt-e0002-s000002.pth:3:0",
+          str(tmp_path))
+    assert [json.loads((tmp_path / f"left{r}.json").read_text())["complete"] for r in range(WORLD)] == [True, True]
 
 
 def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
@@ -311,10 +337,19 @@ def test_sync_bn_is_refused_on_cpu(tmp_path: Path, teacher_file: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ launchers
+def _bare_path(*extra: Path) -> str:
+    """A PATH with the system's folders (and `extra`) only: no torchrun and no Python of this environment on it, as
+    for a user whose virtual environment is not activated."""
+    path = os.pathsep.join([*(str(folder) for folder in extra), "/usr/bin", "/bin"])
+    assert shutil.which("torchrun", path=path) is None
+    return path
+
+
 def _launch(command: list[str], fault: str | None = None, env: dict | None = None,
             timeout: float = 120) -> tuple[int, str, float]:
-    """Run a launcher from the repository root; returns (exit code, output, seconds)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run a launcher from the repository root with this Python in PYTHON and no torchrun on PATH (the launchers
+    start torch's launcher with that Python); returns (exit code, output, seconds)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": _bare_path(), "PYTHON": sys.executable, **(env or {})}
     if fault:  # installed in each training process by tests/fault_site/sitecustomize.py
         tests = REPO_ROOT / "tests"
         full_env["PYTHONPATH"] = os.pathsep.join([str(tests / "fault_site"), str(tests), str(REPO_ROOT)])
@@ -372,7 +407,7 @@ def test_slurm_launcher_runs_torchrun_with_sigusr1_forwarded(tmp_path: Path, tea
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     config = ctkd_config(tmp_path, teacher_file, "slurm", epochs=1)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+    env = {"PATH": _bare_path(bin_dir), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
            "SLURM_JOB_ID": "42", "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": str(_free_port()),
            "SLURM_SUBMIT_DIR": str(REPO_ROOT)}
     code, output, _ = _launch(["bash", "scripts/slurm_train.sbatch", "--config", str(config)], env=env)

@@ -228,3 +228,32 @@ def test_section_citations_name_existing_headings_and_tables() -> None:
             if table not in paper() or (row is not None and row not in paper()[table]):
                 wrong.append(f"{_rel(path)}: {match.group(0)}")
     assert not wrong, "citations of sections or tables that do not exist:\n" + "\n".join(wrong)
+
+
+def _first_code_block(heading: str) -> list[str]:
+    """The lines of the first fenced code block below README heading `## {heading}`."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n## {heading}\n", 1)[1]
+    return [line for line in section.split("```", 2)[1].splitlines() if line.strip()]
+
+
+def test_ci_installs_and_tests_with_the_readme_commands_in_a_fresh_environment() -> None:
+    """CI must see what a new user gets: README's install and test commands, in a virtual environment it makes."""
+    ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    install, test = _first_code_block("Set up"), _first_code_block("Tests")
+    assert install == ["pip install -r requirements.txt"] and test == ["python -m pytest -q"]
+    assert any(line.startswith("python3 -m venv ") for line in ci) and 'source "$venv/bin/activate"' in ci
+    venv_at = next(i for i, line in enumerate(ci) if line.startswith("python3 -m venv "))
+    assert ci.index(f"{install[0].replace('pip install', 'pip install -q', 1)}") > venv_at
+    assert ci[-1] == test[0]
+
+
+def test_pytest_approx_refuses_tensors_on_every_pytest_version() -> None:
+    """pytest 9.2 cannot take a 0-d tensor as the expected value; the suite refuses tensors whatever pytest it runs."""
+    import torch
+
+    with pytest.raises(TypeError, match="tensor"):
+        pytest.approx(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="tensor"):
+        pytest.approx([1.0, torch.tensor(2.0)])
+    assert 1.0 == pytest.approx(torch.tensor(1.0).item())
