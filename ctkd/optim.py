@@ -43,7 +43,23 @@ def build_sgd(
     # fused: one kernel per device for all parameters, and the only implementation that takes `found_inf`, with which
     # a non-finite step is skipped on the device (ctkd.engine.NonFiniteGuard); loop: torch's default on CPU
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[implementation]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
+    zero_momentum(optimizer)
+    return optimizer
+
+
+def zero_momentum(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer before the first step.
+
+    Without one, the fused kernel allocates the buffers with `empty_like` on the first step and fills them there;
+    when that step is skipped (fp16's GradScaler passes `found_inf`: an overflow on step 1 is routine) they stay
+    uninitialised and the next step adds garbage. With dampening 0 a zero buffer gives exactly the first update of a
+    missing one (0·μ + g = g), for every implementation.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] != 0:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)  # the parameter's layout
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -106,3 +106,46 @@ def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
 def test_unknown_method_lists_close_matches() -> None:
     with pytest.raises(ValueError, match="Unknown method 'kdd'. Did you mean 'kd'"):
         method_class("kdd")
+
+
+# ------------------------------------------------------------------------------------------------ momentum buffers
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "loop"])
+def test_every_momentum_buffer_is_zero_before_the_first_step(implementation: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    model.to(memory_format=torch.channels_last)
+    optimizer = build_sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4, implementation=implementation)
+    for param in model.parameters():
+        buffer = optimizer.state[param]["momentum_buffer"]
+        assert torch.equal(buffer, torch.zeros_like(param)) and buffer.stride() == param.stride()
+
+
+def _fp16_run(implementation: str, steps: int = 4) -> tuple[list[torch.Tensor], list[float]]:
+    """`steps` fp16 GradScaler steps of a small net on CPU; the first one overflows (an inf gradient) and is skipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = build_sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4, implementation=implementation)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    inputs, targets = torch.randn(steps, 6, 8), torch.randint(0, 3, (steps, 6))
+    scales = []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(inputs[step]).float(), targets[step])
+        if step == 0:
+            loss = loss * torch.tensor(float("inf"))  # PKT-style overflow on the very first step
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return [p.detach().clone() for p in model.parameters()], scales
+
+
+def test_fp16_with_a_skipped_first_step_trains_like_the_loop_sgd() -> None:
+    """The fused kernel used to leave the momentum it allocates on step 1 uninitialised when GradScaler skipped that
+    step (found_inf), so step 2 added garbage; with zero buffers it follows torch's loop SGD up to rounding."""
+    fused, fused_scales = _fp16_run("fused")
+    loop, loop_scales = _fp16_run("loop")
+    assert fused_scales == loop_scales and fused_scales[0] == 2.0**15  # step 1 was skipped (the scale backed off)
+    for a, b in zip(fused, loop):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
