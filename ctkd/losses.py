@@ -1,4 +1,10 @@
-"""Distillation losses, computed in float32 whatever the input dtype."""
+"""Distillation losses with a temperature, computed in float64 whatever the input dtype, returned as float32.
+
+float64 because float32 loses digits exactly where CTKD works: near a uniform distribution (τ ≈ 15) the KL is a
+small difference of large log-probabilities, and its τ-gradient 2τ·KL + τ²·∂KL/∂τ a small difference of two terms
+that cancel to about 1e-3 of their size, so float32 leaves ~1e-3 relative error in the gradient that trains τ
+(docs/differences.md, Losses in float64). The logits of a batch are a few thousand values: the cost is negligible.
+"""
 from __future__ import annotations
 
 import torch
@@ -16,11 +22,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
             τ receives its gradient through both the softmaxes and the τ² factor.
 
     The per-sample form is the vectorised version of the authors' README loop, without its 1e-7 on the teacher's
-    probabilities (docs/differences.md, Per-sample KD). fp32 because a near-zero KL in bf16 comes out negative.
+    probabilities (docs/differences.md, Per-sample KD). Returns a float32 0-d tensor.
     """
-    student = student_logits.float()
-    teacher = teacher_logits.float()
-    with torch.autocast(student.device.type, enabled=False):  # float32 even inside a caller's autocast
+    student = student_logits.double()
+    teacher = teacher_logits.double()
+    with torch.autocast(student.device.type, enabled=False):  # never lowered inside a caller's autocast
         tau = temperature_column(temperature, student)
         kl = F.kl_div(
             F.log_softmax(student / tau, dim=1),
@@ -28,13 +34,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
             reduction="none",
             log_target=True,
         ).sum(dim=1)  # (B,)
-        return (kl * tau.squeeze(1) ** 2).mean()
+        return (kl * tau.squeeze(1) ** 2).mean().float()
 
 
 def temperature_column(temperature: Tensor | float, like: Tensor) -> Tensor:
-    """τ as a float32 tensor broadcastable against (B, C): (1, 1) for a scalar, (B, 1) for a per-sample τ."""
+    """τ as a tensor of `like`'s dtype broadcastable against (B, C): (1, 1) for a scalar, (B, 1) for a per-sample τ."""
     tau = temperature if isinstance(temperature, Tensor) else like.new_tensor(float(temperature))
-    tau = tau.float()
+    tau = tau.to(like.dtype)
     if tau.dim() == 0 or tau.numel() == 1:
         return tau.reshape(1, 1)
     if tau.shape != (like.shape[0],):

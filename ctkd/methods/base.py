@@ -38,8 +38,8 @@ class NetworkRuntime:
     """How the networks (student and teacher) run: autocast dtype and memory format (`runtime.*` of the config).
 
     Only the network forwards run under autocast; their logits and features leave them as float32 (`to_float`), so
-    the CE and KD losses, τ, the temperature module and every method head compute in float32. With the defaults
-    (no autocast, contiguous layout) nothing differs from calling the networks directly.
+    the CE loss, τ, the temperature module and every method head compute in float32 (KD and DKD in float64). With
+    the defaults (no autocast, contiguous layout) nothing differs from calling the networks directly.
     """
 
     device_type: str = "cpu"  # autocast's device type: "cuda" or "cpu"

@@ -63,16 +63,19 @@ def dkd_loss(
         beta: weight of the non-target term NCKD.
 
     Equals the authors' value (which masks the target by subtracting 1000 from its scaled logit) but computes both
-    terms from log-sum-exps over exactly the classes involved, so every gradient stays finite.
+    terms from log-sum-exps over exactly the classes involved, so every gradient stays finite; in float64 like
+    `ctkd.losses.kd_loss` (returned as float32).
     """
-    tau = temperature_column(temperature, student_logits)  # (1, 1) or (B, 1)
-    student = student_logits.float() / tau
-    teacher = teacher_logits.float() / tau
-    student_rest = _non_target_logits(student, targets)
-    teacher_rest = _non_target_logits(teacher, targets)
-    tckd = _kl(_binary_log_probs(student, student_rest, targets), _binary_log_probs(teacher, teacher_rest, targets))
-    nckd = _kl(F.log_softmax(student_rest, dim=1), F.log_softmax(teacher_rest, dim=1))
-    return ((alpha * tckd + beta * nckd) * tau.squeeze(1) ** 2).mean()
+    with torch.autocast(student_logits.device.type, enabled=False):  # float64, as KD (ctkd/losses.py says why)
+        tau = temperature_column(temperature, student_logits.double())  # (1, 1) or (B, 1)
+        student = student_logits.double() / tau
+        teacher = teacher_logits.double() / tau
+        student_rest = _non_target_logits(student, targets)
+        teacher_rest = _non_target_logits(teacher, targets)
+        tckd = _kl(_binary_log_probs(student, student_rest, targets),
+                   _binary_log_probs(teacher, teacher_rest, targets))
+        nckd = _kl(F.log_softmax(student_rest, dim=1), F.log_softmax(teacher_rest, dim=1))
+        return ((alpha * tckd + beta * nckd) * tau.squeeze(1) ** 2).mean().float()
 
 
 @METHODS.register("dkd")
