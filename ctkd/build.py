@@ -24,7 +24,7 @@ from ctkd.distributed import DistributedContext, main_process_first, resolve_dev
 from ctkd.methods import METHODS
 from ctkd.optim import StepLRSchedule, build_lr_schedule, build_sgd
 from ctkd.system import tune_malloc
-from ctkd.temperature import build_temperature
+from ctkd.temperature import LearnedTemperatureOptions, build_temperature
 from datasets.loader import build_loader
 from models.fusion import fold_batchnorm
 
@@ -400,13 +400,13 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
     distiller = build_networks(cfg, train_set, ctx)
     distiller.set_runtime(NetworkRuntime.from_config(ctx.device.type, cfg.runtime.amp, cfg.runtime.channels_last))
+    learned = cfg.temperature if isinstance(cfg.temperature, LearnedTemperatureOptions) else None
     optimizer = build_sgd(
         distiller.unwrapped, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
-        weight_decay=cfg.optimizer.weight_decay, temperature_lr=cfg.temperature.lr,
-        temperature_weight_decay=cfg.temperature.weight_decay, implementation=cfg.runtime.sgd,
+        weight_decay=cfg.optimizer.weight_decay, temperature_lr=learned.lr if learned else None,
+        temperature_weight_decay=learned.weight_decay if learned else None, implementation=cfg.runtime.sgd,
     )
     schedule = build_lr_schedule(optimizer, cfg.optimizer, steps_per_epoch=len(train_loader), epochs=cfg.epochs)
     scaler = torch.amp.GradScaler(ctx.device.type) if cfg.runtime.amp == "fp16" else None
-    c = cfg.curriculum
-    curriculum = build_curriculum(c.name, lambda_min=c.lambda_min, lambda_max=c.lambda_max, loops=c.loops)
+    curriculum = build_curriculum(cfg.curriculum)
     return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, ctx, scaler)

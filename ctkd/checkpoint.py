@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctkd.config import upgrade_saved_config
 from ctkd.errors import UserError
 from ctkd.fileio import atomic_copy, atomic_write
 
@@ -214,7 +215,7 @@ def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
     if state["version"] == 2:
         state = {**state, "version": 3, "epoch_state": None, "teacher_sha256": None}
     if isinstance(state.get("config"), dict):
-        state["config"] = _upgrade_config(state["config"])
+        state["config"] = upgrade_saved_config(state["config"])
     return state
 
 
@@ -316,6 +317,12 @@ class CheckpointSeries:
                  protected: Position | None = None) -> None:
         self.directory, self.keep_last, self.warn, self.protected = Path(directory), keep_last, warn, protected
 
+    @staticmethod
+    def peak_files(keep_last: int, resumed: bool) -> int:
+        """The most checkpoint files a run directory holds at once: `keep_last` series files and the new one before
+        pruning, last.pth with its temporary copy, best.pth, and the checkpoint a run was resumed from."""
+        return keep_last + 1 + 2 + 1 + (1 if resumed else 0)
+
     def save(self, state: dict[str, Any], position: Position, *, best: bool = False) -> Path:
         """Commit `state` as the series checkpoint at `position`, update last.pth (and best.pth), then prune."""
         path = self.directory / position.name
@@ -355,17 +362,6 @@ class CheckpointSeries:
             pass
         except OSError as err:
             self.warn(f"could not delete old checkpoint file {path} ({err}); retrying at the next save")
-
-
-def _upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved config of an earlier schema in today's: synthetic's keys moved from data.synthetic to data."""
-    data = config.get("data")
-    if isinstance(data, dict) and isinstance(data.get("synthetic"), dict):
-        data = {k: v for k, v in data.items() if k != "synthetic"}
-        if data.get("name") == "synthetic":
-            data.update(config["data"]["synthetic"])
-        config = {**config, "data": data}
-    return config
 
 
 def _upgrade_from_version_1(state: dict[str, Any]) -> dict[str, Any]:

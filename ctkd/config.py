@@ -16,7 +16,7 @@ import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -32,9 +32,6 @@ from ctkd.schema import (  # noqa: F401  (ConfigError and _spec are part of this
     _validated,
 )
 
-# Allowed values of the choice fields, kept here so that a later feature extends a list in one place.
-TEMPERATURE_CHOICES: tuple[str, ...] = ("fixed", "global", "instance")
-CURRICULUM_CHOICES: tuple[str, ...] = ("cosine", "linear", "constant")
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 _BASE_KEY = "_base_"
@@ -215,27 +212,38 @@ class LossConfig(_Section):
 
 @dataclass(frozen=True)
 class TemperatureConfig(_Section):
-    """The distillation temperature τ: fixed, one learnable global value, or predicted per instance."""
+    """Base of every temperature's options (declared beside each in ctkd/temperature.py); `name` selects it.
 
-    name: str = _spec("global", choices=TEMPERATURE_CHOICES)  # temperature module
-    value: float = _spec(4.0, gt=0)  # τ of the `fixed` temperature
-    t_start: float = _spec(1.0, gt=0)  # lower bound of a learned τ: τ = t_start + t_range · sigmoid(raw)
-    t_range: float = _spec(20.0, gt=0)  # width of the range of a learned τ
-    adversarial: bool = True  # learned τ maximises the loss through the reversal (CTKD); false: it minimises it
-    init_raw: float = 1.0  # `global`: initial raw value (τ₀ = 1 + 20 · σ(1) ≈ 15.62)
-    hidden_dim: int = _spec(256, ge=1)  # `instance`: hidden width of the MLP that predicts τ
-    lr: float | None = _spec(None, gt=0)  # learning rate of the temperature; None → the student's LR schedule
-    weight_decay: float | None = _spec(None, ge=0)  # weight decay of the temperature; None → optimizer.weight_decay
+    ``temperature: fixed`` is short for ``temperature: {name: fixed}``; the other keys are validated against the
+    options of the temperature `name` selects (a key it does not read is an error).
+    """
+
+    learnable: ClassVar[bool] = False  # whether τ has parameters (trained, with a curriculum on λ)
+    name: str = "global"  # registered temperature (python -m ctkd list temperatures)
+
+
+def temperature_class(name: str) -> Any:
+    """The temperature registered as `name` (imported lazily: ctkd/temperature.py imports this module)."""
+    from ctkd.temperature import TEMPERATURES
+
+    return TEMPERATURES.get(name)
 
 
 @dataclass(frozen=True)
 class CurriculumConfig(_Section):
-    """The curriculum of λ, the gradient-reversal strength that makes τ adversarial, over training."""
+    """Base of every curriculum's options (declared beside each in ctkd/curriculum.py); `name` selects it.
 
-    name: str = _spec("cosine", choices=CURRICULUM_CHOICES)  # shape of the λ schedule
-    lambda_min: float = _spec(0.0, ge=0)  # λ at the start of the curriculum
-    lambda_max: float = _spec(1.0, ge=0)  # λ at the end of the curriculum
-    loops: int = _spec(10, ge=1)  # E_loops: number of epochs over which λ rises from lambda_min to lambda_max
+    The curriculum sets λ, the gradient-reversal strength that makes a learned τ adversarial, per epoch.
+    """
+
+    name: str = "cosine"  # registered curriculum (python -m ctkd list curricula)
+
+
+def curriculum_class(name: str) -> Any:
+    """The curriculum registered as `name` (imported lazily: ctkd/curriculum.py imports this module)."""
+    from ctkd.curriculum import CURRICULA
+
+    return CURRICULA.get(name)
 
 
 @dataclass(frozen=True)
@@ -329,8 +337,10 @@ class Config(_Section):
     student: ModelConfig = field(default_factory=ModelConfig)  # the network being trained
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen teacher (method kd)
     loss: LossConfig = field(default_factory=LossConfig)  # loss weights
-    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)  # distillation temperature
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # λ curriculum of the adversarial τ
+    # distillation temperature and its options: fixed, global, instance (python -m ctkd list temperatures)
+    temperature: TemperatureConfig = field(default_factory=lambda: temperature_class("global").Options())
+    # λ curriculum of a learned τ and its options: cosine, linear, constant (python -m ctkd list curricula)
+    curriculum: CurriculumConfig = field(default_factory=lambda: curriculum_class("cosine").Options())
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and LR schedule
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # mixed precision, memory format
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress reporting
@@ -338,16 +348,42 @@ class Config(_Section):
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun settings
 
 
+def _changed_keys(section: str, value: Any, default: Any) -> list[str]:
+    """Dotted keys of `section` that were changed from `default`: its `name` when another component is selected, and
+    the keys whose values differ from their defaults in the selected component's options."""
+    renamed = [f"{section}.name"] if getattr(value, "name", None) != getattr(default, "name", None) else []
+    ours, theirs = flatten_keys(config_to_dict(value)), flatten_keys(config_to_dict(type(value)()))
+    return renamed + [f"{section}.{key}" for key in ours if key != "name" and ours[key] != theirs.get(key)]
+
+
+def _unused_section_problems(cfg: Config, method: Any) -> list[tuple[_KeyPath, str]]:
+    """Sections that the experiment never reads must stay at their defaults: a method without a teacher reads no
+    loss weights, temperature or curriculum, and a fixed τ no curriculum (a sweep over such a key would silently run
+    one experiment many times)."""
+    defaults = Config(output_dir=cfg.output_dir)
+    if not method.uses_teacher:
+        unused = [("loss", f"method {cfg.method.name} trains with plain cross-entropy")] + [
+            (name, f"method {cfg.method.name} has no teacher, so no temperature or curriculum")
+            for name in ("temperature", "curriculum")
+        ]
+    elif not cfg.temperature.learnable:
+        unused = [("curriculum", f"a {cfg.temperature.name} temperature has no parameters, so no curriculum on λ")]
+    else:
+        return []
+    problems: list[tuple[_KeyPath, str]] = []
+    for section, why in unused:
+        changed = _changed_keys(section, getattr(cfg, section), getattr(defaults, section))
+        if changed:
+            problems.append(((section, changed[0].split(".", 1)[1]), (
+                f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but {why}: nothing reads "
+                f"{'it' if len(changed) == 1 else 'them'}; remove {'it' if len(changed) == 1 else 'them'}"
+            )))
+    return problems
+
+
 def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
     """All rules that involve more than one field, as (key the problem is reported at, message)."""
     problems: list[tuple[_KeyPath, str]] = []
-    cur = cfg.curriculum
-    if cur.lambda_max < cur.lambda_min:
-        problems.append((
-            ("curriculum", "lambda_max"),
-            f"'curriculum.lambda_max' ({cur.lambda_max}) must be >= 'curriculum.lambda_min' ({cur.lambda_min}); "
-            "raise lambda_max or lower lambda_min",
-        ))
     if cfg.checkpoint.keep_last < 2:
         problems.append((
             ("checkpoint", "keep_last"),
@@ -363,7 +399,8 @@ def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
     teacher_fields = dataclasses.asdict(cfg.teacher)
     name = cfg.method.name
     method = method_class(name)
-    if method.uses_teacher and cfg.temperature.name != "fixed" and cfg.loss.kd_weight == 0 and not method.uses_tau:
+    problems += _unused_section_problems(cfg, method)
+    if method.uses_teacher and cfg.temperature.learnable and cfg.loss.kd_weight == 0 and not method.uses_tau:
         problems.append((
             ("loss", "kd_weight"),
             f"'loss.kd_weight' is 0, so the learned temperature ({cfg.temperature.name}) reaches no loss term of "
@@ -453,7 +490,9 @@ class _Builder:
         self.raise_if_errors()
         return cfg
 
-    def _section(self, cls: type, data: Any, path: _KeyPath) -> Any:
+    def _section(self, cls: type, data: Any, path: _KeyPath, owner: str | None = None) -> Any:
+        """The section `cls` built from `data`, or None after reporting its errors; `owner` names the component
+        whose options these are (a key it does not read is reported as such)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         where = f"in '{'.'.join(path)}'" if path else "at top level"
         if not isinstance(data, dict):
@@ -471,7 +510,9 @@ class _Builder:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" Did you mean '{'.'.join(path + (close[0],))}'?" if close else ""
-                self.error(path + (key,), f"unknown key '{dotted}'.{hint} Valid keys {where}: {', '.join(fields)}")
+                whose = f" (the options of {owner}: a key it does not read is an error)" if owner else ""
+                self.error(path + (key,),
+                           f"unknown key '{dotted}'.{hint} Valid keys {where}: {', '.join(fields)}{whose}")
             elif hints[key] in _NAMED_SECTIONS:
                 kwargs[key] = self._named_section(hints[key], value, path + (key,))
             elif dataclasses.is_dataclass(hints[key]):
@@ -481,7 +522,12 @@ class _Builder:
                     kwargs[key] = _validated(fields[key], hints[key], value)
                 except _FieldError as err:
                     self.error(path + (key,), f"'{dotted}' {err}")
-        return cls(**kwargs) if len(self.errors) == errors_before else None
+        if len(self.errors) > errors_before:
+            return None
+        section = cls(**kwargs)
+        for key, message in section.problems():
+            self.error(path + (key,), message)
+        return section
 
     def _named_section(self, base: type, data: Any, path: _KeyPath) -> Any:
         """A section whose options class is chosen by its `name` (a bare string is the name alone)."""
@@ -504,13 +550,15 @@ class _Builder:
                 f"e.g. {dotted}={name} or {dotted}={{name: {name}, ...}}"
             ))
             return None
-        return self._section(options, data, path)
+        return self._section(options, data, path, owner=f"{path[-1]} '{name}'")
 
 
 # Sections whose options class is looked up by the section's `name` among the registered components.
 _NAMED_SECTIONS: dict[type, Any] = {
     MethodConfig: lambda name: method_class(name).Options,
     DataConfig: dataset_options_class,
+    TemperatureConfig: lambda name: temperature_class(name).Options,
+    CurriculumConfig: lambda name: curriculum_class(name).Options,
 }
 
 
@@ -614,6 +662,40 @@ def config_from_dict(data: Mapping[str, Any], source: str, overrides: Sequence[s
     if cfg.output_dir is None:
         raise ConfigError(f"{source}: 'output_dir' must be set; a resolved config always names its run directory")
     return cfg
+
+
+def upgrade_saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version (a checkpoint's) in today's schema, the same experiment:
+    synthetic's keys moved from data.synthetic to data; temperature and curriculum sections hold the options of the
+    selected component only, and sections that the experiment never read (see `_unused_section_problems`) are
+    back at their defaults, whatever an earlier version saved in them."""
+    config = copy.deepcopy(config)
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("synthetic"), dict):
+        synthetic = data.pop("synthetic")
+        if data.get("name") == "synthetic":
+            data.update(synthetic)
+    for section, lookup in (("temperature", temperature_class), ("curriculum", curriculum_class)):
+        values = config.get(section)
+        if isinstance(values, dict) and isinstance(values.get("name"), str):
+            try:
+                keys = {f.name for f in dataclasses.fields(lookup(values["name"]).Options)}
+            except UserError:
+                continue  # an unknown name: validation reports it
+            config[section] = {k: v for k, v in values.items() if k in keys}
+    method = config.get("method")
+    name = method.get("name") if isinstance(method, dict) else method
+    temperature = config.get("temperature")
+    try:
+        uses_teacher = method_class(name).uses_teacher if isinstance(name, str) else True
+        chosen = temperature.get("name", "global") if isinstance(temperature, dict) else None
+        fixed = chosen is not None and not temperature_class(chosen).Options.learnable
+    except UserError:
+        return config  # an unknown name: validation reports it
+    unused = ("loss", "temperature", "curriculum") if not uses_teacher else ("curriculum",) if fixed else ()
+    for section in unused:
+        config.pop(section, None)
+    return config
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

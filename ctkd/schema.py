@@ -58,6 +58,10 @@ class _Section:
                 raise ConfigError(f"{type(self).__name__}.{f.name} {err}") from None
             object.__setattr__(self, f.name, value)  # frozen: store the converted value
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Rules between this section's own fields, as (key the problem is reported at, message); none by default."""
+        return []
+
 
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:

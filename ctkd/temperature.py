@@ -1,24 +1,25 @@
 """Temperature modules: fixed τ (plain KD), one learnable global τ, or a per-sample τ from an MLP (CTKD).
 
 All share one call signature, ``module(student_logits, teacher_logits, grl_lambda) -> τ``, and one constructor from
-the config, ``from_config(cfg, num_classes=...)``, so a config swaps them by name. The learnable ones are trained
-*adversarially*: their raw output passes through a gradient-reversal layer (docs/method.md, Gradient reversal) whose
-strength λ ≥ 0 follows the curriculum, then is mapped into (t_start, t_start + t_range) by
+the config, ``from_config(options, num_classes=...)``; each owns its options (the ``temperature:`` section, selected
+by ``temperature.name`` and validated against the class's `Options`), so a config swaps them by name. The learnable
+ones are trained *adversarially*: their raw output passes through a gradient-reversal layer (docs/method.md,
+Gradient reversal) whose strength λ ≥ 0 follows the curriculum, then is mapped into (t_start, t_start + t_range) by
 τ = t_start + t_range·sigmoid(raw) (docs/method.md, Range mapping). τ and the modules' layers always compute in
 float32: autocast (runtime.amp) is disabled inside them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctkd.config import TemperatureConfig
 from ctkd.registry import Registry
-
-if TYPE_CHECKING:
-    from ctkd.config import TemperatureConfig
+from ctkd.schema import _spec
 
 TEMPERATURES = Registry("temperature")
 
@@ -60,6 +61,18 @@ def _check_magnitude(grl_lambda: float | Tensor) -> None:
         raise ValueError(f"grl_lambda is a magnitude and must be ≥ 0, got {grl_lambda}")
 
 
+@dataclass(frozen=True)
+class LearnedTemperatureOptions(TemperatureConfig):
+    """What every learned τ shares: its range, its direction and its own optimizer settings."""
+
+    learnable: ClassVar[bool] = True
+    t_start: float = _spec(1.0, gt=0)  # lower bound of a learned τ: τ = t_start + t_range · sigmoid(raw)
+    t_range: float = _spec(20.0, gt=0)  # width of the range of a learned τ
+    adversarial: bool = True  # learned τ maximises the loss through the reversal (CTKD); false: it minimises it
+    lr: float | None = _spec(None, gt=0)  # learning rate of the temperature; None → the student's LR schedule
+    weight_decay: float | None = _spec(None, ge=0)  # weight decay of the temperature; None → optimizer.weight_decay
+
+
 class BoundedTemperature(nn.Module):
     """Base class of the learnable temperatures: maps a reversed raw output into (t_start, t_start + t_range)."""
 
@@ -86,6 +99,13 @@ class BoundedTemperature(nn.Module):
 class FixedTemperature(nn.Module):
     """A constant τ (vanilla KD, default 4); no parameters, so the curriculum has no effect."""
 
+    @dataclass(frozen=True)
+    class Options(TemperatureConfig):
+        """A fixed τ has its value and nothing else (a curriculum does not apply to it)."""
+
+        name: str = "fixed"
+        value: float = _spec(4.0, gt=0)  # τ
+
     def __init__(self, value: float = 4.0) -> None:
         super().__init__()
         if value <= 0:
@@ -93,7 +113,7 @@ class FixedTemperature(nn.Module):
         self.register_buffer("value", torch.tensor(float(value)), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> FixedTemperature:
+    def from_config(cls, cfg: Options, *, num_classes: int) -> FixedTemperature:
         """Build from the config's temperature section."""
         return cls(cfg.value)
 
@@ -109,6 +129,13 @@ class GlobalTemperature(BoundedTemperature):
     ``init_raw`` = 1.0 as in the authors' code, so τ₀ = 1 + 20·sigmoid(1) ≈ 15.62 with the default range.
     """
 
+    @dataclass(frozen=True)
+    class Options(LearnedTemperatureOptions):
+        """Global-T: the shared options and the raw value it starts from."""
+
+        name: str = "global"
+        init_raw: float = 1.0  # initial raw value (τ₀ = 1 + 20 · σ(1) ≈ 15.62)
+
     def __init__(
         self, t_start: float = 1.0, t_range: float = 20.0, init_raw: float = 1.0, adversarial: bool = True
     ) -> None:
@@ -116,7 +143,7 @@ class GlobalTemperature(BoundedTemperature):
         self.raw = nn.Parameter(torch.tensor(float(init_raw)))
 
     @classmethod
-    def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> GlobalTemperature:
+    def from_config(cls, cfg: Options, *, num_classes: int) -> GlobalTemperature:
         """Build from the config's temperature section."""
         return cls(cfg.t_start, cfg.t_range, cfg.init_raw, cfg.adversarial)
 
@@ -135,6 +162,13 @@ class InstanceTemperature(BoundedTemperature):
     KD loss).
     """
 
+    @dataclass(frozen=True)
+    class Options(LearnedTemperatureOptions):
+        """Instance-T: the shared options and the MLP's width."""
+
+        name: str = "instance"
+        hidden_dim: int = _spec(256, ge=1)  # hidden width of the MLP that predicts τ
+
     def __init__(
         self, num_classes: int, hidden_dim: int = 256, t_start: float = 1.0, t_range: float = 20.0,
         adversarial: bool = True,
@@ -147,7 +181,7 @@ class InstanceTemperature(BoundedTemperature):
         )
 
     @classmethod
-    def from_config(cls, cfg: TemperatureConfig, *, num_classes: int) -> InstanceTemperature:
+    def from_config(cls, cfg: Options, *, num_classes: int) -> InstanceTemperature:
         """Build from the config's temperature section."""
         return cls(num_classes, cfg.hidden_dim, cfg.t_start, cfg.t_range, cfg.adversarial)
 
@@ -165,3 +199,8 @@ class InstanceTemperature(BoundedTemperature):
 def build_temperature(cfg: TemperatureConfig, *, num_classes: int) -> nn.Module:
     """The temperature module registered as `cfg.name`, built from the config's temperature section."""
     return TEMPERATURES.get(cfg.name).from_config(cfg, num_classes=num_classes)
+
+
+def temperature_options(name: str, **values: object) -> TemperatureConfig:
+    """The options of the temperature registered as `name` with `values` (the rest at their defaults)."""
+    return TEMPERATURES.get(name).Options(**values)

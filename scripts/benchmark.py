@@ -83,12 +83,12 @@ from torchvision import transforms as T  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 from ctkd.build import build_experiment  # noqa: E402
-from ctkd.config import Config, TemperatureConfig, load_config  # noqa: E402
+from ctkd.config import Config, load_config  # noqa: E402
 from ctkd.distributed import DistributedContext  # noqa: E402
 from ctkd.engine import train_one_epoch  # noqa: E402
 from ctkd.losses import kd_loss  # noqa: E402
 from ctkd.methods.base import resolve_channels_last  # noqa: E402
-from ctkd.temperature import GlobalTemperature, build_temperature  # noqa: E402
+from ctkd.temperature import GlobalTemperature, build_temperature, temperature_options  # noqa: E402
 from ctkd.trainer import resolve_compile_mode, seed_everything  # noqa: E402
 from datasets.transforms import train_transform  # noqa: E402
 
@@ -464,7 +464,7 @@ def measure_ctkd(
             if compile_mode is not None:
                 exp.distiller.compile(compile_mode)
             exp.schedule.set_epoch(1)
-            grl_lambda = exp.curriculum(cfg.curriculum.loops)  # λ at its maximum: same cost as any other λ
+            grl_lambda = exp.curriculum(cfg.epochs)  # λ at its maximum (past the ramp): same cost as any other λ
             feed = EpochFeed(exp.train_loader)
 
             def run(count: int) -> None:
@@ -646,7 +646,7 @@ def temperature_overhead(
     grl_lambda = torch.tensor(1.0, device=device)
     timings: dict[str, float] = {}
     for name in TEMPERATURE_NAMES:
-        module = build_temperature(TemperatureConfig(name=name), num_classes=NUM_CLASSES).to(device)
+        module = build_temperature(temperature_options(name), num_classes=NUM_CLASSES).to(device)
 
         def step(module: nn.Module = module) -> None:
             """The KD term of one step with this τ, forward and backward."""
@@ -1032,8 +1032,9 @@ def benchmark_pair(
     if "d" in variants:
         for name, label in (("fixed", "d: KD, fixed τ"), ("global", "d: CTKD, global τ"),
                             ("instance", "d: CTKD, instance τ")):
-            entries.append(ctkd_entry("d", label, [f"temperature.name={name}"],
-                                      f"ctkd defaults, temperature.name={name}"))
+            # the whole section replaced (each temperature reads only its own keys; a fixed τ has no curriculum)
+            overrides = [f"temperature={name}"] + (["curriculum=cosine"] if name == "fixed" else [])
+            entries.append(ctkd_entry("d", label, overrides, f"ctkd defaults, temperature={name}"))
     measure_rounds(entries, args.rounds, device)
     for entry in entries:
         if entry.timings:

@@ -39,9 +39,9 @@ PLUGIN_METHODS = {
 VARIANTS = {"base": ("fixed.yaml", "τ = 4"), "ctkd": ("ctkd.yaml", "+ CTKD (Global-T)")}
 # ablation → (what it changes in KD + CTKD, the config keys that change it)
 ABLATIONS = {
-    "constant_lambda": ("no curriculum: λ = 1 from the first epoch", {"curriculum": {"name": "constant"}}),
+    "constant_lambda": ("no curriculum: λ = 1 from the first epoch", {"curriculum": "constant"}),
     "linear_lambda": ("a linear λ curriculum over 10 epochs", {"curriculum": {"name": "linear"}}),
-    "instance_tau": ("instance-wise τ from an MLP (Instance-T)", {"temperature": {"name": "instance"}}),
+    "instance_tau": ("instance-wise τ from an MLP (Instance-T)", {"temperature": "instance"}),
     "no_reversal": ("learned τ without gradient reversal: τ minimises the loss",
                     {"temperature": {"adversarial": False}}),
 }

@@ -286,11 +286,11 @@ def test_duplicate_key_in_an_override(tmp_path: Path) -> None:
 
 def test_yaml12_floats(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, "optimizer: {lr: 1e-3, weight_decay: 5e-4}\n"
-                              "temperature: {init_raw: -2E+5, value: 1.0e1}\n")
+                              "temperature: {init_raw: -2E+5, t_range: 1.0e1}\n")
     assert cfg.optimizer.lr == 0.001 and isinstance(cfg.optimizer.lr, float)
     assert cfg.optimizer.weight_decay == 0.0005
     assert cfg.temperature.init_raw == -200000.0
-    assert cfg.temperature.value == 10.0
+    assert cfg.temperature.t_range == 10.0
 
 
 def test_yaml12_booleans(tmp_path: Path) -> None:
@@ -331,7 +331,7 @@ def test_non_finite_floats_are_rejected(tmp_path: Path, text: str, key: str) -> 
      "'optimizer.lr_decay_epochs' must be strictly increasing, got [60, 30]; sort it and drop repeats"),
     ("optimizer: {lr_decay_epochs: [30, 30]}\n", "'optimizer.lr_decay_epochs' must be strictly increasing"),
     ("optimizer: {lr_decay_epochs: [0, 30]}\n", "'optimizer.lr_decay_epochs' each item must be >= 1, got [0, 30]"),
-    ("temperature: {value: 0}\n", "'temperature.value' must be > 0, got 0.0"),
+    ("temperature: {name: fixed, value: 0}\n", "'temperature.value' must be > 0, got 0.0"),
     ("temperature: {lr: 0}\n", "'temperature.lr' must be > 0, got 0.0"),
     ("data: {batch_size: 0}\n", "'data.batch_size' must be >= 1, got 0"),
     ("data: {name: synthetic, num_classes: 1}\n", "'data.num_classes' must be >= 2, got 1"),
@@ -345,8 +345,8 @@ def test_out_of_range_names_key_range_and_value(tmp_path: Path, text: str, expec
 @pytest.mark.parametrize("text, expected", [
     ("method: kdd\n", "exp.yaml: 'method.name': Unknown method 'kdd'. Did you mean 'kd', "),
     ("temperature: {name: globel}\n",
-     "'temperature.name' must be one of fixed, global, instance; got 'globel'. Did you mean 'global'?"),
-    ("curriculum: {name: cos}\n", "'curriculum.name' must be one of cosine, linear, constant; got 'cos'."),
+     "exp.yaml: 'temperature.name': Unknown temperature 'globel'. Did you mean 'global'?"),
+    ("curriculum: {name: cos}\n", "exp.yaml: 'curriculum.name': Unknown curriculum 'cos'. Did you mean 'cosine'"),
     ("data: {name: cifar10}\n", "exp.yaml: 'data.name': Unknown dataset 'cifar10'. Did you mean 'cifar100'"),
     ("device: gpu\n", "'device' must be one of auto, cpu, cuda; got 'gpu'."),
 ])
@@ -402,7 +402,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         data: {root: '1e-3', name: synthetic, test_batch_size: 16}
         student: {name: 'on'}
         optimizer: {lr: 1e-5, weight_decay: 5e-4, lr_decay_epochs: []}
-        temperature: {name: instance, lr: 0.001, init_raw: -2.5}
+        temperature: {name: instance, lr: 0.001, hidden_dim: 32}
         logging: {tensorboard: false}
     """)
     assert (cfg.data.root, cfg.student.name) == ("1e-3", "on")  # strings that other YAML readers mistake
@@ -483,3 +483,55 @@ def test_learned_temperature_must_reach_a_loss_term(tmp_path: Path) -> None:
     assert "'loss.kd_weight' is 0, so the learned temperature (global) reaches no loss term of method pkt" in message
     assert load_text(tmp_path, "method: dkd\nloss: {kd_weight: 0.0}\ntemperature: {name: global}\n")  # τ is DKD's
     assert load_text(tmp_path, "method: pkt\nloss: {kd_weight: 0.0}\ntemperature: {name: fixed}\n")
+
+
+# ----------------------------------------------------------------------- every section as strict as method: and data:
+def test_a_fixed_temperature_refuses_the_learned_ones_keys_and_any_curriculum(tmp_path: Path) -> None:
+    """The sweep trap: `temperature.name=fixed temperature.hidden_dim=7 ...` must not load and run τ = 4 again."""
+    message = error_of(tmp_path, "", ("temperature.name=fixed", "temperature.hidden_dim=7", "temperature.init_raw=3",
+                                      "curriculum.loops=99"))
+    assert "temperature.hidden_dim, temperature.init_raw" in message and "not options of fixed" in message
+    message = error_of(tmp_path, "temperature: {name: fixed, hidden_dim: 7}\n")
+    assert "unknown key 'temperature.hidden_dim'" in message and "options of temperature 'fixed'" in message
+    message = error_of(tmp_path, "temperature: fixed\n", ("curriculum.loops=99",))
+    assert message.startswith("command-line override 'curriculum.loops=99': curriculum.loops is set, but a fixed ")
+    assert "nothing reads it" in message
+    assert "curriculum.name" in error_of(tmp_path, "temperature: fixed\ncurriculum: linear\n")
+    cfg = load_text(tmp_path, "temperature: {name: fixed, value: 2.0}\n")  # its own key, and the default curriculum
+    assert (cfg.temperature.value, cfg.curriculum) == (2.0, Config().curriculum)
+
+
+def test_each_temperature_and_curriculum_reads_only_its_own_keys(tmp_path: Path) -> None:
+    assert "options of temperature 'global'" in error_of(tmp_path, "temperature: {hidden_dim: 64}\n")
+    assert "options of temperature 'instance'" in error_of(tmp_path, "temperature: {name: instance, init_raw: 0}\n")
+    assert "options of temperature 'global'" in error_of(tmp_path, "temperature: {value: 3}\n")
+    assert "options of curriculum 'constant'" in error_of(tmp_path, "curriculum: {name: constant, loops: 5}\n")
+    assert load_text(tmp_path, "curriculum: {name: constant, lambda_max: 0.5}\n").curriculum.lambda_max == 0.5
+    assert load_text(tmp_path, "temperature: {name: instance, hidden_dim: 64}\n").temperature.hidden_dim == 64
+
+
+def test_a_method_without_teacher_refuses_loss_temperature_and_curriculum_keys(tmp_path: Path) -> None:
+    for text, key in (("loss: {kd_weight: 0.5}\n", "loss.kd_weight"), ("temperature: instance\n", "temperature.name"),
+                      ("curriculum: {loops: 3}\n", "curriculum.loops")):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, "teacher.yaml", "method: vanilla\n" + text))
+        assert f"{key} is set, but method vanilla" in str(info.value), text
+    assert load_config(write(tmp_path, "plain.yaml", "method: vanilla\n")).method.name == "vanilla"
+
+
+def test_a_checkpoints_config_of_the_flat_schema_is_upgraded_to_the_same_experiment(tmp_path: Path) -> None:
+    """Configs saved before temperatures and curricula owned their keys held every key of every one of them."""
+    from ctkd.config import upgrade_saved_config
+
+    fixed = load_text(tmp_path, "temperature: {name: fixed, value: 2.0}\n")
+    old = config_to_dict(fixed)
+    old["temperature"] = {"name": "fixed", "value": 2.0, "t_start": 1.0, "t_range": 20.0, "adversarial": True,
+                          "init_raw": 1.0, "hidden_dim": 256, "lr": None, "weight_decay": None}
+    old["curriculum"] = {"name": "cosine", "lambda_min": 0.0, "lambda_max": 1.0, "loops": 2}  # never read
+    with pytest.raises(ConfigError):
+        config_from_dict(old, "stored")
+    assert config_from_dict(upgrade_saved_config(old), "stored") == fixed
+    learned = load_text(tmp_path, "curriculum: {name: constant, lambda_max: 0.5}\n")
+    old = config_to_dict(learned)
+    old["curriculum"] = {"name": "constant", "lambda_min": 0.0, "lambda_max": 0.5, "loops": 10}
+    assert config_from_dict(upgrade_saved_config(old), "stored") == learned

@@ -67,8 +67,14 @@ def test_readme_config_reference_lists_every_key_with_its_default() -> None:
     import re
 
     from ctkd.config import Config, _parse_yaml, config_to_dict, flatten_keys
+    from ctkd.curriculum import CURRICULA
+    from ctkd.temperature import TEMPERATURES
 
     defaults = flatten_keys(config_to_dict(Config()))
+    for section, registry in (("temperature", TEMPERATURES), ("curriculum", CURRICULA)):  # every one's own keys
+        for name in registry.names():
+            options = flatten_keys({section: config_to_dict(registry.get(name).Options())})
+            defaults.update({key: value for key, value in options.items() if key != f"{section}.name"})
     rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", (REPO_ROOT / "README.md").read_text(), re.MULTILINE)
     documented = dict(rows)
     assert documented.keys() == defaults.keys()
