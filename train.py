@@ -23,7 +23,7 @@ from ctkd.config import config_to_yaml, load_config
 from ctkd.distributed import shutdown_distributed
 from ctkd.errors import UserError
 from ctkd.logging import get_logger, setup_console
-from ctkd.preemption import PREEMPTED_EXIT_CODE
+from ctkd.preemption import PREEMPTED_EXIT_CODE, STOP
 from ctkd.trainer import RunInterrupted, run
 
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         get_logger().error(f"{where}error: {err}")
         return 1
     except RunInterrupted as stop:
+        STOP.ignore_from_now()  # saved: nothing may kill this rank on its way out
+        clean = stop.signal_name != ""  # every rank stopped after the same step: they leave together
         if rank == 0:  # every rank stops; one line says how to continue
             get_logger().error(interrupted_message(stop, args))
         return PREEMPTED_EXIT_CODE  # 130, the shell's code for a Ctrl-C: scripts/slurm_train.sbatch requeues on it

@@ -26,7 +26,7 @@ from torch.distributed import ReduceOp
 from tqdm import tqdm
 
 from ctkd.distiller import Distiller
-from ctkd.distributed import all_reduce, get_rank, get_world_size
+from ctkd.distributed import all_reduce, barrier, get_rank, get_world_size
 from ctkd.errors import UserError
 from ctkd.methods import StepContext
 from ctkd.methods.base import NetworkRuntime
@@ -188,21 +188,36 @@ class EpochTotals:
         }
 
 
+_NEVER = 1 << 40  # more steps than any epoch has
+
+
 class NonFiniteGuard:
     """Skips non-finite steps on the device and reports them when its flags are read.
 
     Each step's flag is 1 when this rank's loss or the (already all-reduced, so on every rank equal) gradients are not
     finite; it goes to the fused SGD as `found_inf`, which then leaves weights and momentum untouched, so no rank
-    updates and none waits for the host. The first bad step, the ranks whose loss was bad and their loss terms are
-    kept on the device; `check` reads them (one all-reduce) and raises, so the run stops before any checkpoint.
+    updates and none waits for the host. The trainable module's floating-point buffers (BatchNorm's running
+    statistics, which a diverging forward can blow up before the loss does) are checked at the same point; they are
+    per rank, so they do not skip the step (the ranks would part ways) but count as a bad step all the same. The first
+    bad step, the ranks whose loss or buffers were bad and their loss terms are kept on the device; `check` reads them
+    (one all-reduce) and raises, and every checkpoint is preceded by a check, so none holds a non-finite value.
     """
 
-    def __init__(self, device: torch.device, epoch: int) -> None:
+    def __init__(self, device: torch.device, epoch: int, buffers: list[Tensor] | None = None) -> None:
         self.device, self.epoch = device, epoch
+        self.buffers = [b for b in buffers or [] if b.is_floating_point()]
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
         self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)  # this rank's loss at the first bad step
+        self.buffers_bad = torch.zeros((), dtype=torch.bool, device=device)  # this rank's buffers at that step
         self.terms: dict[str, Tensor] = {}  # this rank's loss terms at the first bad step
         self.one = torch.ones((), device=device)
+
+    def buffer_flag(self) -> Tensor:
+        """(1,) float: 1 if any of this rank's floating-point buffers is not finite (one kernel, no sync)."""
+        found = torch.zeros(1, device=self.device)
+        if self.buffers:  # × 1.0 leaves the buffers as they are
+            torch._amp_foreach_non_finite_check_and_unscale_(self.buffers, found, self.one)
+        return found
 
     def step_flag(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
         """(1,) float: 1 if the loss or any gradient of the optimizer's parameters is not finite, else 0."""
@@ -222,11 +237,14 @@ class NonFiniteGuard:
         elif not flag.item():  # runtime.sgd foreach/loop: no found_inf support, so the host decides
             optimizer.step()
 
-    def record(self, step: int, flag: Tensor, loss: Tensor, terms: dict[str, Tensor]) -> None:
-        """Remember the first step whose flag is set (device ops only)."""
-        first = (self.first_bad_step < 0) & (flag[0] > 0)
+    def record(self, step: int, flag: Tensor, loss: Tensor, terms: dict[str, Tensor],
+               buffers: Tensor | None = None) -> None:
+        """Remember the first step whose flag (or buffer flag) is set (device ops only)."""
+        bad_buffers = buffers[0] > 0 if buffers is not None else torch.zeros((), dtype=torch.bool, device=self.device)
+        first = (self.first_bad_step < 0) & ((flag[0] > 0) | bad_buffers)
         self.first_bad_step = torch.where(first, step, self.first_bad_step)
         self.loss_bad = torch.where(first, ~torch.isfinite(loss.detach()), self.loss_bad)
+        self.buffers_bad = torch.where(first, bad_buffers, self.buffers_bad)
         for name, value in terms.items():
             old = self.terms.get(name, torch.zeros((), device=self.device))
             self.terms[name] = torch.where(first, value.detach().float(), old)
@@ -235,31 +253,40 @@ class NonFiniteGuard:
         """The flags as plain CPU tensors (for checkpoints)."""
         return {
             "first_bad_step": self.first_bad_step.cpu(), "loss_bad": self.loss_bad.cpu(),
-            "terms": {name: value.cpu() for name, value in self.terms.items()},
+            "buffers_bad": self.buffers_bad.cpu(), "terms": {name: value.cpu() for name, value in self.terms.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from the flags `state_dict` returned."""
+        """Continue from the flags `state_dict` returned (a checkpoint without `buffers_bad` had none)."""
         self.first_bad_step = state["first_bad_step"].to(self.device)
         self.loss_bad = state["loss_bad"].to(self.device)
+        self.buffers_bad = state.get("buffers_bad", torch.zeros((), dtype=torch.bool)).to(self.device)
         self.terms = {name: value.to(self.device) for name, value in state["terms"].items()}
 
     def check(self) -> None:
         """Read the flags (a host sync: once per log interval) and raise if a step was not finite."""
         world, rank = get_world_size(), get_rank()
-        slots = torch.zeros(world + 1, device=self.device)
-        slots[rank] = self.loss_bad.float()
-        slots[world] = (self.first_bad_step + 1).float()  # the same on every rank: the flags are global
-        read = all_reduce(slots).tolist()
-        if read[world] == 0:
+        slots = torch.zeros(2 * world + 1, dtype=torch.int64, device=self.device)
+        slots[rank] = self.loss_bad.long()
+        slots[world + rank] = self.buffers_bad.long()
+        # the earliest first bad step over the ranks (buffers are per rank), as the maximum of NEVER − step
+        slots[2 * world] = torch.where(self.first_bad_step >= 0, _NEVER - self.first_bad_step, 0)
+        read = all_reduce(slots, ReduceOp.MAX).tolist()
+        if read[2 * world] == 0:
             return
-        step = int(read[world] / world) - 1
+        step = _NEVER - int(read[2 * world])
         bad_ranks = [r for r in range(world) if read[r] > 0]
+        buffer_ranks = [r for r in range(world) if read[world + r] > 0]
         values = ", ".join(f"{name}={value.item():.6g}" for name, value in self.terms.items())
-        where = f"rank(s) {bad_ranks}" if bad_ranks else "the gradients (the loss was finite on every rank)"
+        where = f"step {step + 1} of epoch {self.epoch}"  # counted from 1, as checkpoint names count steps done
+        if bad_ranks:
+            what = f"loss in {where} on rank(s) {bad_ranks}"
+        elif buffer_ranks:
+            what = f"BatchNorm statistics (buffers) in {where} on rank(s) {buffer_ranks}"
+        else:
+            what = f"gradients in {where} (the loss was finite on every rank)"
         raise NonFiniteLossError(
-            f"non-finite loss in epoch {self.epoch} at step {step} on {where} (this rank {rank}: {values}); "
-            "that step was skipped without an update and training stopped before any checkpoint"
+            f"non-finite {what} (this rank {rank}: {values}); training stopped without checkpointing that step"
         )
 
 
@@ -303,7 +330,7 @@ def train_one_epoch(
     """
     distiller.train()
     totals = EpochTotals() if resume is None else EpochTotals.from_state(resume["totals"], device)
-    guard = NonFiniteGuard(device, epoch)
+    guard = NonFiniteGuard(device, epoch, list(distiller.unwrapped.buffers()))
     if resume is not None:
         guard.load_state_dict(resume["guard"])
     if not isinstance(grl_lambda, Tensor):  # a device tensor (filled there: no copy): no recompile per epoch
@@ -333,7 +360,7 @@ def train_one_epoch(
             scaler.step(optimizer)  # skipped when a gradient is inf/NaN (the scale then backs off): not an error
             scaler.update()
             flag = (~torch.isfinite(loss.detach())).float().reshape(1)  # a non-finite loss still is
-        guard.record(step, flag, loss, out.losses)
+        guard.record(step, flag, loss, out.losses, guard.buffer_flag())
         if (step + 1) % check_every == 0:
             guard.check()
         if lr_schedule is not None:  # counts iterations, a step the scaler skipped included
@@ -344,8 +371,10 @@ def train_one_epoch(
             checkpoint(step + 1, epoch_state(totals, guard))
         if stop_check is not None and stop_check(step + 1):  # a signal: save this point and stop, on every rank
             guard.check()
-            if checkpoint is not None and step + 1 not in checkpoint_after:
-                checkpoint(step + 1, epoch_state(totals, guard))
+            with STOP.deferred():  # rank 0 finishes the write whatever signal comes next
+                if checkpoint is not None and step + 1 not in checkpoint_after:
+                    checkpoint(step + 1, epoch_state(totals, guard))
+            barrier()  # no rank leaves (and makes torchrun stop the others) before the checkpoint is written
             bar.close()
             raise StopRequested(epoch, step + 1, STOP.name or "a stop signal on another rank")
     bar.close()

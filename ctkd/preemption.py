@@ -3,15 +3,21 @@
 SLURM sends SIGUSR1 (with ``--signal``) or SIGTERM before it ends or preempts a job, torchrun passes SIGTERM on to its
 workers, and Ctrl-C is SIGINT. Each of them only sets a flag here; the training loop reads it at step boundaries
 (a host-side bool: no device sync) and, under DDP, agrees on it over all ranks once every `logging.interval` steps, so
-every rank stops after the same step, saves one mid-epoch checkpoint and exits with `PREEMPTED_EXIT_CODE`. A second
-signal stops at once (the default action), for a run that must die now. Loader workers ignore these signals
+every rank stops after the same step, saves one mid-epoch checkpoint and exits with `PREEMPTED_EXIT_CODE`.
+
+Copies of one request are one request: a scheduler signals every process of a job at once and torchrun forwards the
+signal it got to its workers, so each worker receives it twice within milliseconds. Only a signal that comes more
+than `REPEAT_AFTER_S` seconds after the first stops at once (the default action), for a run that must die now, and
+never while the stop checkpoint is being written (`STOP.deferred()`). Loader workers ignore these signals
 (datasets.loader.ignore_stop_signals), so they live until the loop shuts them down.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import torch
@@ -20,6 +26,7 @@ from ctkd.distributed import all_reduce, get_world_size
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PREEMPTED_EXIT_CODE = 130  # what train.py returns after a saved stop (the shell's code for Ctrl-C)
+REPEAT_AFTER_S = 5.0  # a stop signal this long after the first is a new request (stop at once), not a copy of it
 
 
 class StopRequested(Exception):
@@ -31,12 +38,16 @@ class StopRequested(Exception):
 
 
 class StopFlag:
-    """The stop signals' handler: remembers the first signal; a second one gets the signal's default action."""
+    """The stop signals' handler: remembers the first signal; copies of it that arrive together are ignored, and a
+    later one gets the signal's default action (after the stop checkpoint, if one is being written)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
         self._depth = 0  # nested installs (see install)
+        self._deferring = 0  # inside `deferred()`: a "stop at once" waits for its end
+        self._pending: int | None = None  # a "stop at once" that arrived while deferring
         self.on_first: Callable[[str], None] | None = None  # e.g. a log line; called from the handler
 
     def install(self) -> bool:
@@ -66,13 +77,43 @@ class StopFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # the second signal: stop now
-            self._put_back()
-            signal.raise_signal(signum)
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._received_at = signum, now
+            if self.on_first is not None:
+                self.on_first(signal.Signals(signum).name)
             return
-        self.received = signum
-        if self.on_first is not None:
-            self.on_first(signal.Signals(signum).name)
+        if now - self._received_at < REPEAT_AFTER_S:
+            return  # the same request again (sent to the whole job, and forwarded by torchrun)
+        if self._deferring:
+            self._pending = signum  # the stop checkpoint is being written: die right after it
+            return
+        self._die(signum)
+
+    def _die(self, signum: int) -> None:
+        """The signal's default action (a run that must end now)."""
+        self._put_back()
+        signal.raise_signal(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """While the body runs (the stop checkpoint's write), a "stop at once" waits for it to finish."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            pending, self._pending = self._pending, None
+            if pending is not None and not self._deferring:
+                self._die(pending)
+
+    @staticmethod
+    def ignore_from_now() -> None:
+        """Ignore the stop signals for the rest of the process: a run that stopped at its checkpoint is leaving, and
+        a late copy of the request (or torchrun's closing SIGTERM once a peer has exited) must not kill it on the
+        way out."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     @property
     def name(self) -> str:

@@ -30,7 +30,7 @@ from ctkd.checkpoint import (
 from ctkd.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs, load_config, save_config
 from ctkd.distributed import (
     DistributedContext,
-    all_reduce,
+    barrier,
     broadcast_buffers,
     broadcast_object,
     claim_run_directory,
@@ -39,13 +39,13 @@ from ctkd.distributed import (
     seed_rank,
     wait_for_run_directory,
 )
-from ctkd.engine import evaluate, gather_objects, local_epoch_state, train_one_epoch
+from ctkd.engine import NonFiniteLossError, evaluate, gather_objects, local_epoch_state, train_one_epoch
 from ctkd.errors import UserError
 from ctkd.fileio import atomic_copy
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 from ctkd.methods import METHODS
 from ctkd.optim import load_optimizer_state
-from ctkd.preemption import STOP, StopRequested, stop_agreed
+from ctkd.preemption import REPEAT_AFTER_S, STOP, StopRequested, stop_agreed
 from ctkd.provenance import file_sha256, provenance
 from ctkd.runs import RunLock, check_free_space
 
@@ -311,7 +311,8 @@ def run(cfg: Config, resume: str | None = None, *, run_lock: RunLock | None = No
     check_inputs(cfg)  # input errors first: they are the user's to fix, whatever the run directory holds
     lock = claim_run_directory(cfg.output_dir, ctx, held=run_lock)  # before deciding anything about its contents
     STOP.on_first = lambda name: get_logger().warning(
-        f"{name} received: stopping after a step, with a checkpoint (send it again to stop at once)")
+        f"{name} received: stopping after a step, with a checkpoint (send it again, more than "
+        f"{REPEAT_AFTER_S:.0f} s later, to stop at once)")
     installed = STOP.install()
     try:
         resume_path = resolve_resume(cfg, resume, ctx)
@@ -352,7 +353,8 @@ def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None, progr
     exp = build_experiment(cfg, ctx)
     seed_rank(cfg.seed, ctx)  # networks are initialised alike on every rank; dropout masks then differ per rank
     try:
-        decide_on_main(ctx, lambda: check_free_space(cfg.output_dir, checkpoint_bytes(exp)))
+        files = CheckpointSeries.peak_files(cfg.checkpoint.keep_last, resumed=resume_path is not None)
+        decide_on_main(ctx, lambda: check_free_space(cfg.output_dir, checkpoint_bytes(exp), files))
         return _train_experiment(exp, cfg, ctx, resume_path, progress)
     finally:
         exp.close()
@@ -402,10 +404,13 @@ def _train_experiment(
     try:
         first = progress.epoch + 1
         for epoch in range(first, cfg.epochs + 1):
-            record = _run_epoch(exp, cfg, epoch, progress, metrics, checkpoints, inside if epoch == first else None)
+            record, stopping = _run_epoch(exp, cfg, epoch, progress, metrics, checkpoints,
+                                          inside if epoch == first else None)
             get_logger().info(_epoch_line(record, cfg.epochs))
-            if epoch < cfg.epochs and stop_agreed(1, 1, exp.device):  # a signal during the epoch's end: stop here
+            if stopping:  # a signal during the epoch's last step or its end: saved there
                 raise StopRequested(epoch, len(exp.train_loader), STOP.name or "a stop signal on another rank")
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {_newest_checkpoint_note(output_dir)}") from None
     finally:
         metrics.close()
     results = broadcast_object(
@@ -419,6 +424,15 @@ def _train_experiment(
         f"TensorBoard: tensorboard --logdir {output_dir}"
     )
     return results
+
+
+def _newest_checkpoint_note(output_dir: Path) -> str:
+    """Where the run can be taken up after a non-finite step: its newest checkpoint (all finite), or none yet."""
+    saved = series(output_dir)
+    if not saved:
+        return "no checkpoint had been written yet"
+    position, path = saved[-1]
+    return f"the newest checkpoint, {path} ({position}), holds the last finite state"
 
 
 @dataclass
@@ -471,11 +485,14 @@ def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
 def _run_epoch(
     exp: Experiment, cfg: Config, epoch: int, progress: Progress, metrics: MetricsLog, checkpoints: _Checkpoints,
     inside: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate one epoch, log it, then checkpoint (and inside it every `checkpoint.every_steps` steps).
+) -> tuple[dict[str, Any], bool]:
+    """Train and evaluate one epoch, log it, then checkpoint (and inside it every `checkpoint.every_steps` steps);
+    returns its metrics record and whether the run stops here.
 
     `inside`: the epoch_state of a checkpoint taken inside this epoch, which it continues from. The metrics line is
-    written before the epoch-end checkpoint: a resume drops lines past the checkpoint's epoch.
+    written before the epoch-end checkpoint: a resume drops lines past the checkpoint's epoch. A stop request that
+    arrives during the epoch's last step or its evaluation (every rank agrees here) is answered with an epoch-end
+    checkpoint, whether or not the epoch is one of `logging.checkpoint_every`.
     """
     start = time.perf_counter()
     lr = exp.schedule.set_epoch(epoch)  # the LRs of this epoch (and of the restored per-iteration position)
@@ -490,6 +507,7 @@ def _run_epoch(
     steps = len(exp.train_loader)
 
     def checkpoint_inside(done: int, local: dict[str, Any]) -> None:  # every rank, after `done` steps of the epoch
+        _bad_image_record(exp)  # no checkpoint of a run past its budget of unreadable images
         parts = gather_objects({"rng": capture_rng_state(), "epoch_state": local})
         if checkpoints.writer is not None:
             state = {"epoch": epoch, "step": done, "lr": lr, "elapsed_s": elapsed + time.perf_counter() - start,
@@ -524,25 +542,43 @@ def _run_epoch(
     progress.elapsed_s += epoch_time
     if improved:
         progress.best_acc1, progress.best_acc5, progress.best_epoch = test_stats["acc1"], test_stats["acc5"], epoch
-    if improved or epoch_end:  # every rank (both are the same on all): each rank's RNG states go into it
+    stopping = not last and stop_agreed(1, 1, exp.device)  # the same decision on every rank
+    if improved or epoch_end or stopping:  # every rank (all three agree): each rank's RNG states go into it
         rng = gather_objects(capture_rng_state())
         if checkpoints.writer is not None:
             state = checkpoint_state(exp, cfg, progress, checkpoints.teacher_sha256, rng=rng)
-            if epoch_end:
-                checkpoints.writer.save(state, Position(epoch, steps), best=improved)
-            else:
-                checkpoints.writer.save_best(state)
-    return record
+            with STOP.deferred():  # a stop checkpoint is finished whatever signal comes next
+                if epoch_end or stopping:
+                    checkpoints.writer.save(state, Position(epoch, steps), best=improved)
+                else:
+                    checkpoints.writer.save_best(state)
+    if stopping:
+        barrier()  # no rank leaves (and makes torchrun stop the others) before rank 0 has written it
+    return record, stopping
 
 
 def _bad_images(exp: Experiment, epoch: int) -> dict[str, int]:
-    """`bad_images`: the unreadable training images replaced in `epoch`, over all ranks (one collective per epoch),
-    for a dataset with a budget for them (data.max_bad_images > 0); else nothing."""
+    """`bad_images`: the unreadable training images replaced in `epoch`, over all ranks, for a dataset with a
+    budget for them (data.max_bad_images > 0); else nothing. One collective per epoch, on every rank: the files met
+    by all ranks together must stay within the budget (each rank alone stops at once past it)."""
+    merged = _bad_image_record(exp)
+    if merged is None:
+        return {}
+    return {"bad_images": sum(1 for last in merged.values() if last == epoch + 1)}
+
+
+def _bad_image_record(exp: Experiment) -> dict[int, int] | None:
+    """The unreadable training files met by every rank (index → 1 + last epoch), after checking them against
+    data.max_bad_images (a collective: every rank calls it); None for a dataset without that budget."""
     source = getattr(exp.train_loader.dataset, "dataset", None)
     if not getattr(source, "max_bad_images", 0):
-        return {}
-    count = torch.tensor([source.bad_images(epoch)], dtype=torch.int64, device=exp.device)
-    return {"bad_images": int(all_reduce(count).item())}
+        return None
+    merged: dict[int, int] = {}
+    for record in gather_objects(source.bad_record()):
+        for index, last in record.items():
+            merged[index] = max(last, merged.get(index, 0))
+    source.check_budget(merged)
+    return merged
 
 
 def _stderr_is_terminal() -> bool:

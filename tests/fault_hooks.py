@@ -16,7 +16,13 @@ train.py as `python train.py` would. CTKD_TEST_KILL is one of
   last.pth in place, older ones not yet deleted);
 - ``fail:RANK:EPOCH:raise|kill``: rank RANK raises (or SIGKILLs itself) as epoch EPOCH starts (a crashed rank);
 - ``signal:E:S:NAME[:RANK]``: not a kill: the process sends itself signal NAME (SIGTERM, SIGUSR1, SIGINT) before
-  step S of epoch E, as a scheduler or Ctrl-C would (only on rank RANK under torchrun, when given).
+  step S of epoch E, as a scheduler or Ctrl-C would (only on rank RANK under torchrun, when given);
+- ``job:E:S:NAME[:RANK]``: the same, sent to torchrun (the parent) and every one of its workers at once, as a
+  scheduler signals every process of a job (torchrun then forwards its copy to each worker);
+- ``slow_save:NAME:SECONDS[:RANK[:AGAIN]]``: not a kill: writing checkpoint file NAME (a glob) takes SECONDS longer;
+  with AGAIN, the process sends itself SIGTERM AGAIN seconds into that write (a late second stop request).
+
+Several specs can be combined, separated by commas (e.g. a signal and a slowed write).
 
 Importing this module also registers the test models (tests/tiny_models.py) in the process.
 """
@@ -26,6 +32,8 @@ import fnmatch
 import os
 import runpy
 import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,10 +84,47 @@ def _kill_at_step(epoch: int, step: int, action: Any = None) -> None:
     trainer.train_one_epoch = train_one_epoch
 
 
-def _signal_at_step(epoch: int, step: int, name: str, rank: str | None) -> None:
+def _signal_at_step(epoch: int, step: int, name: str, rank: str | None, group: bool = False) -> None:
     if rank is not None and os.environ.get("RANK", "0") != rank:
         return
-    _kill_at_step(epoch, step, lambda: os.kill(os.getpid(), getattr(signal, name)))
+    if group:
+        _kill_at_step(epoch, step, lambda: _signal_job(getattr(signal, name)))
+    else:
+        _kill_at_step(epoch, step, lambda: os.kill(os.getpid(), getattr(signal, name)))
+
+
+def _signal_job(sig: signal.Signals) -> None:
+    """Send `sig` to the parent (torchrun) and to every process it started, in one go."""
+    parent = os.getppid()
+    workers = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                workers.append(int(proc.name))
+    for pid in [parent, *workers]:
+        os.kill(pid, sig)
+
+
+def _slow_save(pattern: str, seconds: float, rank: str | None, again: float | None) -> None:
+    if rank is not None and os.environ.get("RANK", "0") != rank:
+        return
+    real = checkpoint.atomic_write
+
+    def atomic_write(path, write):  # noqa: ANN001, ANN202
+        if fnmatch.fnmatch(Path(path).name, pattern):
+            def slow_write(handle) -> None:  # noqa: ANN001
+                if again is not None:
+                    threading.Timer(again, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                time.sleep(seconds)
+                write(handle)
+            return real(path, slow_write)
+        return real(path, write)
+
+    checkpoint.atomic_write = atomic_write
 
 
 def _kill_in_evaluation(number: int) -> None:
@@ -148,8 +193,14 @@ def _fail_at_epoch(rank: int, epoch: int, how: str, spec: str) -> None:
     trainer._run_epoch = run_epoch
 
 
-def install(spec: str) -> None:
-    """Install the kill point `spec` (see the module docstring)."""
+def install(specs: str) -> None:
+    """Install the kill points of `specs` (comma-separated; see the module docstring)."""
+    for spec in specs.split(","):
+        _install(spec)
+
+
+def _install(spec: str) -> None:
+    """Install one kill point."""
     kind, *args = spec.split(":")
     if kind == "step":
         _kill_at_step(int(args[0]), int(args[1]))
@@ -161,8 +212,11 @@ def install(spec: str) -> None:
         _kill_in_prune(int(args[0]))
     elif kind == "fail":
         _fail_at_epoch(int(args[0]), int(args[1]), args[2], spec)
-    elif kind == "signal":
-        _signal_at_step(int(args[0]), int(args[1]), args[2], args[3] if len(args) > 3 else None)
+    elif kind in ("signal", "job"):
+        _signal_at_step(int(args[0]), int(args[1]), args[2], args[3] if len(args) > 3 else None, kind == "job")
+    elif kind == "slow_save":
+        _slow_save(args[0], float(args[1]), args[2] if len(args) > 2 else None,
+                   float(args[3]) if len(args) > 3 else None)
     else:
         raise ValueError(f"{ENV}={spec}: unknown kill point")
 

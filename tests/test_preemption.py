@@ -14,6 +14,7 @@ import torch
 from test_checkpoint_reliability import _train_py, dropout_config, fingerprint
 
 from conftest import REPO_ROOT, write_yaml
+from ctkd.checkpoint import verify_checksum
 
 
 def _config(root: Path, name: str, **sections) -> Path:
@@ -59,22 +60,88 @@ def test_a_signal_during_evaluation_stops_at_the_epoch_end(tmp_path: Path, strai
     assert fingerprint(tmp_path / "run") == straight
 
 
-def _torchrun(config: Path, *args: str, signal_spec: str | None = None) -> subprocess.CompletedProcess:
-    env = fault_hooks.subprocess_env(signal_spec)
+def _torchrun(config: Path, *args: str, signal_spec: str | None = None,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Two processes under torchrun, in a session (process group) of their own, as a scheduler's job is."""
+    full_env = {**fault_hooks.subprocess_env(signal_spec), **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "fault_hooks", "--config", str(config), *args]
-    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=full_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
 
 
-def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step", [4, 5])  # during the epoch's last step, and during its evaluation
+def test_a_signal_at_the_end_of_an_epoch_without_checkpoint_saves_that_epoch(
+    tmp_path: Path, straight: dict, step: int
+) -> None:
+    """logging.checkpoint_every 2: epoch 1 is not a checkpoint epoch, yet a stop there must save it."""
+    config = _config(tmp_path, "run", logging={"checkpoint_every": 2})
+    stopped = _train_py(config, kill=f"signal:1:{step}:SIGTERM")
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 130, output
+    assert "stopped by SIGTERM after step 5 of epoch 1" in output and "last.pth holds that point" in output
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (state["epoch"], state["epoch_state"]) == (1, None)
+    assert [p.name for p in sorted((tmp_path / "run").glob("ckpt-*.pth"))] == ["ckpt-e0001-s000005.pth"]
+    assert _train_py(config, "--resume", "auto").returncode == 0
+    assert fingerprint(tmp_path / "run") == straight
+
+
+def _ddp_sections(**extra: dict) -> dict:
+    return {"logging": {"tensorboard": True, "progress_bar": False, "interval": 2, **extra.pop("logging", {})},
+            "distributed": {"timeout_s": 60.0}, **extra}
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("straight_ddp")
+    done = _torchrun(_config(root, "straight", **_ddp_sections()))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return fingerprint(root / "straight")
+
+
+def test_two_processes_save_a_stop_after_the_last_agreement_of_an_epoch(tmp_path: Path, straight_ddp: dict) -> None:
+    """logging.interval 2 over 5 steps: a SIGTERM to rank 1 during step 5 of epoch 1 is agreed on only at the
+    epoch's end; epoch 1 is not a checkpoint epoch (checkpoint_every 2) and must be saved all the same."""
+    config = _config(tmp_path, "run", **_ddp_sections(logging={"checkpoint_every": 2}))
+    stopped = _torchrun(config, signal_spec="signal:1:4:SIGTERM:1")
+    assert "after step 5 of epoch 1" in stopped.stdout + stopped.stderr, stopped.stdout + stopped.stderr
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (state["epoch"], state["epoch_state"]) == (1, None)
+    assert _torchrun(config, "--resume", "auto").returncode == 0
+    assert fingerprint(tmp_path / "run") == straight_ddp
+
+
+def test_sigterm_to_every_process_of_the_job_is_one_request(tmp_path: Path, straight_ddp: dict) -> None:
+    """A scheduler signals torchrun and both ranks at once, and torchrun forwards its copy: each rank receives
+    SIGTERM twice within milliseconds. That is one request: the stop checkpoint is written, no rank dies by it."""
+    config = _config(tmp_path, "run", **_ddp_sections())
+    stopped = _torchrun(config, signal_spec="job:2:1:SIGTERM:1")
+    output = stopped.stdout + stopped.stderr
+    assert "stopped by SIGTERM after step 2 of epoch 2" in output, output
+    assert "Signal 15" not in output and "exitcode: -15" not in output  # no worker died of the second copy
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert (state["epoch_state"]["epoch"], state["epoch_state"]["step"]) == (2, 2)
+    assert _torchrun(config, "--resume", "auto").returncode == 0
+    assert fingerprint(tmp_path / "run") == straight_ddp
+
+
+def test_a_late_second_signal_waits_for_the_stop_checkpoint(tmp_path: Path, straight_ddp: dict) -> None:
+    """A second SIGTERM to rank 0 more than 5 s after the first means "stop at once", but not in the middle of the
+    stop checkpoint: rank 0 finishes that write (slowed to 8 s here) and only then dies of it."""
+    config = _config(tmp_path, "run", **_ddp_sections())
+    stopped = _torchrun(config, signal_spec="signal:2:1:SIGTERM:0,slow_save:ckpt-e0002-s000002.pth:8:0:6")
+    run_dir = tmp_path / "run"
+    assert "exitcode  : -15" in stopped.stdout + stopped.stderr  # rank 0 did die of the second signal ...
+    assert verify_checksum(run_dir / "ckpt-e0002-s000002.pth") and not list(run_dir.glob(".*.tmp"))  # ... after it
+    assert _torchrun(config, "--resume", "auto").returncode == 0
+    assert fingerprint(run_dir) == straight_ddp
+
+
+def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(tmp_path: Path, straight_ddp: dict) -> None:
     """SIGTERM reaches rank 1 alone during step 2 of epoch 2; with logging.interval 2 both ranks stop after step 2
     (the next agreement), save that point once and continue exactly as the uninterrupted 2-process run."""
-    sections = {"logging": {"tensorboard": True, "progress_bar": False, "interval": 2},
-                "distributed": {"timeout_s": 60.0}}
-    straight_config = _config(tmp_path, "straight", **sections)
-    done = _torchrun(straight_config)
-    assert done.returncode == 0, done.stdout + done.stderr
-    config = _config(tmp_path, "run", **sections)
+    config = _config(tmp_path, "run", **_ddp_sections())
     stopped = _torchrun(config, signal_spec="signal:2:1:SIGTERM:1")
     assert stopped.returncode != 0  # torchrun reports its workers' exit status 130 as a failure
     assert "stopped by a stop signal on another rank after step 2 of epoch 2" in stopped.stdout + stopped.stderr
@@ -82,7 +149,7 @@ def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(tmp_path: Pa
     assert (state["epoch_state"]["epoch"], state["epoch_state"]["step"]) == (2, 2)
     resumed = _torchrun(config, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert fingerprint(tmp_path / "run") == fingerprint(tmp_path / "straight")
+    assert fingerprint(tmp_path / "run") == straight_ddp
 
 
 def test_nested_runs_leave_the_handlers_as_they_found_them() -> None:

@@ -57,7 +57,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_with_its_step()
     assert torch.equal(opt.state[layer.weight]["momentum_buffer"], momentum)
     _guarded_step(guard, layer, opt, 2, good)
     assert not torch.equal(_weights(layer)["weight"], after["weight"])  # later good steps still update
-    with pytest.raises(NonFiniteLossError, match=r"epoch 3 at step 1 on rank\(s\) \[0\] \(this rank 0: loss_x=nan\)"):
+    with pytest.raises(NonFiniteLossError, match=r"loss in step 2 of epoch 3 on rank\(s\) \[0\] \(this rank 0: loss_x"):
         guard.check()
 
 
@@ -99,8 +99,39 @@ def test_non_finite_gradients_with_a_finite_loss_are_named_as_such() -> None:
     layer.bias.grad[0] = float("inf")
     flag = guard.step_flag(loss, opt)
     guard.record(0, flag, loss, {"loss_x": loss})
-    with pytest.raises(NonFiniteLossError, match="at step 0 on the gradients"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradients in step 1 of epoch 1 \(the loss was finite"):
         guard.check()
+
+
+def _diverging(tmp_path: Path, every_steps: int) -> tuple[Path, str]:
+    """resnet8 at LR 2000: BatchNorm's running variances overflow in the first epoch, before the loss does."""
+    from conftest import write_yaml
+    from ctkd.config import load_config
+
+    data = tiny_run_config(tmp_path, "diverging", epochs=2, optimizer={"lr": 2000.0, "lr_decay_epochs": [100]},
+                           checkpoint={"every_steps": every_steps, "keep_last": 100}, logging={"interval": 1})
+    with pytest.raises(NonFiniteLossError) as info:
+        run(load_config(write_yaml(tmp_path / "diverging.yaml", data)))
+    return tmp_path / "diverging", str(info.value)
+
+
+def test_a_diverging_run_never_checkpoints_a_non_finite_buffer(tmp_path: Path) -> None:
+    """The loss stays finite while BatchNorm statistics already are inf: buffers count as non-finite too, so every
+    checkpoint the run wrote is finite, and the message names the newest one (the step before the bad one)."""
+    run_dir, message = _diverging(tmp_path, every_steps=1)
+    saved = sorted(run_dir.glob("*.pth"))
+    assert len(saved) >= 3  # some steps were checkpointed before the divergence
+    for path in saved:
+        state = torch.load(path, weights_only=True)["trainable"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
+    assert "non-finite BatchNorm statistics (buffers) in step " in message
+    newest = sorted(run_dir.glob("ckpt-*.pth"))[-1]
+    assert f"the newest checkpoint, {newest} " in message and "holds the last finite state" in message
+
+
+def test_a_run_that_diverges_before_any_checkpoint_says_so(tmp_path: Path) -> None:
+    run_dir, message = _diverging(tmp_path, every_steps=0)
+    assert not list(run_dir.glob("*.pth")) and message.endswith("no checkpoint had been written yet")
 
 
 def test_the_flags_are_read_once_per_interval_not_every_step(
