@@ -431,28 +431,29 @@ def lock_holder(run_dir: str | Path) -> str:
 
 
 def checkpoint_files_size(directory: str | Path) -> int:
-    """Bytes of the checkpoints (last.pth, best.pth) already in `directory`."""
+    """Bytes of the checkpoints already in `directory` (the series, last.pth, best.pth): part of the peak."""
     total = 0
-    for name in ("last.pth", "best.pth"):
+    for path in Path(directory).glob("*.pth"):
         try:
-            total += (Path(directory) / name).stat().st_size
+            total += path.stat().st_size
         except OSError:
             pass
     return total
 
 
-def check_free_space(directory: str | Path, checkpoint_bytes: int = 0) -> None:
-    """Refuse a run whose output_dir lacks room for its checkpoints: three of `checkpoint_bytes` (last.pth, best.pth
-    and the temporary file of the next save) less those already there, plus MIN_FREE_BYTES for logs."""
-    need = max(0, 3 * checkpoint_bytes - checkpoint_files_size(directory)) + MIN_FREE_BYTES
+def check_free_space(directory: str | Path, checkpoint_bytes: int = 0, checkpoint_files: int = 0) -> None:
+    """Refuse a run whose output_dir lacks room for its checkpoints at their peak: `checkpoint_files` files of
+    `checkpoint_bytes` each (what the retention settings hold at once, see
+    ctkd.checkpoint.CheckpointSeries.peak_files) less those already there, plus MIN_FREE_BYTES for logs."""
+    need = max(0, checkpoint_files * checkpoint_bytes - checkpoint_files_size(directory)) + MIN_FREE_BYTES
     free = shutil.disk_usage(directory).free
     if free < need:
-        estimate = f", checkpoints of about {_mib(checkpoint_bytes)} each" if checkpoint_bytes else ""
+        estimate = (f"{checkpoint_files} checkpoint files at once, of about {_mib(checkpoint_bytes)} each, "
+                    f"plus " if checkpoint_bytes else "")
         raise _unusable(
             Path(directory),
-            f"its filesystem has {_mib(free)} free, less than the {_mib(need)} this run needs (three checkpoints "
-            f"— last.pth, best.pth and the next save's temporary file — plus {_mib(MIN_FREE_BYTES)} for logs"
-            f"{estimate})",
+            f"its filesystem has {_mib(free)} free, less than the {_mib(need)} this run needs ({estimate}"
+            f"{_mib(MIN_FREE_BYTES)} for logs; checkpoint.keep_last sets how many checkpoints are kept)",
         )
 
 

@@ -273,6 +273,22 @@ class ImageFolderSource:
         """How many unreadable files this process's loader met (and replaced) in training epoch `epoch`."""
         return 0 if self._bad is None else int((self._bad == epoch + 1).sum())
 
+    def bad_record(self) -> dict[int, int]:
+        """The unreadable files this process's loader met: sample index → 1 + the last epoch it was met in."""
+        if self._bad is None:
+            return {}
+        found = self._bad.nonzero().flatten().tolist()
+        return {index: int(self._bad[index]) for index in found}
+
+    def check_budget(self, record: dict[int, int]) -> None:
+        """Stop (naming the files) when the unreadable files met by all processes together, `record` (a merge of
+        their `bad_record`s), are more than data.max_bad_images: N processes tolerate N images, not N times N."""
+        if len(record) > self.max_bad_images:
+            raise ImageDecodeError(
+                f"{len(record)} training image files cannot be read (over all processes), more than "
+                f"data.max_bad_images = {self.max_bad_images} allows: {_examples([self.path(i) for i in record])}"
+            )
+
     def _load_or_replace(self, index: int, epoch: int) -> Image.Image:
         """Sample `index` decoded, or, if its file cannot be read, the next readable file of its class."""
         try:

@@ -21,7 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from imagefolder import write_image_folder
 
+import ctkd.checkpoint
+import ctkd.fileio
 import ctkd.runs
+import ctkd.trainer
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd.config import load_config
 from ctkd.distributed import DistributedContext, init_distributed, seed_rank, shutdown_distributed
@@ -222,11 +225,46 @@ def test_a_full_disk_is_refused_before_training(tmp_path: Path, monkeypatch) -> 
 
 
 def test_room_for_the_checkpoints_is_checked_once_the_model_is_known(tmp_path: Path, monkeypatch) -> None:
-    free = MIN_FREE_BYTES + 2**10  # enough for the logs, not for three resnet8 checkpoints
+    free = MIN_FREE_BYTES + 2**10  # enough for the logs, not for the resnet8 checkpoints
     monkeypatch.setattr(ctkd.runs.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, free))
-    with pytest.raises(OutputDirError, match=r"less than the 6\d MiB .* checkpoints of about \d+ MiB each\)"):
+    with pytest.raises(OutputDirError, match=r"less than the 6\d MiB .*\(6 checkpoint files at once, of about"):
         run(load_config(tiny_config(tmp_path)))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first epoch
+
+
+def _checkpoint_files(folder: Path) -> int:
+    """Checkpoint files in `folder`, the temporary file of one being written included."""
+    return sum(1 for p in folder.iterdir() if p.name.endswith(".pth") or (".pth." in p.name and p.name.endswith(".tmp")))
+
+
+@pytest.mark.parametrize("keep_last", [2, 5])
+def test_the_disk_budget_is_what_the_retention_settings_hold_at_their_peak(
+    tmp_path: Path, monkeypatch, keep_last: int
+) -> None:
+    """A save holds keep_last series files and the new one, last.pth and its temporary copy, and best.pth: the
+    budget counts the files the run really holds at its peak (it counted three), each of the estimated size."""
+    budgets, peak = [], 0
+    real_check, real_write = ctkd.runs.check_free_space, ctkd.fileio.atomic_write
+
+    def check(directory, size, files):
+        budgets.append((size, files))
+        real_check(directory, size, files)
+
+    def counting_write(path, write):
+        def write_and_count(handle):
+            nonlocal peak
+            write(handle)
+            peak = max(peak, _checkpoint_files(Path(path).parent))
+        return real_write(path, write_and_count)
+
+    monkeypatch.setattr(ctkd.trainer, "check_free_space", check)
+    monkeypatch.setattr(ctkd.checkpoint, "atomic_write", counting_write)
+    monkeypatch.setattr(ctkd.fileio, "atomic_write", counting_write)
+    run(load_config(tiny_config(tmp_path, epochs=keep_last + 2, checkpoint={"keep_last": keep_last})))
+    [(size, files)] = budgets
+    assert files == keep_last + 4 == peak
+    saved = max(p.stat().st_size for p in (tmp_path / "run").glob("ckpt-*.pth"))
+    assert 0.8 * saved < size <= saved  # the estimate is a checkpoint's tensors (the file adds small metadata)
 
 
 # ------------------------------------------------------------------------------------------- unreadable images
@@ -298,6 +336,49 @@ def test_bad_images_reach_the_epoch_metrics(tree: Path, tmp_path: Path) -> None:
     run(load_config(write_yaml(tmp_path / "folder.yaml", data)))
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["bad_images"] == 1
+
+
+def _budget_run(rank: int, world: int, port: int, config: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        run(load_config(config))
+        result = "finished"
+    except ImageDecodeError as err:
+        result = str(err)
+    finally:
+        shutdown_distributed(False)
+    Path(out, f"rank{rank}.txt").write_text(result)
+
+
+def test_the_bad_image_budget_is_for_all_processes_together(tree: Path, tmp_path: Path) -> None:
+    """data.max_bad_images 1 and two unreadable files, one in each rank's share of epoch 1: each rank alone meets
+    one (within the budget), together they meet two, so both ranks stop naming both files."""
+    source = build_dataset("imagenet", root=str(tree), train=True, **SMALL)
+    shares = []
+    for rank in range(2):
+        loader = build_loader(source, batch_size=4, train=True, seed=0, num_workers=0, rank=rank, world_size=2)
+        shares.append([int(i) for b in _batches(loader, epoch=1) for i in b.indices])
+    first = shares[0][0]
+    second = next(i for i in shares[1] if source.targets[i] != source.targets[first])  # another class
+    for index in (first, second):
+        _truncate(source.path(index))
+    data = tiny_run_config(tmp_path, **TINY)
+    data["data"] = {"name": "imagenet", "root": str(tree), "batch_size": 4, "num_workers": 0, "max_bad_images": 1,
+                    **SMALL}
+    data["distributed"] = {"timeout_s": 30.0}
+    config = write_yaml(tmp_path / "folder.yaml", data)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_budget_run, args=(2, port, str(config), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("2 training image files cannot be read (over all processes), more than "
+                                  "data.max_bad_images = 1 allows: "), message
+        assert source.path(first) in message and source.path(second) in message
+    assert not list((tmp_path / "run").glob("*.pth"))  # stopped before the epoch's checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ stop signals
