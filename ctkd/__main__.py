@@ -9,8 +9,7 @@ from ctkd.registry import Registry
 
 def registries() -> dict[str, Registry]:
     """The registries a user can list, by the plural a config reader would type (imports register everything)."""
-    import datasets
-    import models
+    from ctkd import datasets, models
     from ctkd.curriculum import CURRICULA
     from ctkd.methods import METHODS
     from ctkd.temperature import TEMPERATURES

@@ -14,19 +14,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import datasets
-import models
+from ctkd import datasets, models
 from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError, load_config
 from ctkd.curriculum import Curriculum, build_curriculum
+from ctkd.datasets.loader import build_loader
 from ctkd.distiller import Distiller, NetworkRuntime, build_distiller, measure_setup
 from ctkd.distributed import DistributedContext, main_process_first, resolve_device
 from ctkd.methods import METHODS
+from ctkd.models.fusion import fold_batchnorm
 from ctkd.optim import StepLRSchedule, build_lr_schedule, build_sgd
 from ctkd.system import tune_malloc
 from ctkd.temperature import LearnedTemperatureOptions, build_temperature
-from datasets.loader import build_loader
-from models.fusion import fold_batchnorm
 
 _log = logging.getLogger("ctkd.build")  # a child of the project's logger: printed like the run's messages
 

@@ -148,7 +148,7 @@ class DataConfig(_Section):
 
 def dataset_options_class(name: str) -> type[DataConfig]:
     """The options class of the dataset registered as `name` (imported lazily: the datasets import this module)."""
-    from datasets import DATASETS
+    from ctkd.datasets import DATASETS
 
     return DATASETS.get(name).Options
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ctkd.datasets.loader import Batch
 from ctkd.distributed import unwrap
 from ctkd.methods import METHODS, Method, MethodSetup, StepContext, StepOutput, TeacherOutput
 from ctkd.methods.base import NetworkRuntime, to_float
-from datasets.loader import Batch
 
 
 class Distiller:

@@ -22,11 +22,11 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from ctkd.config import ConfigError
+from ctkd.datasets.hashing import seed_for
+from ctkd.datasets.loader import shard_sizes
 from ctkd.errors import UserError
 from ctkd.logging import get_logger
 from ctkd.runs import RunLock, adopt_run_lock, check_free_space, lock_holder, lock_run, prepare_output_dir, try_lock_run
-from datasets.hashing import seed_for
-from datasets.loader import shard_sizes
 
 T = TypeVar("T")
 

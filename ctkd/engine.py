@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.distributed import ReduceOp
 from tqdm import tqdm
 
+from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller
 from ctkd.distributed import all_reduce, barrier, get_rank, get_world_size
 from ctkd.errors import UserError
@@ -32,7 +33,6 @@ from ctkd.methods import StepContext
 from ctkd.methods.base import NetworkRuntime
 from ctkd.optim import StepLRSchedule
 from ctkd.preemption import STOP, StopRequested
-from datasets.loader import Batch
 
 
 class NonFiniteLossError(UserError, FloatingPointError):

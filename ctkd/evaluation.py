@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import models
+from ctkd import models
 from ctkd.build import build_split, build_split_loader, identify_architectures
 from ctkd.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, load_file, load_weights_strict
 from ctkd.config import Config, config_from_dict

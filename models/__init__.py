@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from ctkd.errors import UserError
-from models import cifar, imagenet  # noqa: F401  (importing registers the architectures)
-from models.base import MODELS, FeatureClassifier
-from models.imagenet import PAPER_IMAGENET, PretrainedWeightsError, library_model, pretrained_num_classes
+
+from . import cifar, imagenet  # noqa: F401  (importing registers the architectures)
+from .base import MODELS, FeatureClassifier
+from .imagenet import PAPER_IMAGENET, PretrainedWeightsError, library_model, pretrained_num_classes
 
 __all__ = [
     "MODELS", "PAPER_IMAGENET", "FeatureClassifier", "ModelArgumentError", "PretrainedWeightsError", "build_model",

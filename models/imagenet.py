@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ctkd.errors import UserError
 from ctkd.registry import UnknownNameError
-from models.base import MODELS, FeatureClassifier
+
+from .base import MODELS, FeatureClassifier
 
 __all__ = [
     "PAPER_IMAGENET", "LibraryClassifier", "PretrainedWeightsError", "adapt", "build_timm", "build_torchvision",

@@ -80,17 +80,19 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-import datasets  # noqa: E402
-import models  # noqa: E402
+from ctkd import (
+    datasets,  # noqa: E402
+    models,  # noqa: E402
+)
 from ctkd.build import build_experiment  # noqa: E402
 from ctkd.config import Config, load_config  # noqa: E402
+from ctkd.datasets.transforms import train_transform  # noqa: E402
 from ctkd.distributed import DistributedContext  # noqa: E402
 from ctkd.engine import train_one_epoch  # noqa: E402
 from ctkd.losses import kd_loss  # noqa: E402
 from ctkd.methods.base import resolve_channels_last  # noqa: E402
 from ctkd.temperature import GlobalTemperature, build_temperature, temperature_options  # noqa: E402
 from ctkd.trainer import resolve_compile_mode, seed_everything  # noqa: E402
-from datasets.transforms import train_transform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "cifar100" / "ctkd" / "resnet56_resnet20.yaml"

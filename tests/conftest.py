@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
+import ctkd.models as models
 import golden as golden_module
-import models
 from ctkd.config import Config, load_config
 from ctkd.methods import StepContext
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datasets import build_dataset
-from datasets.transforms import crop_params, train_transform
+from ctkd.datasets import build_dataset
+from ctkd.datasets.transforms import crop_params, train_transform
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,7 +34,7 @@ def _cuda_config(tmp_path, **sections):
 
     data = tiny_run_config(tmp_path, **sections)
     data.update(device="cuda", method="kd", teacher={"name": "resnet8", "checkpoint": str(tmp_path / "t.pth")})
-    import models
+    import ctkd.models as models
 
     torch.manual_seed(0)
     torch.save(models.build_model("resnet8", num_classes=10).state_dict(), tmp_path / "t.pth")

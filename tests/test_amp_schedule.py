@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import models
+import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp: fp16 convolutions are slow on CPU)
 from conftest import ctkd_config, load
 from ctkd import engine, trainer
 from ctkd.build import Experiment, build_experiment
 from ctkd.config import RuntimeConfig
+from ctkd.datasets.loader import Batch
 from ctkd.losses import kd_loss
 from ctkd.methods import StepContext
 from ctkd.methods.base import resolve_channels_last
 from ctkd.optim import LRMultiplier, build_lr_schedule, build_sgd, load_optimizer_state
 from ctkd.schema import ConfigError
 from ctkd.trainer import run
-from datasets.loader import Batch
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 BF16_LOSS_RTOL = 5e-3  # bf16 keeps 8 mantissa bits; the fixed batch's KD+CTKD loss moves by ~3e-4 relative

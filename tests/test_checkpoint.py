@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import models
+import ctkd.models as models
 from ctkd import fileio
 from ctkd.build import identify_architectures
 from ctkd.checkpoint import (

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import models
+import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_dropout_mlp: dropout makes the RNG state matter)
 import train as train_cli
 from conftest import REPO_ROOT, load, tiny_run_config, write_yaml
@@ -34,11 +34,11 @@ from ctkd.checkpoint import (
     stored_checksum,
 )
 from ctkd.config import ConfigError, load_config
+from ctkd.datasets.loader import EpochBatchSampler
 from ctkd.distributed import shutdown_distributed
 from ctkd.logging import get_logger
 from ctkd.provenance import file_sha256
 from ctkd.trainer import run
-from datasets.loader import EpochBatchSampler
 
 V2_FIXTURE = REPO_ROOT / "tests" / "data" / "v2_last.pth"
 REAL_TRAIN_ONE_EPOCH = trainer.train_one_epoch

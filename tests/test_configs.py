@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+import ctkd.models as models
 from conftest import REPO_ROOT, load_script
 from ctkd.config import load_config
 
@@ -157,11 +157,11 @@ def test_temperature_grid_and_ablation_configs() -> None:
 def test_every_config_takes_a_training_step(path: Path) -> None:
     """One optimizer step of the config's method, models, temperature and heads, on random CIFAR-shaped data
     (the teacher with random weights: the step, not the teacher file, is under test)."""
+    from ctkd.datasets.loader import Batch
     from ctkd.distiller import build_distiller, measure_setup
     from ctkd.methods import METHODS, StepContext
     from ctkd.optim import build_sgd
     from ctkd.temperature import build_temperature
-    from datasets.loader import Batch
 
     cfg = load_config(path)
     classes = 100 if cfg.data.name == "cifar100" else cfg.data.num_classes

@@ -18,10 +18,10 @@ from ctkd.__main__ import main as ctkd_main
 from ctkd.build import check_inputs
 from ctkd.checkpoint import CheckpointError
 from ctkd.config import ConfigError, config_from_dict, default_output_dir, load_config
+from ctkd.datasets import DatasetError
 from ctkd.logging import _tensorboard_tag
 from ctkd.registry import UnknownNameError
 from ctkd.trainer import RunDirectoryError, run
-from datasets import DatasetError
 
 
 # ------------------------------------------------------------------------------------------------ own configs

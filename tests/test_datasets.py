@@ -21,12 +21,12 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.datasets import utils as tv_utils
 
-import datasets.cifar as cifar
+import ctkd.datasets.cifar as cifar
 from conftest import collect_epochs
-from datasets import DatasetError, build_dataset, build_loader
-from datasets.hashing import splitmix64
-from datasets.loader import BatchedDataset, EpochBatchSampler
-from datasets.transforms import crop_and_flip, crop_params, eval_transform, normalize, train_transform
+from ctkd.datasets import DatasetError, build_dataset, build_loader
+from ctkd.datasets.hashing import splitmix64
+from ctkd.datasets.loader import BatchedDataset, EpochBatchSampler
+from ctkd.datasets.transforms import crop_and_flip, crop_params, eval_transform, normalize, train_transform
 
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-import models
+import ctkd.models as models
 from conftest import REPO_ROOT
 from ctkd.config import load_config
 

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from conftest import ctkd_config, first_batch_step, load
 from ctkd import trainer
 from ctkd.build import build_experiment
-from models import build_model
-from models.fusion import fold_batchnorm
+from ctkd.models import build_model
+from ctkd.models.fusion import fold_batchnorm
 
 ENTRY_POINTS = [lambda net, x: net(x), lambda net, x: net.forward_with_features(x)]
 

@@ -16,8 +16,8 @@ from torchvision.transforms import v2
 from conftest import collect_epochs
 from ctkd.build import build_split, check_inputs
 from ctkd.config import ConfigError, config_from_dict
-from datasets import DatasetError, DataSource, ImageFolderSource, build_dataset, build_loader
-from datasets.folder import (
+from ctkd.datasets import DatasetError, DataSource, ImageFolderSource, build_dataset, build_loader
+from ctkd.datasets.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
@@ -25,7 +25,7 @@ from datasets.folder import (
     crop_draws,
     resized_crop_params,
 )
-from datasets.transforms import eval_transform, normalize, train_transform
+from ctkd.datasets.transforms import eval_transform, normalize, train_transform
 
 SMALL = {"image_size": 32, "resize_size": 36}  # the 40x48 test images: resize the shorter side to 36, crop 32
 

@@ -10,7 +10,7 @@ import torch
 from imagefolder import write_flat_val, write_image_folder
 from test_distributed import _assert_same_run, spawn
 
-import models
+import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp)
 import train as train_cli
 from conftest import load, write_yaml

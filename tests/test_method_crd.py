@@ -16,15 +16,15 @@ from torch import Tensor, nn
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
 from conftest import ctkd_config, load
 from ctkd.config import LossConfig, load_config
+from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller
 from ctkd.distributed import shutdown_distributed
 from ctkd.engine import evaluate
 from ctkd.methods import MethodSetup, StepContext
 from ctkd.methods.crd import CRD, CRDState, nce_loss
+from ctkd.models import FeatureClassifier
 from ctkd.temperature import FixedTemperature
 from ctkd.trainer import run
-from datasets.loader import Batch
-from models import FeatureClassifier
 
 N, B, K, DIM = 20, 4, 5, 8  # the small fixed example: bank rows, batch, negatives, embedding dimension
 EPS = 1e-7  # the authors' ε in both NCE log terms

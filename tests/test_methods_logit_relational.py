@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import ctkd.models as models
 import golden
-import models
 from conftest import ctkd_config, load, write_yaml
 from ctkd import trainer
 from ctkd.config import ConfigError, LossConfig, load_config, method_class
+from ctkd.datasets.loader import Batch
 from ctkd.distiller import build_distiller
 from ctkd.methods import MethodSetup, StepContext, TeacherOutput
 from ctkd.methods.base import StepInputs
@@ -24,7 +25,6 @@ from ctkd.methods.pkt import pkt_loss
 from ctkd.methods.rkd import rkd_loss
 from ctkd.methods.sp import sp_loss
 from ctkd.temperature import FixedTemperature
-from datasets.loader import Batch
 
 REL = 1e-5
 

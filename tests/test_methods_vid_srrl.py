@@ -18,10 +18,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import models
+import ctkd.models as models
 from conftest import ctkd_config, load
 from ctkd.build import build_networks, build_split, build_split_loader
 from ctkd.config import ConfigError, LossConfig
+from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller, measure_setup
 from ctkd.distributed import DistributedContext
 from ctkd.methods import MethodSetup, StepContext, TeacherOutput
@@ -30,7 +31,6 @@ from ctkd.methods.srrl import SRRL
 from ctkd.methods.vid import VID
 from ctkd.temperature import FixedTemperature, GlobalTemperature
 from ctkd.trainer import run
-from datasets.loader import Batch
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 TAU = torch.tensor(4.0)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import MODELS, FeatureClassifier, build_model, list_models
-from models.cifar.layers import channel_shuffle
+from ctkd.models import MODELS, FeatureClassifier, build_model, list_models
+from ctkd.models.cifar.layers import channel_shuffle
 
 NAMES = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
@@ -43,9 +43,9 @@ def _batches_tracked(model: nn.Module) -> set[int]:
 
 def test_registry_holds_exactly_the_zoo(golden: ModuleType) -> None:
     # Tests may register helper models of their own (tests/tiny_models.py); the package registers the zoo.
-    zoo = [name for name in list_models() if MODELS.get(name).__module__.startswith("models.cifar")]
+    zoo = [name for name in list_models() if MODELS.get(name).__module__.startswith("ctkd.models.cifar")]
     assert zoo == sorted(NAMES) == golden.architectures()
-    imagenet = {name for name in list_models() if MODELS.get(name).__module__ == "models.imagenet"}
+    imagenet = {name for name in list_models() if MODELS.get(name).__module__ == "ctkd.models.imagenet"}
     assert imagenet == {"ResNet18", "ResNet34", "ResNet50_Imagenet", "MobileNetV2_Imagenet", "ShuffleV2_Imagenet"}
 
 

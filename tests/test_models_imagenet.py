@@ -15,14 +15,13 @@ import torch.hub
 import torchvision
 from torch import nn
 
-import models
+import ctkd.models as models
 from conftest import ctkd_config, load, tiny_run_config
 from ctkd.__main__ import main as ctkd_main
 from ctkd.build import build_student, check_inputs, check_model_names, identify_architectures, load_teacher
 from ctkd.checkpoint import CheckpointError
 from ctkd.config import Config, ConfigError
-from ctkd.registry import UnknownNameError
-from models import (
+from ctkd.models import (
     MODELS,
     FeatureClassifier,
     ModelArgumentError,
@@ -30,6 +29,7 @@ from models import (
     build_model,
     list_models,
 )
+from ctkd.registry import UnknownNameError
 
 # The paper's ImageNet names and the torchvision architectures they are.
 PAPER_NAMES = ["ResNet18", "ResNet34", "MobileNetV2_Imagenet", "ShuffleV2_Imagenet"]
@@ -89,7 +89,7 @@ def test_resnet50_imagenet_is_torchvisions_resnet50_and_resnet50_stays_the_cifar
         library = torchvision.models.resnet50().state_dict()
         cifar = build_model("ResNet50", num_classes=100)
     assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in library.items()]
-    assert type(cifar).__module__.startswith("models.cifar")
+    assert type(cifar).__module__.startswith("ctkd.models.cifar")
     assert models.library_model("ResNet50_Imagenet") == ("torchvision", "resnet50")
     assert models.library_model("ResNet50") is None
 

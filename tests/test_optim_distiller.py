@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctkd.config import LossConfig, method_class
+from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller
 from ctkd.losses import kd_loss
 from ctkd.methods import MethodSetup, StepContext
@@ -14,7 +15,6 @@ from ctkd.methods.kd import KD
 from ctkd.methods.vanilla import Vanilla
 from ctkd.optim import StepLRSchedule, build_sgd
 from ctkd.temperature import FixedTemperature, GlobalTemperature
-from datasets.loader import Batch
 
 
 def _net(classes: int = 5) -> nn.Module:

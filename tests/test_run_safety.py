@@ -27,6 +27,9 @@ import ctkd.runs
 import ctkd.trainer
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd.config import load_config
+from ctkd.datasets import build_dataset, build_loader
+from ctkd.datasets.folder import ImageDecodeError, crop_draws
+from ctkd.datasets.transforms import normalize
 from ctkd.distributed import DistributedContext, init_distributed, seed_rank, shutdown_distributed
 from ctkd.logging import get_logger
 from ctkd.runs import (
@@ -40,9 +43,6 @@ from ctkd.runs import (
     try_lock_run,
 )
 from ctkd.trainer import run, seed_everything
-from datasets import build_dataset, build_loader
-from datasets.folder import ImageDecodeError, crop_draws
-from datasets.transforms import normalize
 
 TINY = {"epochs": 1, "data": {"train_size": 64, "test_size": 20}, "logging": {"tensorboard": False}}
 
@@ -234,7 +234,8 @@ def test_room_for_the_checkpoints_is_checked_once_the_model_is_known(tmp_path: P
 
 def _checkpoint_files(folder: Path) -> int:
     """Checkpoint files in `folder`, the temporary file of one being written included."""
-    return sum(1 for p in folder.iterdir() if p.name.endswith(".pth") or (".pth." in p.name and p.name.endswith(".tmp")))
+    names = [p.name for p in folder.iterdir()]
+    return sum(1 for name in names if name.endswith(".pth") or (".pth." in name and name.endswith(".tmp")))
 
 
 @pytest.mark.parametrize("keep_last", [2, 5])

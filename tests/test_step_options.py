@@ -243,7 +243,7 @@ def test_eval_and_checkpoint_intervals(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- host allocator
 _FAULTS = """
 import resource, sys, torch
-import models
+import ctkd.models as models
 from ctkd.system import tune_malloc
 if sys.argv[1] == "tuned":
     assert tune_malloc()

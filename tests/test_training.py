@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
+import ctkd.models as models
 import eval as eval_cli
-import models
 import train as train_cli
 from conftest import REPO_ROOT, ctkd_config, load, tiny_run_config, write_yaml
 from ctkd import engine, trainer

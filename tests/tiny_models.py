@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models import MODELS, FeatureClassifier
+from ctkd.models import MODELS, FeatureClassifier
 
 
 class TinyMLP(FeatureClassifier):

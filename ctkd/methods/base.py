@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.config import MethodConfig
+from ctkd.datasets.loader import Batch
 from ctkd.distributed import gather_batch
 from ctkd.losses import kd_loss
 from ctkd.registry import Registry
-from datasets.loader import Batch
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ctkd.config import MethodConfig
+from ctkd.datasets.hashing import seed_for
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, StepInputs
 from ctkd.schema import _spec
-from datasets.hashing import seed_for
 
 if TYPE_CHECKING:
     from ctkd.config import LossConfig

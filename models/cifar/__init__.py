@@ -1,4 +1,4 @@
 """The CIFAR architectures (32×32 input); importing this package registers every one of them in MODELS."""
-from models.cifar import mobilenetv2, resnet, resnet50, shufflenetv1, shufflenetv2, vgg, wrn
+from . import mobilenetv2, resnet, resnet50, shufflenetv1, shufflenetv2, vgg, wrn
 
 __all__ = ["mobilenetv2", "resnet", "resnet50", "shufflenetv1", "shufflenetv2", "vgg", "wrn"]

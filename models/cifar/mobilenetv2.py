@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.base import MODELS, FeatureClassifier
-from models.cifar.layers import conv_bn_layers, global_avg_pool, init_weights_
+from ..base import MODELS, FeatureClassifier
+from .layers import conv_bn_layers, global_avg_pool, init_weights_
 
 # (expansion, base width, blocks, first stride) per group; expansion None means the model's expansion factor.
 _GROUPS: tuple[tuple[int | None, int, int, int], ...] = (

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import MODELS, FeatureClassifier
-from models.cifar.layers import (
+from ..base import MODELS, FeatureClassifier
+from .layers import (
     PreactStage,
     conv3x3,
     conv_bn_layers,

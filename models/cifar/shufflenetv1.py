@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import MODELS, FeatureClassifier
-from models.cifar.layers import (
+from ..base import MODELS, FeatureClassifier
+from .layers import (
     PreactStage,
     channel_shuffle,
     conv1x1,

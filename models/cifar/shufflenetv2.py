@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import MODELS, FeatureClassifier
-from models.cifar.layers import channel_shuffle, conv1x1, conv3x3, global_avg_pool, run_preact_blocks, run_stages
+from ..base import MODELS, FeatureClassifier
+from .layers import channel_shuffle, conv1x1, conv3x3, global_avg_pool, run_preact_blocks, run_stages
 
 _STEM_CHANNELS = 24
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import MODELS, FeatureClassifier
-from models.cifar.layers import conv1x1, conv3x3, global_avg_pool, init_weights_, make_blocks
+from ..base import MODELS, FeatureClassifier
+from .layers import conv1x1, conv3x3, global_avg_pool, init_weights_, make_blocks
 
 
 class WideBlock(nn.Module):
