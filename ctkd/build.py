@@ -317,14 +317,28 @@ def check_inputs(cfg: Config) -> None:
         build_split(cfg, train=False)
 
 
-def fold_teacher_batchnorm(teacher: nn.Module, image_shape: tuple[int, ...]) -> int:
+def check_preact_features(cfg: Config, method: Any, student: nn.Module, teacher: nn.Module | None) -> None:
+    """A method that distils pre-activation features needs networks that provide them; else an error naming both."""
+    if not method.preact:
+        return
+    for section, name, net in (("student", cfg.student.name, student), ("teacher", cfg.teacher.name, teacher)):
+        if net is not None and not getattr(net, "supports_preact", False):
+            raise ConfigError(
+                f"method {cfg.method.name} distils pre-activation features (before each stage's final ReLU), which "
+                f"{section}.name {name} does not provide; use a model of the CIFAR zoo that does (resnet*, wrn_*, "
+                "vgg*, MobileNetV2, ShuffleV1, ShuffleV2), or another method"
+            )
+
+
+def fold_teacher_batchnorm(teacher: nn.Module, image_shape: tuple[int, ...], preact: bool = False) -> int:
     """`runtime.fold_teacher_bn`: fold the frozen teacher's BatchNorms into its convolutions, checked through both
     entry points the methods call (logits, and features with logits); returns how many were folded."""
     teacher.eval()
-    example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0))
+    device = next(teacher.parameters()).device
+    example = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0)).to(device)
     entry_points = [lambda net, x: net(x)]
     if hasattr(teacher, "forward_with_features"):
-        entry_points.append(lambda net, x: net.forward_with_features(x))
+        entry_points.append(lambda net, x: net.forward_with_features(x, preact=preact))
     folded = fold_batchnorm(teacher, example, entry_points)
     _log.info("teacher: %d BatchNorm layers folded into their convolutions (runtime.fold_teacher_bn)", folded)
     return folded
@@ -338,16 +352,17 @@ def build_networks(cfg: Config, train_set: datasets.DataSource, ctx: Distributed
     teacher, temperature = None, None
     if method.uses_teacher:
         teacher = load_teacher(cfg, num_classes)
-        if cfg.runtime.fold_teacher_bn:
-            fold_teacher_batchnorm(teacher, train_set.image_shape)
         temperature = build_temperature(cfg.temperature, num_classes=num_classes)
+    check_preact_features(cfg, method, student, teacher)
     setup = measure_setup(
         student, teacher, image_shape=train_set.image_shape, num_classes=num_classes,
-        train_targets=train_set.targets, seed=cfg.seed, features=method.features,
+        train_targets=train_set.targets, seed=cfg.seed, features=method.features, preact=method.preact,
     )
     distiller = build_distiller(
         cfg.method, student=student, teacher=teacher, temperature=temperature, loss=cfg.loss, setup=setup
     ).to(ctx.device)
+    if teacher is not None and cfg.runtime.fold_teacher_bn:  # after the heads were built from the unfolded teacher
+        fold_teacher_batchnorm(teacher, train_set.image_shape, preact=method.preact)
     if cfg.distributed.sync_bn and ctx.enabled:  # the teacher keeps plain BN: it only runs in eval mode
         # the whole trainable module: the student and the method's heads (SRRL's connector has BatchNorm too)
         distiller.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped)

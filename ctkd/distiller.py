@@ -96,10 +96,11 @@ class Distiller:
         autocast as the student; they leave the teacher as float32."""
         if self.teacher is None:
             return None
-        with_features = self.unwrapped.features
+        with_features, preact = self.unwrapped.features, self.unwrapped.preact
         with self.runtime.autocast():
             features, logits = (
-                self.teacher.forward_with_features(images) if with_features else ([], self.teacher(images))
+                self.teacher.forward_with_features(images, preact=preact) if with_features
+                else ([], self.teacher(images))
             )
         logits, features = to_float(logits, features)
         if not with_features:
@@ -127,7 +128,7 @@ class Distiller:
 @torch.no_grad()
 def measure_setup(
     student: nn.Module, teacher: nn.Module | None, *, image_shape: tuple[int, ...], num_classes: int,
-    train_targets: Tensor, seed: int, features: bool,
+    train_targets: Tensor, seed: int, features: bool, preact: bool = False,
 ) -> MethodSetup:
     """Feature shapes of student and teacher, from one forward of a 2-image batch in eval mode (no state changes)."""
 
@@ -137,11 +138,11 @@ def measure_setup(
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        out, _ = model.forward_with_features(torch.zeros(2, *image_shape, device=device))
+        out, _ = model.forward_with_features(torch.zeros(2, *image_shape, device=device), preact=preact)
         model.train(was_training)
         return [tuple(f.shape[1:]) for f in out]
 
-    return MethodSetup(shapes(student), shapes(teacher), num_classes, train_targets, seed)
+    return MethodSetup(shapes(student), shapes(teacher), num_classes, train_targets, seed, teacher)
 
 
 def build_distiller(

@@ -86,7 +86,9 @@ def test_two_processes_equal_one_on_an_image_folder(tmp_path: Path, image_root: 
 
     spawn("_worker_run", str(config("two")), None, None)
     run(load_config(config("one")))
-    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    # 2 epochs of SGD with the batch summed in another order: the weights (largest |w| ≈ 1) differ by float32
+    # rounding, up to 1.2e-6 with a float32 KD loss and 2.0e-6 with the float64 one (measured); 5e-6 is that scale
+    _assert_same_run(tmp_path / "two", tmp_path / "one", atol=5e-6)
 
 
 def test_flat_validation_folder_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

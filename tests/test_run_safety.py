@@ -449,7 +449,8 @@ def test_slurm_script_requeues_after_the_time_limit_signal(tmp_path: Path) -> No
     code, output = _sbatch(tmp_path, {}, signal.SIGUSR1)
     assert code == 1, output
     step_log = (tmp_path / "step.log").read_text()
-    assert "torchrun" in step_log and "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in step_log
+    assert "-m torch.distributed.run" in step_log
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in step_log
     assert step_log.splitlines()[0].endswith("train.py --config cfg.yaml")
     assert f"signal {int(signal.SIGUSR1)}" in step_log  # passed on to the step
     assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"

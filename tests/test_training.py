@@ -51,7 +51,7 @@ def test_ctkd_run_writes_every_output(tmp_path: Path, teacher_file: Path) -> Non
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    lam = build_curriculum("cosine", lambda_min=0.0, lambda_max=1.0, loops=2)
+    lam = build_curriculum(cfg.curriculum)  # cosine, E_loops 2
     assert [lam(1), lam(2), lam(3)] == pytest.approx([0.5, 1.0, 1.0])
     assert lam(1) != 0.5  # cos(π/2)/2 in floating point: the log below must not show that noise
     assert [r["lambda"] for r in records] == [0.5, 1.0, 1.0]  # rounded to 12 significant digits
@@ -313,7 +313,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path: Path, teacher_file: P
     nan_teacher = tmp_path / "nan_teacher.pth"
     torch.save(state, nan_teacher)
     cfg = load(ctkd_config(tmp_path, nan_teacher, epochs=1), tmp_path)
-    expected = r"non-finite loss in epoch 1 at step 0 on rank\(s\) \[0\].*loss_kd=nan"
+    expected = r"non-finite loss in step 1 of epoch 1 on rank\(s\) \[0\].*loss_kd=nan.*no checkpoint had been written"
     with pytest.raises(FloatingPointError, match=expected):
         run(cfg)
     assert not (Path(cfg.output_dir) / "last.pth").exists()

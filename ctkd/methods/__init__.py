@@ -7,10 +7,10 @@ adding a file.
 import importlib
 import pkgutil
 
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, StepOutput, TeacherOutput
+from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepContext, StepOutput, TeacherOutput
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Method", "MethodSetup", "StepContext", "StepOutput", "TeacherOutput"]
+__all__ = ["METHODS", "Method", "MethodSetup", "Stage", "StepContext", "StepOutput", "TeacherOutput"]

@@ -131,6 +131,23 @@ class MethodSetup:
     num_classes: int
     train_targets: Tensor  # (N,) labels of the training set, in dataset order (CRD's negatives)
     seed: int
+    # the frozen teacher as loaded (its BatchNorms not yet folded), to read from while the heads are built (e.g. the
+    # statistics of its BatchNorms); never a submodule of the method
+    teacher: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage a method trains before distillation, as RepDistiller's `init` does for AB, FT and FSP: which
+    submodules of the trainable module train (by attribute name), for how many epochs, with which SGD settings
+    (a constant LR); its loss terms are the method's `stage_loss_terms(stage, step)`."""
+
+    name: str
+    epochs: int
+    trains: tuple[str, ...]  # attribute names of the method's submodules, e.g. ("student", "connectors")
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
 
 
 class Method(nn.Module):
@@ -141,6 +158,7 @@ class Method(nn.Module):
     features: ClassVar[bool] = False  # whether student and teacher features are computed (forward_with_features)
     min_samples_per_rank: ClassVar[int] = 1  # a method with BatchNorm in its heads needs ≥ 2
     uses_tau: ClassVar[bool] = False  # whether the method's own terms use τ (DKD), besides the KD term
+    preact: ClassVar[bool] = False  # features taken before each stage's final ReLU (AB, OFD), for both networks
 
     def __init__(
         self,
@@ -175,7 +193,7 @@ class Method(nn.Module):
         """
         with self.runtime.autocast():
             if self.features:
-                student_features, logits = self.student.forward_with_features(batch.images)
+                student_features, logits = self.student.forward_with_features(batch.images, preact=self.preact)
             else:
                 student_features, logits = [], self.student(batch.images)
         logits, student_features = to_float(logits, student_features)
@@ -192,6 +210,14 @@ class Method(nn.Module):
     def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The method's own weighted terms beside γ·CE and α·KD(τ); none for plain KD."""
         return {}
+
+    def stages(self) -> list[Stage]:
+        """The stages this run trains before distillation, in order; none for most methods."""
+        return []
+
+    def stage_loss_terms(self, stage: Stage, step: StepInputs) -> dict[str, Tensor]:
+        """The weighted loss terms of one step of `stage` (its parameters alone are trained)."""
+        raise NotImplementedError(f"method {self.options.name} declares stage {stage.name} but no loss for it")
 
     def extra_repr(self) -> str:
         """The options in module printouts."""
