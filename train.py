@@ -16,15 +16,15 @@ import logging
 import os
 import shlex
 import sys
-
-from torch.distributed.elastic.multiprocessing.errors import record
+from typing import TYPE_CHECKING, Any
 
 from ctkd.config import config_to_yaml, load_config
-from ctkd.distributed import shutdown_distributed
 from ctkd.errors import UserError
 from ctkd.logging import get_logger, setup_console
 from ctkd.preemption import PREEMPTED_EXIT_CODE, STOP
-from ctkd.trainer import RunInterrupted, run
+
+if TYPE_CHECKING:
+    from ctkd.config import Config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,20 +38,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@record  # under torchrun, a crash's traceback goes into torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
-    """Load the config and train; input errors are reported in one line (rank-prefixed under torchrun)."""
+    """Load the config and train; input errors are reported in one line (rank-prefixed under torchrun).
+
+    The config is read before the trainer (and torch's launcher tooling) is imported, so a config error or
+    --print-config answers without loading the training stack."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_console(logging.INFO if rank == 0 else logging.ERROR)  # other ranks print errors only
     where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    clean = False
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(config_to_yaml(cfg), end="")
-            clean = True
-            return 0
+    except UserError as err:
+        get_logger().error(f"{where}error: {err}")
+        return 1
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # under torchrun, a crash's traceback goes into torchrun's failure summary
+    return record(train)(cfg, args, rank, where)
+
+
+def train(cfg: Config, args: argparse.Namespace, rank: int, where: str) -> int:
+    """Run the training of `cfg`; the exit status (0, 1 for an input error, 130 for a saved stop)."""
+    from ctkd.distributed import shutdown_distributed
+    from ctkd.trainer import RunInterrupted, run
+
+    clean = False
+    try:
         run(cfg, resume=args.resume)
         clean = True
     except UserError as err:  # anything else is a bug or a system failure: it keeps its traceback
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def interrupted_message(stop: RunInterrupted, args: argparse.Namespace) -> str:
+def interrupted_message(stop: Any, args: argparse.Namespace) -> str:
     """One line on a Ctrl-C: what is saved, and the exact command that continues from it."""
     command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume", "auto"])
     if stop.signal_name:  # a stop at a step boundary, saved there

@@ -2,36 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ctkd.registry import Registry
 
+# the registries a user can list, by the plural a config reader would type: (module, registry attribute); each is
+# imported only when listed (importing a package registers what is in it)
+REGISTRIES: dict[str, tuple[str, str]] = {
+    "models": ("ctkd.models", "MODELS"),
+    "methods": ("ctkd.methods", "METHODS"),
+    "temperatures": ("ctkd.temperature", "TEMPERATURES"),
+    "curricula": ("ctkd.curriculum", "CURRICULA"),
+    "datasets": ("ctkd.datasets", "DATASETS"),
+}
 
-def registries() -> dict[str, Registry]:
-    """The registries a user can list, by the plural a config reader would type (imports register everything)."""
-    from ctkd import datasets, models
-    from ctkd.curriculum import CURRICULA
-    from ctkd.methods import METHODS
-    from ctkd.temperature import TEMPERATURES
 
-    return {
-        "models": models.MODELS,
-        "methods": METHODS,
-        "temperatures": TEMPERATURES,
-        "curricula": CURRICULA,
-        "datasets": datasets.DATASETS,
-    }
+def registry(kind: str) -> Registry:
+    """The registry of `kind`, its package imported (which registers its components)."""
+    module, attribute = REGISTRIES[kind]
+    return getattr(importlib.import_module(module), attribute)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`list KIND`: print the registered names of KIND, one per line (the strings configs accept)."""
-    kinds = registries()
     parser = argparse.ArgumentParser(prog="python -m ctkd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list the registered names of a component kind")
-    listing.add_argument("kind", choices=sorted(kinds), help="what to list")
+    listing.add_argument("kind", choices=sorted(REGISTRIES), help="what to list")
     args = parser.parse_args(argv)
-    print("\n".join(kinds[args.kind].names()))
+    print("\n".join(registry(args.kind).names()))
     return 0
 
 

@@ -191,11 +191,23 @@ def load_teacher(cfg: Config, num_classes: int) -> nn.Module:
     path = Path(teacher_cfg.checkpoint)
     if not path.is_file():
         raise CheckpointError(_missing_teacher_message(cfg))
-    load_weights_strict(
-        teacher, path, arch=teacher_cfg.name, key="teacher.name",
-        identify=lambda state: identify_architectures(state, num_classes, like=teacher_cfg.name),
-    )
+    with _naming_file("teacher.checkpoint"):
+        load_weights_strict(
+            teacher, path, arch=teacher_cfg.name, key="teacher.name",
+            identify=lambda state: identify_architectures(state, num_classes, like=teacher_cfg.name),
+        )
     return teacher
+
+
+@contextlib.contextmanager
+def _naming_file(key: str) -> Iterator[None]:
+    """Prefix an unreadable-file error with the config key that names the file."""
+    try:
+        yield
+    except CheckpointError as err:
+        if str(err).startswith("not a checkpoint"):
+            raise CheckpointError(f"{key}: {err}") from err
+        raise
 
 
 def build_student(cfg: Config, num_classes: int) -> nn.Module:
@@ -207,10 +219,11 @@ def build_student(cfg: Config, num_classes: int) -> nn.Module:
         "student", student_cfg.name, num_classes, student_cfg.kwargs, pretrained=student_cfg.pretrained
     )
     if student_cfg.weights is not None:
-        load_weights_strict(
-            student, student_cfg.weights, arch=student_cfg.name, key="student.name",
-            identify=lambda state: identify_architectures(state, num_classes, like=student_cfg.name),
-        )
+        with _naming_file("student.weights"):
+            load_weights_strict(
+                student, student_cfg.weights, arch=student_cfg.name, key="student.name",
+                identify=lambda state: identify_architectures(state, num_classes, like=student_cfg.name),
+            )
     return student
 
 

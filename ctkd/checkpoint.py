@@ -16,7 +16,8 @@ and of other tools carry none and are read as before.
 
 The series (`CheckpointSeries`): ``ckpt-e<EEEE>-s<SSSSSS>.pth`` is the state after SSSSSS training steps of epoch
 EEEE (an epoch-end checkpoint has all of that epoch's steps and its evaluation); the newest `keep_last` are kept;
-``last.pth`` is a copy of the newest and ``best.pth`` a copy of the best-accuracy epoch's state.
+``last.pth`` is the newest and ``best.pth`` the best-accuracy epoch's state: hard links to those series files (the same
+bytes, no second copy on disk; copies on a filesystem without hard links).
 
 Teacher files come in the layouts in circulation (docs/differences.md, Teacher loading): ``{"model": state_dict,
 ...}`` (CRD, mdistiller, CTKD CIFAR teachers), ``{"state_dict": ...}``, a bare state_dict, or one of our own run
@@ -31,7 +32,6 @@ import pickle
 import random
 import re
 import time
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,7 @@ from torch import nn
 
 from ctkd.config import upgrade_saved_config
 from ctkd.errors import UserError
-from ctkd.fileio import atomic_copy, atomic_write
+from ctkd.fileio import atomic_copy, atomic_link, atomic_write
 
 CHECKPOINT_FORMAT = "ctkd-run"
 # 1: "student" and "temperature" states; 2: the whole trainable module and method state; 3: a SHA-256 in the file,
@@ -146,18 +146,35 @@ def load_file(path: str | Path, *, extra_safe_globals: tuple[type, ...] = (), ve
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted (empty: 0 bytes)")
     if verify:
         verify_checksum(path)
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(
+            f"not a checkpoint (or damaged): {path} is not a file written by torch.save (neither its zip format nor "
+            "the legacy one)"
+        )
     try:
         with torch.serialization.safe_globals(list(extra_safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f" (e.g. {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"checkpoint {path} holds Python objects that are not plain data and is not loaded for safety: {err}"
+            f"checkpoint {path} holds Python objects that are not plain data{what} and is not loaded for safety: "
+            "only tensors, numbers, strings and containers of them are read. Save the weights alone "
+            "(torch.save(model.state_dict(), PATH)) from the code that wrote it"
         ) from err
     except PermissionError as err:
         raise CheckpointError(f"checkpoint {path} is not readable: {err}") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:  # OSError: reads past the end
-        reason = str(err).strip() or type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from err
+    except Exception as err:  # noqa: BLE001 - a damaged file fails inside torch.load in many ways (OSError: past the end)
+        reason = " ".join((str(err).strip() or type(err).__name__).split())[:200]
+        raise CheckpointError(f"not a checkpoint (or damaged): {path} is truncated or corrupted ({reason})") from err
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """Whether the file starts like a torch.save file: a zip archive (its format since torch 1.6) or a pickle (the
+    legacy format, protocol 2 or higher)."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -307,31 +324,44 @@ def newest_intact_checkpoint(directory: str | Path, warn: Callable[[str], None])
 class CheckpointSeries:
     """Writes the run directory's checkpoints (only rank 0 makes one): the series, ``last.pth`` and ``best.pth``.
 
-    Each save commits a new ``ckpt-*.pth`` (verified, atomic) first, then copies it to ``last.pth`` (and to
-    ``best.pth``), and only then deletes series checkpoints beyond the newest `keep_last`: never the `protected` one
-    (the checkpoint the run was resumed from). A crash at any point leaves the newest committed checkpoint intact;
-    a failed delete is logged and retried at the next save.
+    Each save commits a new ``ckpt-*.pth`` (verified, atomic) first, then points ``last.pth`` (and ``best.pth``)
+    at it: an atomic hard link (the same verified bytes; a copy where the filesystem has no hard links), and only
+    then deletes series checkpoints beyond the newest `keep_last`: never the `protected` one (the checkpoint the
+    run was resumed from). A pruned series file lives on as long as last.pth or best.pth links to it. A crash at any
+    point leaves the newest committed checkpoint intact; a failed delete is logged and retried at the next save.
     """
 
     def __init__(self, directory: str | Path, keep_last: int, warn: Callable[[str], None],
                  protected: Position | None = None) -> None:
         self.directory, self.keep_last, self.warn, self.protected = Path(directory), keep_last, warn, protected
+        self.links = True  # until the filesystem refuses one
 
     @staticmethod
-    def peak_files(keep_last: int, resumed: bool) -> int:
-        """The most checkpoint files a run directory holds at once: `keep_last` series files and the new one before
-        pruning, last.pth with its temporary copy, best.pth, and the checkpoint a run was resumed from."""
-        return keep_last + 1 + 2 + 1 + (1 if resumed else 0)
+    def peak_files(keep_last: int, resumed: bool, links: bool = True) -> int:
+        """The most checkpoint files' worth of bytes a run directory holds at once: `keep_last` series files and the
+        new one before pruning, best.pth once its series file is pruned, and the checkpoint a run was resumed from;
+        without hard links also last.pth and the temporary copy of the next one."""
+        return keep_last + 1 + 1 + (1 if resumed else 0) + (0 if links else 2)
 
     def save(self, state: dict[str, Any], position: Position, *, best: bool = False) -> Path:
         """Commit `state` as the series checkpoint at `position`, update last.pth (and best.pth), then prune."""
         path = self.directory / position.name
         atomic_save(state, path)
-        atomic_copy(path, self.directory / "last.pth")
+        self._point(self.directory / "last.pth", path)
         if best:
-            atomic_copy(path, self.directory / "best.pth")
+            self._point(self.directory / "best.pth", path)
         self.prune()
         return path
+
+    def _point(self, name: Path, path: Path) -> None:
+        """Make `name` hold the bytes of series file `path`: a hard link, or a copy where there are none."""
+        if self.links and atomic_link(path, name):
+            return
+        if self.links:
+            self.links = False
+            self.warn(f"{self.directory}: its filesystem has no hard links, so last.pth and best.pth are copies of "
+                      "series checkpoints (twice the disk)")
+        atomic_copy(path, name)
 
     def save_best(self, state: dict[str, Any]) -> None:
         """Write best.pth alone (an epoch that improved without a series checkpoint)."""

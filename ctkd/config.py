@@ -504,7 +504,7 @@ class _Builder:
             return None
         errors_before = len(self.errors)
         hints = _type_hints(cls)
-        kwargs = {}
+        kwargs, named = {}, []
         for key, value in data.items():
             dotted = ".".join(map(str, path + (key,)))
             if key not in fields:
@@ -514,7 +514,7 @@ class _Builder:
                 self.error(path + (key,),
                            f"unknown key '{dotted}'.{hint} Valid keys {where}: {', '.join(fields)}{whose}")
             elif hints[key] in _NAMED_SECTIONS:
-                kwargs[key] = self._named_section(hints[key], value, path + (key,))
+                named.append((key, value))
             elif dataclasses.is_dataclass(hints[key]):
                 kwargs[key] = self._section(hints[key], value, path + (key,))
             else:
@@ -522,6 +522,10 @@ class _Builder:
                     kwargs[key] = _validated(fields[key], hints[key], value)
                 except _FieldError as err:
                     self.error(path + (key,), f"'{dotted}' {err}")
+        if len(self.errors) > errors_before:
+            return None  # reported before the components' options are read: that imports the components (torch)
+        for key, value in named:
+            kwargs[key] = self._named_section(hints[key], value, path + (key,))
         if len(self.errors) > errors_before:
             return None
         section = cls(**kwargs)
@@ -717,6 +721,31 @@ def config_to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML atomically (see ctkd.fileio); creates the folder."""
     atomic_write_text(path, config_to_yaml(cfg))
+
+
+# Keys that say where data and outputs live and how a run is launched, logged and laid out in memory: two runs that
+# differ only in them are the same experiment (the results agree, up to float rounding for device and runtime.*).
+PLACEMENT_KEYS = (
+    "output_dir", "device", "data.root", "data.download", "data.num_workers", "data.test_batch_size",
+    "teacher.checkpoint", "teacher.train_config", "logging.", "checkpoint.", "distributed.",
+    "runtime.data_on_device", "runtime.tune_malloc",  # where batches are made, where memory comes from: same numbers
+    # the layout and the teacher's folded BatchNorms change float rounding only, as a change of device does (and
+    # their defaults changed: a run checkpointed with the former ones resumes under the new)
+    "runtime.channels_last", "runtime.fold_teacher_bn",
+)
+
+
+def is_placement_key(key: str) -> bool:
+    """Whether dotted `key` is one of PLACEMENT_KEYS (an entry ending in '.' covers its section)."""
+    return any(key == item or (item.endswith(".") and key.startswith(item)) for item in PLACEMENT_KEYS)
+
+
+def experiment_differences(ours: Mapping[str, Any], planned: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, our value, planned value) for every key outside PLACEMENT_KEYS whose value differs between two configs
+    given as nested plain dicts (config.yaml's, config_to_dict's); a key one of them lacks has the value None."""
+    a, b = flatten_keys(ours), flatten_keys(planned)
+    keys = list(a) + [key for key in b if key not in a]
+    return [(key, a.get(key), b.get(key)) for key in keys if not is_placement_key(key) and a.get(key) != b.get(key)]
 
 
 def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -189,8 +189,10 @@ def claim_run_directory(directory: str | Path, ctx: DistributedContext, held: Ru
     it cannot be written, its disk is full). Returns the lock on rank 0 (the caller releases it), None elsewhere.
     """
     def claim() -> RunLock:
+        existed = Path(directory).exists()
         prepare_output_dir(directory)
         lock = held or adopt_run_lock(directory) or lock_run(directory)
+        lock.created = lock.created or not existed
         try:
             check_free_space(directory)
         except UserError:

@@ -41,6 +41,43 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
         atomic_write(path, lambda handle: shutil.copyfileobj(src, handle, 1 << 20))
 
 
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Create or replace `path` with a hard link to the file `source` (the same bytes, no second copy on disk),
+    atomically: linked under a temporary name, then renamed. False, with nothing changed, where the filesystem has
+    no hard links (the caller then copies)."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return True
+
+
+def supports_hard_links(directory: str | Path) -> bool:
+    """Whether files in `directory` can be hard-linked (probed with an empty file, removed again)."""
+    directory = Path(directory)
+    fd, probe = tempfile.mkstemp(prefix=".link-test-", dir=directory)
+    os.close(fd)
+    try:
+        os.link(probe, f"{probe}.2")
+    except OSError:
+        return False
+    else:
+        os.unlink(f"{probe}.2")
+        return True
+    finally:
+        os.unlink(probe)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Create or replace `path` with UTF-8 `text`."""
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

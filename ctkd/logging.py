@@ -6,12 +6,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ctkd.errors import UserError
 from ctkd.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 LOGGER_NAME = "ctkd"
 

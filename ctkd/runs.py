@@ -5,6 +5,7 @@ Only json, yaml and the standard library are used here, so the report scripts st
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ctkd.config import experiment_differences
 from ctkd.errors import UserError
 
 T = TypeVar("T")
@@ -160,14 +162,88 @@ def _best(records: list[dict[str, Any]]) -> tuple[float | None, int | None]:
     return best, next(epoch for acc, epoch in scored if acc == best)
 
 
-def _status(records: list[dict[str, Any]], results: dict[str, Any] | None, planned: int | None) -> str:
-    """'done', 'incomplete' or 'not started'."""
-    if not records:
-        return "not started"
-    # results.json left from an earlier, shorter run that was resumed with more epochs does not make this one done
-    if results is not None and records[-1]["epoch"] == planned:
-        return "done"
-    return "incomplete"
+# ------------------------------------------------------------------------------------------------ the state of a run
+RUN_STATES = ("done", "running", "interrupted", "failed", "not started")
+FAILED_FILE = "FAILED"  # written when a run ends in an error: its exit status, the reason, the command
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What a run directory holds, read from its files alone: its state, why (a failure's reason, the lock's holder,
+    a damaged file) and, when compared with a plan, the experiment keys in which it differs from it."""
+
+    state: str  # one of RUN_STATES
+    detail: str = ""
+    epochs_done: int = 0
+    epochs_planned: int | None = None  # what its own config.yaml plans
+    differences: tuple[tuple[str, Any, Any], ...] = ()  # (key, this run's value, the plan's)
+
+    @property
+    def matches_plan(self) -> bool:
+        """Whether the run is the experiment it was compared with (no difference outside the placement keys)."""
+        return not self.differences
+
+    def describe(self, plan_name: str = "the table") -> str:
+        """'done', 'failed: <reason>', or 'done with epochs=1, data.name=synthetic; <plan_name> plans 240, cifar100'."""
+        text = self.state
+        if self.differences:
+            ours = ", ".join(f"{key}={_shown(value)}" for key, value, _ in self.differences)
+            theirs = ", ".join(f"{key}={_shown(value)}" for key, _, value in self.differences)
+            text = f"{text} with {ours}; {plan_name} plans {theirs}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+def _shown(value: Any) -> str:
+    """A config value as YAML spells it, for status lines."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _has_checkpoint(path: Path) -> bool:
+    """Whether the run left a checkpoint to continue from (the series or, from earlier versions, last.pth)."""
+    return (path / "last.pth").is_file() or any(path.glob("ckpt-e*-s*.pth"))
+
+
+def _failure_reason(path: Path) -> str:
+    """The reason recorded in the run's FAILED marker (its second line), or its first when there is no other."""
+    try:
+        lines = [line for line in (path / FAILED_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return "(FAILED marker unreadable)"
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else "(no reason recorded)")
+
+
+def inspect_run(run_dir: str | Path, plan: Mapping[str, Any] | None = None) -> RunStatus:
+    """The state of the run in `run_dir` from what the directory holds (config.yaml, results.json, metrics.jsonl,
+    checkpoints, its lock and FAILED marker), never from how it was started; with `plan` (a config as nested plain
+    dicts), also how the run differs from that experiment."""
+    path = Path(run_dir)
+    problems: list[str] = []
+    config = _attempt(read_config, path, {}, problems) if (path / "config.yaml").exists() else {}
+    records = _attempt(read_metrics, path, [], problems)
+    results = _attempt(read_results, path, None, problems)
+    epochs = config_value(config, "epochs")
+    planned = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+    done_epochs = records[-1]["epoch"] if records else 0
+    differences = tuple(experiment_differences(config, plan)) if plan is not None and config else ()
+    if results is not None and planned is not None and results.get("epochs") == planned:
+        state, detail = "done", ""  # a results.json of an earlier, shorter run resumed for more epochs is not
+    elif is_locked(path):
+        state, detail = "running", lock_holder(path)
+    elif (path / FAILED_FILE).is_file():
+        state, detail = "failed", _failure_reason(path)
+    elif _has_checkpoint(path) or records:
+        state, detail = "interrupted", ""
+    else:
+        state, detail = "not started", ""
+    if problems and state != "running":
+        detail = "; ".join([*problems, *([detail] if detail else [])])
+        if state == "done":
+            state = "interrupted"  # its records cannot be trusted to say it finished
+    return RunStatus(state, detail, done_epochs, planned, differences)
 
 
 def _attempt(read: Callable[[Path], T], path: Path, default: T, problems: list[str]) -> T:
@@ -193,8 +269,9 @@ def summarize_run(run_dir: str | Path, root: str | Path | None = None) -> RunSum
     results = _attempt(read_results, path, None, problems)
     planned = config_value(config, "epochs")
     planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
-    status = _status(records, results, planned)
-    if status == "done" and results is not None:
+    found = inspect_run(path)
+    status = found.describe() if found.state in ("failed", "running") else found.state
+    if found.state == "done" and results is not None:
         best_acc1, best_epoch = _number(results.get("best_acc1")), results.get("best_epoch")
     else:
         best_acc1, best_epoch = _best(records)
@@ -262,6 +339,7 @@ class RunLock:
     fd: int
     previous: str = ""  # the line a holder that ended without releasing (killed, crashed) left in the lock file
     unsupported: str = ""  # why the filesystem could not lock (then nothing is protected), else ""
+    created: bool = False  # whether the directory was made for this lock (see `discard`)
 
     def takeover_message(self) -> str | None:
         """A line saying whose stale lock this one replaced, or None when the last holder released it cleanly."""
@@ -278,6 +356,15 @@ class RunLock:
         if self.fd >= 0:
             release_run_lock(self.fd)
             self.fd = -1
+
+    def discard(self) -> None:
+        """Release the lock and take back what claiming the directory made: the lock file, and the directory itself
+        when it was made for it and holds nothing else (a run stopped by an error in its input leaves nothing)."""
+        self.release()
+        (self.directory / LOCK_FILE).unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty (someone wrote there meanwhile): leave it
+                self.directory.rmdir()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -399,7 +486,9 @@ def adopt_run_lock(directory: str | Path) -> RunLock | None:
     except OSError:
         return None
     del os.environ[LOCK_FD_ENV]
-    return _take(fd, Path(directory))
+    lock = _take(fd, Path(directory))
+    lock.previous = ""  # the line is the parent's, who holds the lock with us and is alive: a hand-over, not a crash
+    return lock
 
 
 def is_locked(run_dir: str | Path) -> bool:

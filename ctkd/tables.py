@@ -14,17 +14,26 @@ import yaml
 
 from ctkd.errors import UserError
 
-# the run directory's lock lives in ctkd.runs (train.py takes it too); LOCK_FILE, is_locked and lock_holder are
-# re-exported here for the table scripts
-from ctkd.runs import LOCK_FILE, RunFileError, is_locked, lock_holder, read_metrics, read_results  # noqa: F401
+# the state of a run directory and its lock live in ctkd.runs (train.py uses them too); re-exported here for the
+# table scripts
+from ctkd.runs import (  # noqa: F401
+    FAILED_FILE,
+    LOCK_FILE,
+    RUN_STATES,
+    RunFileError,
+    RunStatus,
+    inspect_run,
+    is_locked,
+    lock_holder,
+    read_metrics,
+    read_results,
+)
 
 TABLES_DIR = Path("configs/tables")
 DEFAULT_RUNS_ROOT = "runs"
 METRICS: tuple[str, ...] = ("best_acc1", "last_acc1")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("title", "paper_table", "metric", "seeds", "teachers", "rows", "columns", "cells")
 CELL_KEYS: tuple[str, ...] = ("config", "overrides", "paper")
-RUN_STATES: tuple[str, ...] = ("done", "running", "interrupted", "failed", "pending")
-FAILED_FILE = "FAILED"  # written by scripts/reproduce.py when train.py exits with a non-zero status
 
 
 class TableError(UserError, ValueError):
@@ -260,51 +269,6 @@ def paper_number(value: float | Mapping[str, Any] | None) -> float | None:
     if isinstance(value, Mapping):
         value = value.get("mean", value.get("top1"))
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def is_done(run_dir: str | Path, planned_epochs: int | None) -> bool:
-    """results.json exists and covers the planned epochs (an earlier, shorter run's results do not count)."""
-    try:
-        results = read_results(run_dir)
-    except RunFileError:
-        return False
-    if results is None:
-        return False
-    return planned_epochs is None or results.get("epochs") == planned_epochs
-
-
-def _has_progress(run_dir: Path) -> bool:
-    """Whether an unfinished run left something to resume from (a checkpoint or epoch records)."""
-    if (run_dir / "last.pth").is_file():
-        return True
-    try:
-        return bool(read_metrics(run_dir))
-    except RunFileError:
-        return True  # a damaged metrics file still means train.py got that far
-
-
-def run_state(run_dir: str | Path, planned_epochs: int | None) -> str:
-    """One of RUN_STATES: done, running (locked by a live process), failed (FAILED marker), interrupted, pending."""
-    path = Path(run_dir)
-    if is_done(path, planned_epochs):
-        return "done"
-    if is_locked(path):
-        return "running"
-    if (path / FAILED_FILE).is_file():
-        return "failed"
-    if _has_progress(path):
-        return "interrupted"
-    return "pending"
-
-
-def failed_exit_code(run_dir: str | Path) -> int | None:
-    """The exit status recorded in the run's FAILED marker, or None when there is none or it is unreadable."""
-    try:
-        text = (Path(run_dir) / FAILED_FILE).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    first = text.split()[0] if text.split() else ""
-    return int(first) if first.lstrip("-").isdigit() else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,6 +1,7 @@
 """The training run: output directory, teacher preparation, resume, the epoch loop, checkpoints and results."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from ctkd.build import Experiment, build_experiment, check_inputs
+from ctkd.cache import cache_key, read_cached, write_cached
 from ctkd.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -27,7 +29,16 @@ from ctkd.checkpoint import (
     series,
     state_position,
 )
-from ctkd.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs, load_config, save_config
+from ctkd.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    is_placement_key,
+    load_config,
+    save_config,
+)
 from ctkd.distributed import (
     DistributedContext,
     barrier,
@@ -41,13 +52,13 @@ from ctkd.distributed import (
 )
 from ctkd.engine import NonFiniteLossError, evaluate, gather_objects, local_epoch_state, train_one_epoch
 from ctkd.errors import UserError
-from ctkd.fileio import atomic_copy
+from ctkd.fileio import atomic_copy, atomic_link, atomic_write_text, supports_hard_links
 from ctkd.logging import MetricsLog, get_logger, write_json_atomic
 from ctkd.methods import METHODS
 from ctkd.optim import load_optimizer_state
 from ctkd.preemption import REPEAT_AFTER_S, STOP, StopRequested, stop_agreed
 from ctkd.provenance import file_sha256, provenance
-from ctkd.runs import RunLock, check_free_space
+from ctkd.runs import FAILED_FILE, RunLock, check_free_space
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
@@ -234,22 +245,13 @@ def checkpoint_state(
     }
 
 
-# Keys a resumed run may change: where data and outputs live, how long to train, how to log and launch. Any other
-# change (model, method, loss, temperature, curriculum, optimizer, batch, seed, data) would silently make the resumed
-# run a different experiment from the one its checkpoint, metrics and config.yaml describe.
-RESUMABLE_CHANGES = (
-    "output_dir", "epochs", "device", "data.root", "data.download", "data.num_workers", "data.test_batch_size",
-    "teacher.checkpoint", "teacher.train_config", "logging.", "checkpoint.", "distributed.",
-    "runtime.data_on_device", "runtime.tune_malloc",  # where batches are made, where memory comes from: same numbers
-    # the layout and the teacher's folded BatchNorms change float rounding only, as a change of device does (and
-    # their defaults changed: a run checkpointed with the former ones resumes under the new)
-    "runtime.channels_last", "runtime.fold_teacher_bn",
-)
-
-
+# Keys a resumed run may change: where data and outputs live, how to log and launch (ctkd.config.PLACEMENT_KEYS), and
+# how long to train. Any other change (model, method, loss, temperature, curriculum, optimizer, batch, seed, data)
+# would silently make the resumed run a different experiment from the one its checkpoint, metrics and config.yaml
+# describe.
 def _resumable(key: str) -> bool:
-    """Whether a resumed run may change dotted config `key` (a section name ending in '.' covers its keys)."""
-    return any(key == item or (item.endswith(".") and key.startswith(item)) for item in RESUMABLE_CHANGES)
+    """Whether a resumed run may change dotted config `key`."""
+    return key == "epochs" or is_placement_key(key)
 
 
 def check_resume_config(saved: Config, current: Config, path: Path) -> None:
@@ -324,6 +326,12 @@ def run(cfg: Config, resume: str | None = None, *, run_lock: RunLock | None = No
             raise RunInterrupted(cfg.output_dir, stop.epoch, stop.steps, stop.signal_name) from None
         except KeyboardInterrupt:
             raise RunInterrupted(cfg.output_dir, _saved_epoch(Path(cfg.output_dir) / "last.pth")) from None
+    except UserError:
+        # an error in the input (a teacher file that is no checkpoint, a dataset, a --resume file) found before
+        # the run wrote anything: the directory and lock claimed for it go again
+        if lock is not None and lock is not run_lock and not (Path(cfg.output_dir) / "config.yaml").exists():
+            lock.discard()
+        raise
     finally:
         if installed:
             STOP.restore()
@@ -353,7 +361,8 @@ def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None, progr
     exp = build_experiment(cfg, ctx)
     seed_rank(cfg.seed, ctx)  # networks are initialised alike on every rank; dropout masks then differ per rank
     try:
-        files = CheckpointSeries.peak_files(cfg.checkpoint.keep_last, resumed=resume_path is not None)
+        links = ctx.is_main and supports_hard_links(cfg.output_dir)
+        files = CheckpointSeries.peak_files(cfg.checkpoint.keep_last, resumed=resume_path is not None, links=links)
         decide_on_main(ctx, lambda: check_free_space(cfg.output_dir, checkpoint_bytes(exp), files))
         return _train_experiment(exp, cfg, ctx, resume_path, progress)
     finally:
@@ -389,12 +398,13 @@ def _train_experiment(
     output_dir = Path(cfg.output_dir)
     checkpoints = _Checkpoints(None, teacher_sha256)
     if ctx.is_main:
+        (output_dir / FAILED_FILE).unlink(missing_ok=True)  # a failure of an earlier attempt is over
         save_config(cfg, output_dir / "config.yaml")
         checkpoints.writer = CheckpointSeries(output_dir, cfg.checkpoint.keep_last, get_logger().warning,
                                               protected=position)
         if resume_path is not None and position is not None:
             _continue_series(checkpoints.writer, resume_path, position, output_dir)
-    teacher_metrics = _evaluate_teacher(exp, cfg)
+    teacher_metrics = _evaluate_teacher(exp, cfg, teacher_sha256)
     origin = None
     if ctx.is_main:  # hashed at start-up: the file this run was built from (a resume may point at a moved copy)
         origin = provenance(cfg, varies_freely=_resumable, device=ctx.device, world_size=ctx.world_size,
@@ -410,7 +420,14 @@ def _train_experiment(
             if stopping:  # a signal during the epoch's last step or its end: saved there
                 raise StopRequested(epoch, len(exp.train_loader), STOP.name or "a stop signal on another rank")
     except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; {_newest_checkpoint_note(output_dir)}") from None
+        error = NonFiniteLossError(f"{err}; {_newest_checkpoint_note(output_dir)}")
+        _record_failure(output_dir, error, ctx)
+        raise error from None
+    except (StopRequested, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        _record_failure(output_dir, err, ctx)
+        raise
     finally:
         metrics.close()
     results = broadcast_object(
@@ -424,6 +441,14 @@ def _train_experiment(
         f"TensorBoard: tensorboard --logdir {output_dir}"
     )
     return results
+
+
+def _record_failure(output_dir: Path, error: BaseException, ctx: DistributedContext) -> None:
+    """Leave a FAILED marker with the error (rank 0): the run's status then says why it stopped (ctkd.runs)."""
+    if ctx.is_main:
+        reason = " ".join(f"{type(error).__name__}: {error}".split()) if not isinstance(error, UserError) else (
+            " ".join(str(error).split()))
+        atomic_write_text(output_dir / FAILED_FILE, f"1\n{reason}\n")
 
 
 def _newest_checkpoint_note(output_dir: Path) -> str:
@@ -458,7 +483,8 @@ def _continue_series(writer: CheckpointSeries, resume_path: Path, position: Posi
     writer.set_aside_after(position)
     target = output_dir / position.name
     if resume_path.resolve().parent == output_dir.resolve() and not target.exists():
-        atomic_copy(resume_path, target)
+        if not atomic_link(resume_path, target):
+            atomic_copy(resume_path, target)
 
 
 def _checkpoint_steps(cfg: Config, epoch: int, steps: int, start: int, epoch_end: bool) -> frozenset[int]:
@@ -472,13 +498,44 @@ def _checkpoint_steps(cfg: Config, epoch: int, steps: int, start: int, epoch_end
                      if (before + s) % every == 0 and not (s == steps and epoch_end))
 
 
-def _evaluate_teacher(exp: Experiment, cfg: Config) -> dict[str, float] | None:
-    """Evaluate the frozen teacher once at start-up, so a wrong checkpoint shows before hours of training."""
+TEACHER_EVAL = "teacher-eval"  # the cache kind of teachers' test accuracies (ctkd.cache)
+
+
+def _teacher_eval_inputs(exp: Experiment, cfg: Config, teacher_sha256: str) -> dict[str, Any]:
+    """What a teacher's test accuracy is a function of: its file, how it is built and run, and the test split."""
+    data = {key: value for key, value in config_to_dict(cfg)["data"].items()
+            if key not in ("download", "num_workers", "test_batch_size", "batch_size")}
+    test = exp.test_loader.dataset.dataset  # the source of the loader's batches
+    targets = getattr(test, "targets", None)
+    return {
+        "teacher_sha256": teacher_sha256, "teacher": cfg.teacher.name, "kwargs": cfg.teacher.kwargs,
+        "data": data, "root": str(Path(cfg.data.root).resolve()), "test_size": len(test),
+        "targets_sha256": None if targets is None else hashlib.sha256(targets.cpu().numpy().tobytes()).hexdigest(),
+        "runtime": {"amp": cfg.runtime.amp, "channels_last": exp.distiller.runtime.channels_last,
+                    "fold_teacher_bn": cfg.runtime.fold_teacher_bn}, "device": exp.device.type,
+        "torch": torch.__version__,
+    }
+
+
+def _evaluate_teacher(exp: Experiment, cfg: Config, teacher_sha256: str | None) -> dict[str, float] | None:
+    """The frozen teacher's test accuracy, shown at start-up so a wrong checkpoint shows before hours of training.
+
+    Evaluated once per teacher file and test split (ctkd.cache): the runs of a table that share a teacher read the
+    number the first one computed. Rank 0 decides; every rank then evaluates, or none does.
+    """
     teacher = exp.distiller.teacher
     if teacher is None:
         return None
-    metrics = evaluate(teacher, exp.test_loader, exp.device, exp.distiller.runtime)
-    get_logger().info(f"teacher {cfg.teacher.name}: top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%")
+    inputs = _teacher_eval_inputs(exp, cfg, teacher_sha256) if teacher_sha256 is not None else None
+    key = cache_key(TEACHER_EVAL, inputs) if inputs is not None else None
+    metrics = broadcast_object(read_cached(TEACHER_EVAL, key) if key is not None and exp.ctx.is_main else None)
+    if metrics is not None:
+        note = " (evaluated before, with this teacher file and test split)"
+    else:
+        metrics, note = evaluate(teacher, exp.test_loader, exp.device, exp.distiller.runtime), ""
+        if key is not None and exp.ctx.is_main:
+            write_cached(TEACHER_EVAL, key, metrics, inputs)
+    get_logger().info(f"teacher {cfg.teacher.name}: top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%{note}")
     return metrics
 
 

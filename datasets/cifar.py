@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import utils as tv_utils
 
 from ctkd.config import DataConfig
 
@@ -177,6 +176,8 @@ def _download(root: Path) -> None:
     """Fetch and extract the official archive into `root`, with torchvision's MD5 check of the archive."""
     archive = root / URL.rsplit("/", 1)[1]
     try:
+        from torchvision.datasets import utils as tv_utils  # only to download: torchvision takes seconds to import
+
         tv_utils.download_and_extract_archive(URL, download_root=str(root), md5=ARCHIVE_MD5)
     except OSError as exc:  # no network, refused or reset connection (URLError is an OSError)
         raise DatasetError(

@@ -24,6 +24,7 @@ the N+1-th unreadable file stops the run, naming the files. A test image that ca
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -33,11 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import InterpolationMode
 
 from ctkd.config import ConfigError, DataConfig, _spec
 from ctkd.logging import get_logger
@@ -245,6 +243,9 @@ class ImageFolderSource:
 
     def _transform(self, image: Image.Image, uniforms: np.ndarray | None, flip: bool) -> Tensor:
         """The train transform with the given random numbers (`crop_draws`), or the eval transform if None."""
+        import torchvision.transforms.v2.functional as TF  # noqa: N812 - imported here: seconds at start-up otherwise
+        from torchvision.transforms import InterpolationMode
+
         size = [self.image_size, self.image_size]
         if uniforms is not None:
             top, left, h, w = crop_box(uniforms, image.height, image.width, self.crop_scale, self.crop_ratio)
@@ -329,9 +330,17 @@ class ImageFolderSource:
 # ---------------------------------------------------------------------------------------------- listing the files
 
 
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """torchvision's IMG_EXTENSIONS (imported on first use: torchvision takes seconds to import)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return tuple(IMG_EXTENSIONS)
+
+
 def _is_image(name: str) -> bool:
-    """torchvision's ImageFolder test: the name ends with one of IMG_EXTENSIONS, case-insensitively."""
-    return name.lower().endswith(IMG_EXTENSIONS)
+    """torchvision's ImageFolder test: the name ends with one of its IMG_EXTENSIONS, case-insensitively."""
+    return name.lower().endswith(image_extensions())
 
 
 def _examples(names: Sequence[str]) -> str:
@@ -392,7 +401,7 @@ def _list_files(split_dir: Path, classes: Sequence[str], split: str, describe: _
     if empty:
         raise DatasetError(
             f"{describe.title} {split} folder {split_dir}: class folder(s) {_examples(empty)} hold no image files "
-            f"(extensions {', '.join(IMG_EXTENSIONS)}). Put the class's images there or remove the folder from "
+            f"(extensions {', '.join(image_extensions())}). Put the class's images there or remove the folder from "
             f"every split.\n{describe.layout}"
         )
     targets = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(counts, dtype=torch.int64))

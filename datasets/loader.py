@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ctkd.preemption import STOP_SIGNALS  # what stops a run: the training process handles them
+
 from .base import DataSource
 from .hashing import seed_for
 
@@ -127,9 +129,6 @@ class BatchedDataset(Dataset[Batch]):
         if images.is_cuda:  # the dataset lives on the GPU: indices follow from pinned memory, without a host sync
             idx = idx.pin_memory().to(images.device, non_blocking=True)
         return Batch(images, self.dataset.targets[idx], idx, global_size)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # what stops a run: the training process handles them
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -1,16 +1,19 @@
 """Build a table file's table from its runs: mean ± std over seeds next to the paper's numbers, plus τ/λ curves.
 
-    python scripts/make_table.py TABLE [--runs-root runs] [--out DIR] [--metric best_acc1|last_acc1]
+    python scripts/make_table.py TABLE [--seeds 0 1] [--runs-root runs] [--out DIR] [--metric best_acc1|last_acc1]
 
 TABLE is a table file or its name in configs/tables (format in docs/tables.md). A run counts as finished when its
-results.json exists and covers the planned epochs; a cell whose seeds are not all finished shows how many are, e.g.
-"71.20 ± 0.10 (2/3)". Writes into --out (default RUNS_ROOT/tables/<name>/): table.md, table.csv (long format),
+results.json covers the epochs its own config plans (ctkd.runs.inspect_run); a cell whose seeds are not all finished
+shows how many are, e.g. "71.20 ± 0.10 (2/3)". Runs trained under other settings than the table's (another dataset,
+fewer epochs, any override) are marked in their cells and named in the header, and no difference to the paper is
+printed for them. Writes into --out (default RUNS_ROOT/tables/<name>/): table.md, table.csv (long format),
 tau_lambda.csv (τ and λ per epoch of every run that logged them) and, with matplotlib, tau.png and accuracy.png.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -33,7 +36,7 @@ from ctkd.tables import (  # noqa: E402
     Cell,
     Table,
     find_table,
-    is_done,
+    inspect_run,
     load_table,
     mean_std,
     paper_value,
@@ -46,7 +49,9 @@ PAPER_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "paper_results.ya
 METRIC_LABELS = {"best_acc1": "best-epoch top-1", "last_acc1": "last-epoch top-1"}
 SHORT = {"best_acc1": "best", "last_acc1": "last"}  # in every column header, so a copied column keeps its metric
 DASH = "–"
-CSV_FIELDS = ("row", "column", "metric", "mean", "std", "n_finished", "n_seeds", "paper_mean", "paper_std", "delta")
+OTHER_SETTINGS = "‡"  # marks a cell whose runs were trained under other settings than the table's
+CSV_FIELDS = ("row", "column", "metric", "mean", "std", "n_finished", "n_seeds", "paper_mean", "paper_std", "delta",
+              "other_settings")
 TAU_FIELDS = ("row", "column", "seed", "epoch", "lambda", "tau_mean", "tau_last")
 MATPLOTLIB_MISSING = f"{PROG}: figures (tau.png, accuracy.png) not written: they need `pip install matplotlib`"
 MARKER_MAX_EPOCHS = 30  # mark the points of short runs: a one-epoch curve would otherwise draw nothing visible
@@ -60,6 +65,13 @@ class CellRuns:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)  # seed → results.json of a finished run
     records: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → metrics.jsonl (any run)
     learned_tau: bool = False  # whether any of its runs learns τ (the CTKD runs of the temperature figure)
+    # (key, the runs' value, the table's) of every experiment key in which a finished run differs from the table
+    differences: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+    @property
+    def other_settings(self) -> bool:
+        """Whether a finished run of the cell was trained under other settings than the table's."""
+        return bool(self.differences)
 
 
 @dataclass(frozen=True)
@@ -85,13 +97,17 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _planned_epochs(path: Path) -> int | None:
-    """The epochs the run's config.yaml plans (None when unreadable), so a shorter run's stale results don't count."""
+def cell_plan(cell: Cell, seed: int, problems: list[str]) -> dict[str, Any] | None:
+    """The experiment the table asks of a cell's seed (its config, its overrides and the seed), as plain dicts;
+    None (with the reason in `problems`) when its config cannot be read (a table whose configs moved)."""
+    from ctkd.config import config_to_dict, load_config  # imports the components' options (torch): only here
+
     try:
-        epochs = config_value(read_config(path), "epochs")
-    except RunFileError:
+        cfg = load_config(cell.config, (*cell.overrides, f"seed={seed}"))
+    except (UserError, OSError) as err:
+        problems.append(f"cells.{cell.row}.{cell.column}: its runs are not compared with the table's setting ({err})")
         return None
-    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+    return config_to_dict(cfg)
 
 
 def _learns_tau(path: Path, records: list[dict[str, Any]]) -> bool:
@@ -106,7 +122,7 @@ def _learns_tau(path: Path, records: list[dict[str, Any]]) -> bool:
 
 
 def collect_cell(table: Table, cell: Cell, root: Path, problems: list[str]) -> CellRuns:
-    """Read every seed's run directory of `cell`; damaged files are reported in `problems` and skipped."""
+    """Read the run directory of each seed of `cell`; damaged files are reported in `problems` and skipped."""
     found = CellRuns(cell)
     for seed in table.seeds:
         path = run_dir(table, cell, seed, root)
@@ -120,11 +136,14 @@ def collect_cell(table: Table, cell: Cell, root: Path, problems: list[str]) -> C
         if records:
             found.records[seed] = records
             found.learned_tau = found.learned_tau or _learns_tau(path, records)
-        if is_done(path, _planned_epochs(path)):
+        status = inspect_run(path, cell_plan(cell, seed, problems))
+        if status.state == "done":
             try:
                 found.results[seed] = read_results(path) or {}
-            except RunFileError as err:  # is_done already said no for a damaged file; kept for a race with a writer
+            except RunFileError as err:  # inspect_run said no for a damaged file; kept for a race with a writer
                 problems.append(f"{path}: {err}")
+                continue
+            found.differences += [d for d in status.differences if d not in found.differences]
     return found
 
 
@@ -213,10 +232,12 @@ def metric_block(table: Table, cells: dict[tuple[str, str], CellRuns], metric: s
                 line += [""] * len(parts)
                 continue
             stat = cell_stat(runs, metric, len(table.seeds))
-            line.append(format_stat(stat))
+            mark = f" {OTHER_SETTINGS}" if runs.other_settings else ""
+            line.append(format_stat(stat) + mark)
             if papers is not None:
                 paper = papers[(row, column)]
-                line += [format_paper(paper), format_delta(delta(stat, paper))]
+                # a run of another experiment is not compared with the paper's number
+                line += [format_paper(paper), OTHER_SETTINGS if mark else format_delta(delta(stat, paper))]
         lines.append(line)
     return _markdown_rows(header, lines)
 
@@ -233,11 +254,46 @@ def markdown(table: Table, cells: dict[tuple[str, str], CellRuns], metric: str,
         + (f"paper = docs/paper_results.yaml; Δ = ours − paper, on {METRIC_LABELS[metric]} ({metric})."
            if has_paper else "No paper numbers for this table.")
     )
-    parts = [f"# {table.title}", "", legend, "", f"## {metric_heading(table, metric)}", ""]
+    title = table.title + (f" ({OTHER_SETTINGS} runs under other settings than the table's)"
+                           if any(runs.other_settings for runs in cells.values()) else "")
+    parts = [f"# {title}", "", legend, ""]
+    warning = other_settings_note(cells)
+    if warning:
+        parts += [warning, ""]
+    parts += [f"## {metric_heading(table, metric)}", ""]
     parts += metric_block(table, cells, metric, papers if has_paper else None)
     parts += ["", f"## {metric_heading(table, other)}", ""]
     parts += metric_block(table, cells, other, None)
     return "\n".join(parts) + "\n"
+
+
+def differing_settings(cells: dict[tuple[str, str], CellRuns]) -> dict[str, tuple[list[Any], list[Any]]]:
+    """Per experiment key in which some finished runs differ from the table: (their values, the table's values)."""
+    found: dict[str, tuple[list[Any], list[Any]]] = {}
+    for runs in cells.values():
+        for key, ours, theirs in runs.differences:
+            values = found.setdefault(key, ([], []))
+            for seen, value in zip(values, (ours, theirs)):
+                if value not in seen:
+                    seen.append(value)
+    return found
+
+
+def _values(values: list[Any]) -> str:
+    return " / ".join("(unset)" if value is None else str(value) for value in values)
+
+
+def other_settings_note(cells: dict[tuple[str, str], CellRuns]) -> str:
+    """The header paragraph naming every setting in which runs differ from the table's ('' when none do)."""
+    found = differing_settings(cells)
+    if not found:
+        return ""
+    marked = sum(1 for runs in cells.values() if runs.other_settings)
+    settings = "; ".join(f"{key} = {_values(ours)} (the table: {_values(theirs)})"
+                         for key, (ours, theirs) in found.items())
+    return (f"**{OTHER_SETTINGS} Not the table's experiment.** The runs of {marked} of {len(cells)} cells were trained "
+            f"under other settings than the table's: {settings}. Their cells are marked {OTHER_SETTINGS} and no "
+            "difference to the paper is given for them.")
 
 
 def _csv_number(value: float | None) -> str:
@@ -258,7 +314,9 @@ def csv_rows(table: Table, cells: dict[tuple[str, str], CellRuns],
                 "mean": _csv_number(stat.mean), "std": _csv_number(stat.std),
                 "n_finished": str(stat.n), "n_seeds": str(stat.total),
                 "paper_mean": _csv_number(paper.mean), "paper_std": _csv_number(paper.std),
-                "delta": _csv_number(delta(stat, paper)),
+                "delta": "" if runs.other_settings else _csv_number(delta(stat, paper)),
+                "other_settings": "; ".join(f"{key}={ours} (table: {theirs})"
+                                            for key, ours, theirs in runs.differences),
             })
     return rows
 
@@ -383,6 +441,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("table", metavar="TABLE", help="table file, or its name in configs/tables (cifar_kd)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to read instead of the table's (as reproduce.py)")
     parser.add_argument("--runs-root", type=Path, default=Path(DEFAULT_RUNS_ROOT),
                         help="root the table's runs live below (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUNS_ROOT/tables/<name>/)")
@@ -400,6 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
+    if args.seeds is not None:
+        if len(set(args.seeds)) != len(args.seeds):
+            print(f"{PROG}: error: --seeds has repeated seeds: {args.seeds}", file=sys.stderr)
+            return 1
+        table = dataclasses.replace(table, seeds=tuple(args.seeds))
     metric = args.metric or table.metric
     out = args.out or table_root(table, args.runs_root)
     problems: list[str] = []

@@ -41,13 +41,13 @@ from ctkd.tables import (  # noqa: E402
     FAILED_FILE,
     RUN_STATES,
     Cell,
+    RunStatus,
     Table,
     find_table,
-    is_done,
+    inspect_run,
     load_table,
     lock_holder,
     run_dir,
-    run_state,
     table_root,
     teacher_run_dir,
 )
@@ -66,7 +66,7 @@ class Job:
     label: str
     run_dir: Path
     argv: list[str]  # the train.py command line without the interpreter
-    planned_epochs: int
+    plan: dict[str, Any]  # the experiment this run trains, as a resolved config of plain types
     cell: Cell | None = None  # None for a teacher
     needs: str | None = None  # label of the teacher job this run waits for
 
@@ -74,6 +74,10 @@ class Job:
     def command(self) -> str:
         """The command as a user would type it."""
         return shlex.join(["python", *self.argv])
+
+    def status(self) -> RunStatus:
+        """What the run directory holds, compared with this job's experiment."""
+        return inspect_run(self.run_dir, self.plan)
 
 
 @dataclass
@@ -110,12 +114,21 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------------- planning
 def _load(config: str, overrides: Sequence[str], where: str) -> Any:
     """The validated config; an error names the table entry it came from."""
-    from ctkd.config import load_config  # imports torch: only when a table is planned
+    from ctkd.config import load_config  # imports the components (torch): only when a table is planned
 
     try:
         return load_config(config, overrides)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
+
+
+def _plain(cfg: Any, **changes: Any) -> dict[str, Any]:
+    """A validated config (with `changes`) as nested plain dicts, the form of a run's config.yaml."""
+    import dataclasses
+
+    from ctkd.config import config_to_dict
+
+    return config_to_dict(dataclasses.replace(cfg, **changes))
 
 
 def _teacher_job(table: Table, name: str, config: str, root: Path, common: Sequence[str] = ()) -> Job:
@@ -126,7 +139,7 @@ def _teacher_job(table: Table, name: str, config: str, root: Path, common: Seque
         raise UserError(f"{where}: {config} trains {cfg.student.name}, not {name}")
     directory = teacher_run_dir(table, name, root)
     argv = ["train.py", "--config", config, *common, f"output_dir={directory}", "--resume", "auto"]
-    return Job(f"teacher {name}", directory, argv, cfg.epochs)
+    return Job(f"teacher {name}", directory, argv, _plain(cfg))
 
 
 def _teacher_config(table: Table, cell: Cell, cfg: Any) -> str:
@@ -168,7 +181,8 @@ def make_plan(
             extra.append(f"teacher.checkpoint={teachers[name].run_dir / 'best.pth'}")
             needs = teachers[name].label
         argv = ["train.py", "--config", cell.config, *cell.overrides, *common, *extra, "--resume", "auto"]
-        plan.cells.append(Job(f"{cell.row}/{cell.column} seed {seed}", directory, argv, cfg.epochs, cell, needs))
+        plan.cells.append(Job(f"{cell.row}/{cell.column} seed {seed}", directory, argv, _plain(cfg, seed=seed), cell,
+                              needs))
     return plan
 
 
@@ -212,12 +226,24 @@ class Scheduler:
         self.waiting_told: set[str] = set()
 
     def run(self) -> None:
-        """Start, watch and finish jobs until none is left."""
-        while self.pending or self.running:
-            self._reap()
-            self._fill()
-            if self.pending or self.running:
-                time.sleep(POLL_S)
+        """Start, watch and finish jobs until none is left, or until Ctrl-C or SIGTERM (KeyboardInterrupt).
+
+        The signals only set a flag, read between steps of this loop: a stop never lands between the start of a
+        child and its registration (it would miss that child)."""
+        requested: list[int] = []
+        handlers = {sig: signal.signal(sig, lambda signum, frame: requested.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.pending or self.running:
+                self._reap()
+                if requested:
+                    raise KeyboardInterrupt
+                self._fill()
+                if self.pending or self.running:
+                    time.sleep(POLL_S)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     def _fill(self) -> None:
         """Start ready jobs on free slots."""
@@ -250,13 +276,27 @@ class Scheduler:
         self.outcomes[job.label] = outcome
         if outcome.kind == "elsewhere":
             print(f"skip {job.label}: running in {outcome.detail}", flush=True)
-        elif outcome.kind == "blocked":
+        elif outcome.kind in ("blocked", "conflict"):
             print(f"skip {job.label}: {outcome.detail}", flush=True)
+
+    def _settled_by_its_directory(self, job: Job) -> bool:
+        """Settle `job` from what its run directory holds: done already, a run of another experiment (never retrained
+        over, never counted), or failed before (without --retry-failed); False when it is to be trained."""
+        status = job.status()
+        if status.state in ("done", "interrupted") and not status.matches_plan:
+            self._settle(job, Outcome("conflict", f"{status.describe()}: not trained over; move it away, or run the "
+                                                  "table with the settings it was run with"))
+        elif status.state == "done":
+            self._settle(job, Outcome("done"))
+        elif status.state == "failed" and not self.retry_failed:
+            self._settle(job, Outcome("failed", f"failed before ({status.detail}); not retried without --retry-failed"))
+        else:
+            return False
+        return True
 
     def _claim(self, job: Job) -> int | None:
         """The job's lock fd when it has to be trained here; otherwise settles it (done, elsewhere, failed before)."""
-        if is_done(job.run_dir, job.planned_epochs):
-            self._settle(job, Outcome("done"))
+        if self._settled_by_its_directory(job):
             return None
         fd = try_lock(job.run_dir)
         if fd is None:
@@ -268,13 +308,8 @@ class Scheduler:
             self._settle(job, Outcome("elsewhere", lock_holder(job.run_dir)))
             return None
         # looked at again under the lock: another runner may have finished or failed it in the meantime
-        if is_done(job.run_dir, job.planned_epochs):
+        if self._settled_by_its_directory(job):
             release_run_lock(fd)
-            self._settle(job, Outcome("done"))
-            return None
-        if (job.run_dir / FAILED_FILE).is_file() and not self.retry_failed:
-            release_run_lock(fd)
-            self._settle(job, Outcome("failed", "failed before; not retried without --retry-failed"))
             return None
         return fd
 
@@ -309,7 +344,7 @@ class Scheduler:
         job = item.job
         item.log.close()
         try:
-            if code == 0 and is_done(job.run_dir, job.planned_epochs):
+            if code == 0 and job.status().state == "done":
                 self.outcomes[job.label] = Outcome("trained")
                 print(f"done  {job.label}", flush=True)
                 return
@@ -317,8 +352,12 @@ class Scheduler:
                 self.outcomes[job.label] = Outcome("interrupted", "interrupted (exit status 130); it resumes next time")
                 print(f"stop  {job.label}: interrupted; it resumes next time", flush=True)
                 return
-            reason = f"exit status {code}" if code else f"exit status 0 but no results for {job.planned_epochs} epochs"
-            (job.run_dir / FAILED_FILE).write_text(f"{code}\n{reason}\n{job.command}\n", encoding="utf-8")
+            if (job.run_dir / FAILED_FILE).is_file():  # train.py recorded why it failed
+                reason = f"exit status {code}: {job.status().detail}"
+            else:
+                reason = (f"exit status {code}" if code
+                          else f"exit status 0 but no results for {job.plan['epochs']} epochs")
+                (job.run_dir / FAILED_FILE).write_text(f"{code}\n{reason}\n{job.command}\n", encoding="utf-8")
             self.outcomes[job.label] = Outcome("failed", reason)
             print(f"FAIL  {job.label}: {reason} (see {job.run_dir / 'train.log'})", flush=True)
         finally:
@@ -381,7 +420,7 @@ def make_slots(devices: list[str] | None, per_device: int) -> list[dict[str, str
 
 def dry_run(plan: Plan) -> int:
     """Print the command of every job that is not done, teachers first; touch nothing."""
-    done = {job.label for job in plan.jobs if is_done(job.run_dir, job.planned_epochs)}
+    done = {job.label for job in plan.jobs if job.status().state == "done" and job.status().matches_plan}
     print(f"# {len(plan.jobs) - len(done)} of {len(plan.jobs)} runs to do, from the repository root, each with its "
           f"output appended to <run_dir>/train.log:")
     for job in plan.jobs:
@@ -402,22 +441,29 @@ def _counts(states: Sequence[str]) -> str:
 
 
 def status(table: Table, plan: Plan) -> int:
-    """Counts per state and a progress bar over the table's runs, then per cell and per teacher."""
-    states = {job.label: run_state(job.run_dir, job.planned_epochs) for job in plan.jobs}
-    cell_states = [states[job.label] for job in plan.cells]
+    """Counts per state and a progress bar over the table's runs, then per teacher and per cell, from what each run
+    directory holds; runs done or started under other settings than the plan's are named with their differences."""
+    found = {job.label: job.status() for job in plan.jobs}
+    cell_states = [found[job.label].state for job in plan.cells]
+    matching = [job for job in plan.cells if found[job.label].matches_plan]
     print(f"{table.name}: {table.title}")
-    print(progress_bar(cell_states.count("done"), len(cell_states)))
+    print(progress_bar(sum(1 for job in matching if found[job.label].state == "done"), len(plan.cells)))
     print(_counts(cell_states))
     for job in plan.teachers:
-        print(f"  {job.label}: {states[job.label]} ({job.run_dir})")
-    by_cell: dict[Cell, list[str]] = {}
+        print(f"  {job.label}: {found[job.label].describe()} ({job.run_dir})")
+    by_cell: dict[Cell, list[Job]] = {}
     for job in plan.cells:
-        by_cell.setdefault(job.cell, []).append(states[job.label])
+        by_cell.setdefault(job.cell, []).append(job)
     width = max((len(f"{c.row}/{c.column}") for c in by_cell), default=0)
-    for cell, cell_runs in by_cell.items():
-        others = "  ".join(f"{s} {cell_runs.count(s)}" for s in RUN_STATES[1:] if cell_runs.count(s))
-        print(f"  {f'{cell.row}/{cell.column}':<{width}}  {cell_runs.count('done')}/{len(cell_runs)} done  {others}"
-              .rstrip())
+    for cell, jobs in by_cell.items():
+        states = [found[job.label].state for job in jobs]
+        done = sum(1 for job in jobs if found[job.label].state == "done" and found[job.label].matches_plan)
+        others = "  ".join(f"{s} {states.count(s)}" for s in RUN_STATES[1:] if states.count(s))
+        print(f"  {f'{cell.row}/{cell.column}':<{width}}  {done}/{len(jobs)} done  {others}".rstrip())
+        for job in jobs:
+            status_now = found[job.label]
+            if status_now.state in ("failed", "running") or not status_now.matches_plan:
+                print(f"      seed {job.label.rsplit(' ', 1)[-1]}: {status_now.describe()}")
     return 0
 
 
@@ -460,22 +506,23 @@ def report(scheduler: Scheduler, plan: Plan) -> int:
     print(f"\n{len(plan.jobs)} runs: {kinds.count('done') + kinds.count('trained')} done "
           f"({kinds.count('trained')} trained now), {kinds.count('elsewhere')} running elsewhere, "
           f"{kinds.count('failed')} failed, {kinds.count('interrupted')} interrupted, "
-          f"{kinds.count('blocked')} not started (their teacher did not finish)")
+          f"{kinds.count('blocked')} not started (their teacher did not finish), "
+          f"{kinds.count('conflict')} left alone (their directory holds another experiment)")
     failed = [job for job in plan.jobs if outcomes[job.label].kind == "failed"]
     for job in failed:
         print(f"\nFAILED {job.label}: {outcomes[job.label].detail}; {job.run_dir / 'train.log'} ends with:")
         print("\n".join(f"    {line}" for line in log_tail(job.run_dir)))
     if failed:
         print("\nfix the cause, then run again with --retry-failed")
-    return 1 if failed or "blocked" in kinds or "interrupted" in kinds else 0
+    return 1 if failed or {"blocked", "interrupted", "conflict"} & set(kinds) else 0
 
 
 def execute(plan: Plan, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Train every job; Ctrl-C (or SIGTERM, e.g. from SLURM) stops the children at a checkpoint and exits 130."""
     scheduler = Scheduler(plan, make_slots(parse_devices(args.devices), args.runs_per_device), args.retry_failed)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: children save
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # while stopping: a second one as Ctrl-C
     try:
-        scheduler.run()
+        scheduler.run()  # SIGTERM stops it as Ctrl-C does: the children save
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping {len(scheduler.running)} run(s) at their last checkpoint", flush=True)
         scheduler.stop()

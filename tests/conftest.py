@@ -46,6 +46,24 @@ def _approx_of_plain_numbers(expected: object, *args: object, **kwargs: object) 
 pytest.approx = _approx_of_plain_numbers  # type: ignore[assignment]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The suite's own ctkd cache (ctkd.cache; teachers' test accuracies), never the user's: set in the environment,
+    so launched processes use it too."""
+    import os
+
+    from ctkd.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("ctkd-cache")
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """One torch thread for a module of tiny forwards (`pytestmark = pytest.mark.usefixtures("single_thread")`): as

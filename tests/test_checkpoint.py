@@ -98,8 +98,9 @@ def test_damaged_files_name_path_and_cause(tmp_path: Path, weights: dict, damage
 def test_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "hook": random.Random}, path)
-    with pytest.raises(CheckpointError, match="not plain data"):
+    with pytest.raises(CheckpointError, match=r"not plain data \(e\.g\. random\.Random\)") as info:
         load_file(path)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)  # not torch's advice to load it
 
 
 def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,3 +142,16 @@ def test_file_for_another_class_count_is_still_identified(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match=r"matches architecture\(s\): wrn_40_2;"):
         load_weights_strict(models.build_model("resnet8", num_classes=10), path, arch="resnet8",
                             identify=lambda sd: identify_architectures(sd, 10))
+
+
+@pytest.mark.parametrize("content", [b"hello, I am a text file\n", bytes(range(256)) * 20])
+def test_a_file_that_is_no_checkpoint_says_so_without_torchs_advice(tmp_path: Path, content: bytes) -> None:
+    """A text file or random bytes given as a teacher: "not a checkpoint (or damaged)", never torch's advice to load
+    it with weights_only=False, nor a KeyError traceback."""
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_file(path)
+    message = str(info.value)
+    assert message.startswith(f"not a checkpoint (or damaged): {path}") and "weights_only" not in message
+    assert "\n" not in message

@@ -14,6 +14,8 @@ import yaml
 from conftest import REPO_ROOT, load_script
 
 CONFIG = "configs/quickstart.yaml"  # any existing config: the cells are never trained here
+FIXED = ["epochs=3", "temperature=fixed", "curriculum=cosine"]  # the cells' overrides: 3 epochs, τ fixed or learned
+LEARNED = ["epochs=3"]
 ROW, OTHER_ROW = "resnet56_resnet20", "wrn"
 SEEDS = [0, 1, 2]
 KD_BEST, KD_LAST = [70.0, 71.0, 72.5], [69.5, 70.5, 72.0]
@@ -28,15 +30,20 @@ EPOCHS = 3
 make_table = load_script("make_table")
 
 
+def planned_config(seed: int, learned_tau: bool, *extra: str) -> dict:
+    """The config the table's cell asks for (quickstart with the cell's overrides and the seed), as in config.yaml."""
+    from ctkd.config import config_to_dict, load_config
+
+    return config_to_dict(load_config(CONFIG, [*(LEARNED if learned_tau else FIXED), f"seed={seed}", *extra]))
+
+
 def write_run(path: Path, seed: int, best: float | None, last: float | None, learned_tau: bool,
-              config: bool = True, results_epochs: int = EPOCHS) -> None:
-    """A run directory: metrics.jsonl, optionally config.yaml, and results.json when `best` is given (finished)."""
+              config: bool = True, results_epochs: int = EPOCHS, other: tuple[str, ...] = ()) -> None:
+    """A run directory: metrics.jsonl, optionally config.yaml (the cell's, with the overrides `other`), and
+    results.json when `best` is given (finished)."""
     path.mkdir(parents=True)
     if config:
-        temperature = "global" if learned_tau else "fixed"
-        config_data = {"seed": seed, "epochs": EPOCHS, "teacher": {"name": "resnet14"},
-                       "temperature": {"name": temperature}}
-        (path / "config.yaml").write_text(yaml.safe_dump(config_data))
+        (path / "config.yaml").write_text(yaml.safe_dump(planned_config(seed, learned_tau, *other)))
     lines = []
     for epoch in range(1, EPOCHS + 1):
         tau = 1.0 + epoch + seed / 10 if learned_tau else 4.0
@@ -60,13 +67,16 @@ def table_file(tmp_path: Path) -> Path:
         "columns": {"kd": "Vanilla KD", "ctkd": "CTKD", "pkt": "PKT"},
         "cells": {
             ROW: {
-                "kd": {"config": CONFIG},  # default paper path: [cifar_kd, resnet56_resnet20, kd] = 70.66
-                "ctkd": {"config": CONFIG},  # 71.19
-                "pkt": {"config": CONFIG, "paper": ["cifar_plugin", ROW, "pkt"]},  # {mean: 70.85, std: 0.22}
+                # default paper path: [cifar_kd, resnet56_resnet20, kd] = 70.66
+                "kd": {"config": CONFIG, "overrides": FIXED},
+                "ctkd": {"config": CONFIG, "overrides": LEARNED},  # 71.19
+                # {mean: 70.85, std: 0.22}
+                "pkt": {"config": CONFIG, "overrides": FIXED, "paper": ["cifar_plugin", ROW, "pkt"]},
             },
             OTHER_ROW: {
-                "kd": {"config": CONFIG, "paper": ["imagenet", "kd"]},  # {top1: 70.83, top5: 90.31}
-                "pkt": {"config": CONFIG},  # [cifar_kd, wrn, pkt] is not in the paper
+                # {top1: 70.83, top5: 90.31}
+                "kd": {"config": CONFIG, "overrides": FIXED, "paper": ["imagenet", "kd"]},
+                "pkt": {"config": CONFIG, "overrides": FIXED},  # [cifar_kd, wrn, pkt] is not in the paper
             },
         },
     }
@@ -243,3 +253,30 @@ def test_command_line(table_file: Path, runs_root: Path) -> None:
     missing = subprocess.run([sys.executable, "scripts/make_table.py", "no_such_table"],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "no table file 'no_such_table'" in missing.stderr
+
+
+def test_runs_under_other_settings_are_marked_and_not_compared_with_the_paper(table_file: Path,
+                                                                             runs_root: Path) -> None:
+    """A finished seed of the kd cell trained with optimizer.lr=0.1 (not the table's 0.05): the title and a header
+    paragraph say so with the setting, the cell is marked ‡ and has no Δ; the other cells are untouched."""
+    cells = runs_root / "tables" / "mini"
+    for seed in SEEDS:
+        other = cells / OTHER_ROW / "kd" / f"seed{seed}"
+        write_run(other, seed, 10.16, 10.0, learned_tau=False, other=("optimizer.lr=0.1",))
+    assert run_main(table_file, runs_root) == 0
+    markdown = (cells / "table.md").read_text()
+    assert markdown.startswith("# Test table (‡ runs under other settings than the table's)\n")
+    note = next(line for line in markdown.splitlines() if line.startswith("**‡ Not the table's experiment.**"))
+    assert "optimizer.lr = 0.1 (the table: 0.05)" in note and "1 of 5 cells" in note
+    assert md_row(markdown, "WRN")[1:4] == ["10.16 ± 0.00 ‡", "70.83", "‡"]
+    assert md_row(markdown, "RN-56 → RN-20")[1:4] == ["71.17 ± 1.26", "70.66", "+0.51"]
+    rows = read_csv(cells / "table.csv")
+    wrn = csv_row(rows, OTHER_ROW, "kd", "best_acc1")
+    assert wrn["delta"] == "" and wrn["other_settings"] == "optimizer.lr=0.1 (table: 0.05)"
+
+
+def test_seeds_option_reads_those_seeds(table_file: Path, runs_root: Path) -> None:
+    assert run_main(table_file, runs_root, "--seeds", "0") == 0
+    markdown = (runs_root / "tables" / "mini" / "table.md").read_text()
+    assert md_row(markdown, "RN-56 → RN-20")[1:4] == ["70.00 ± –", "70.66", "-0.66"]
+    assert "finished seeds [0]" in markdown

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,10 +73,13 @@ def test_every_package_of_the_tree_is_installed() -> None:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project as `pip install .` puts it into an environment (a --target folder; no dependencies)."""
-    target = tmp_path_factory.mktemp("site")
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source") / "ctkd"
+    # from a copy of the sources: setuptools leaves build/ and *.egg-info in the folder it builds
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "runs", "data", "build", "*.egg-info", "__pycache__", "tests", "plots", "checkpoints"))
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-         str(target), str(REPO_ROOT)],
+         str(target), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -14,11 +14,11 @@ from conftest import REPO_ROOT, load_script, tiny_run_config, write_yaml
 from ctkd.tables import (
     Cell,
     TableError,
+    inspect_run,
     load_table,
     lock_holder,
     paper_value,
     run_dir,
-    run_state,
     teacher_run_dir,
 )
 
@@ -154,11 +154,11 @@ def test_a_locked_run_is_running_and_not_claimed_twice(tmp_path: Path) -> None:
     script = load_script("reproduce")
     directory = tmp_path / "run"
     fd = script.try_lock(directory)
-    assert fd is not None and run_state(directory, 1) == "running"
+    assert fd is not None and inspect_run(directory).state == "running"
     assert script.try_lock(directory) is None  # a second claim (another runner) fails while the first holds it
     assert lock_holder(directory).startswith(f"pid {os.getpid()} on ")
     os.close(fd)  # what the kernel does when the holder dies
-    assert run_state(directory, 1) == "pending"
+    assert inspect_run(directory).state == "not started"
 
 
 def test_gpu_slots_count_within_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,11 +229,61 @@ def test_two_runners_finish_every_run_once_and_the_teacher_once(finished: dict) 
 
 
 @pytest.mark.slow
+def test_handing_the_lock_to_train_py_is_no_takeover(finished: dict) -> None:
+    """The runner locks a run directory and passes the lock to its train.py: a normal hand-over, said nowhere as the
+    takeover of a crashed holder's lock."""
+    runs_root = finished["runs_root"]
+    for directory in [teacher_dir(runs_root), *cell_dirs(runs_root)]:
+        assert "took over the lock" not in (directory / "train.log").read_text(), directory
+    assert not any("took over the lock" in output for output in finished["outputs"])
+
+
+@pytest.mark.slow
+def test_status_and_the_runner_read_what_a_run_directory_holds(table_file: Path, tmp_path: Path) -> None:
+    """A run finished with --set optimizer.lr=0.1: --status without that --set says it is done with other settings
+    than the table plans (not 'interrupted'), the runner leaves it alone (never retrains over it, never counts it),
+    and with the same --set it is simply done."""
+    runs_root = tmp_path / "runs"
+    trained = reproduce(table_file, runs_root, "--only-index", "0", "--devices", "cpu", "--set", "optimizer.lr=0.1")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    status = reproduce(table_file, runs_root, "--status", "--only-index", "0")
+    assert "done 1  running 0" in status.stdout, status.stdout
+    assert "seed 0: done with optimizer.lr=0.1; the table plans optimizer.lr=0.05" in status.stdout
+    assert "0/1 done" in status.stdout  # not counted as the table's run
+    again = reproduce(table_file, runs_root, "--only-index", "0", "--devices", "cpu")
+    assert again.returncode == 1 and "1 left alone" in again.stdout and attempts(cell_dirs(runs_root)[0]) == 1
+    assert "not trained over" in again.stdout
+    same = reproduce(table_file, runs_root, "--status", "--only-index", "0", "--set", "optimizer.lr=0.1")
+    assert "1/1 done" in same.stdout and "plans" not in same.stdout, same.stdout
+
+
+def test_inspect_run_states_from_the_files(tmp_path: Path) -> None:
+    """done / running / interrupted / failed (with its reason) / not started, from the directory alone."""
+    directory = tmp_path / "run"
+    assert inspect_run(directory).state == "not started"
+    directory.mkdir()
+    (directory / "config.yaml").write_text("epochs: 3\nseed: 0\n")
+    assert inspect_run(directory).state == "not started"  # config written, nothing to continue from
+    (directory / "ckpt-e0001-s000005.pth").write_bytes(b"x")
+    assert inspect_run(directory).state == "interrupted"
+    (directory / "results.json").write_text('{"epochs": 2}')  # an earlier, shorter run's
+    assert inspect_run(directory).state == "interrupted"
+    (directory / "results.json").write_text('{"epochs": 3}')
+    assert inspect_run(directory).state == "done"
+    assert (inspect_run(directory, {"epochs": 240, "seed": 0}).describe()
+            == "done with epochs=3; the table plans epochs=240")
+    (directory / "results.json").unlink()
+    (directory / "FAILED").write_text("1\nNonFiniteLossError: non-finite loss in step 2 of epoch 1\n")
+    status = inspect_run(directory)
+    assert status.describe() == "failed: NonFiniteLossError: non-finite loss in step 2 of epoch 1"
+
+
+@pytest.mark.slow
 def test_status_counts_done_runs_and_a_rerun_skips_everything(finished: dict) -> None:
     table, runs_root = finished["table"], finished["runs_root"]
     status = reproduce(table, runs_root, "--status")
     assert status.returncode == 0 and "4/4 done" in status.stdout, status.stdout + status.stderr
-    assert "done 4  running 0  interrupted 0  failed 0  pending 0" in status.stdout
+    assert "done 4  running 0  interrupted 0  failed 0  not started 0" in status.stdout
 
     logs = [d / "train.log" for d in [teacher_dir(runs_root), *cell_dirs(runs_root)]]
     before = [(log.stat().st_mtime_ns, log.stat().st_size) for log in logs]
@@ -247,12 +297,12 @@ def test_interrupted_run_resumes(finished: dict) -> None:
     table, runs_root = finished["table"], finished["runs_root"]
     directory = cell_dirs(runs_root)[3]  # the kd cell, seed 1: it also needs the (done) teacher
     (directory / "results.json").unlink()  # as if the run was stopped after saving last.pth
-    assert run_state(directory, 1) == "interrupted"
+    assert inspect_run(directory).state == "interrupted"
     count = attempts(directory)
     again = reproduce(table, runs_root, "--devices", "cpu")
     assert again.returncode == 0 and "5 done (1 trained now)" in again.stdout, again.stdout + again.stderr
     assert "resumed from" in (directory / "train.log").read_text()
-    assert run_state(directory, 1) == "done" and attempts(directory) == count + 1
+    assert inspect_run(directory).state == "done" and attempts(directory) == count + 1
 
 
 @pytest.mark.slow
@@ -272,12 +322,12 @@ def test_failed_run_is_reported_and_retried_only_on_request(tmp_path: Path) -> N
     assert failed.returncode == 1
     assert "FAILED pair/vanilla seed 0: exit status 1" in failed.stdout
     assert str(tmp_path / "no_data") in failed.stdout  # train.py's error line, from the log's tail
-    assert (directory / "FAILED").read_text().startswith("1\n") and run_state(directory, 1) == "failed"
+    assert (directory / "FAILED").read_text().startswith("1\n") and inspect_run(directory).state == "failed"
 
     again = reproduce(table, runs_root, "--devices", "cpu")
     assert again.returncode == 1 and "not retried without --retry-failed" in again.stdout
     assert attempts(directory) == 1
-    assert run_state(directory, 1) == "failed"
+    assert inspect_run(directory).state == "failed"
 
     retried = reproduce(table, runs_root, "--devices", "cpu", "--retry-failed")
     assert retried.returncode == 1 and attempts(directory) == 2
@@ -293,7 +343,7 @@ def test_ctrl_c_stops_the_children_and_says_how_to_continue(table_file: Path, tm
     assert runner.returncode == 130, output
     assert f"Continue with: python scripts/reproduce.py {table_file}" in output
     directory = cell_dirs(runs_root)[0]
-    assert not (directory / "FAILED").exists() and run_state(directory, 1) != "running"  # lock released
+    assert not (directory / "FAILED").exists() and inspect_run(directory).state != "running"  # lock released
 
 
 def test_slurm_writes_an_array_over_the_runs(table_file: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import ctkd.fileio
 import ctkd.runs
 import ctkd.trainer
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
+from ctkd.checkpoint import verify_checksum
 from ctkd.config import load_config
 from ctkd.datasets import build_dataset, build_loader
 from ctkd.datasets.folder import ImageDecodeError, crop_draws
@@ -227,24 +228,22 @@ def test_a_full_disk_is_refused_before_training(tmp_path: Path, monkeypatch) -> 
 def test_room_for_the_checkpoints_is_checked_once_the_model_is_known(tmp_path: Path, monkeypatch) -> None:
     free = MIN_FREE_BYTES + 2**10  # enough for the logs, not for the resnet8 checkpoints
     monkeypatch.setattr(ctkd.runs.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, free))
-    with pytest.raises(OutputDirError, match=r"less than the 6\d MiB .*\(6 checkpoint files at once, of about"):
+    with pytest.raises(OutputDirError, match=r"less than the 6\d MiB .*\(4 checkpoint files at once, of about"):
         run(load_config(tiny_config(tmp_path)))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first epoch
 
 
-def _checkpoint_files(folder: Path) -> int:
-    """Checkpoint files in `folder`, the temporary file of one being written included."""
-    names = [p.name for p in folder.iterdir()]
-    return sum(1 for name in names if name.endswith(".pth") or (".pth." in name and name.endswith(".tmp")))
+def _checkpoint_bytes_held(folder: Path) -> int:
+    """How many checkpoints' worth of bytes `folder` holds: its distinct checkpoint files (hard links to one file
+    count once), the temporary file of one being written included."""
+    inodes = {p.stat().st_ino for p in folder.iterdir()
+              if p.name.endswith(".pth") or (".pth." in p.name and p.name.endswith(".tmp"))}
+    return len(inodes)
 
 
-@pytest.mark.parametrize("keep_last", [2, 5])
-def test_the_disk_budget_is_what_the_retention_settings_hold_at_their_peak(
-    tmp_path: Path, monkeypatch, keep_last: int
-) -> None:
-    """A save holds keep_last series files and the new one, last.pth and its temporary copy, and best.pth: the
-    budget counts the files the run really holds at its peak (it counted three), each of the estimated size."""
-    budgets, peak = [], 0
+def _watch_the_budget(monkeypatch) -> tuple[list, list]:
+    """Record the budget the trainer checks, and the most checkpoint files held at once during the run."""
+    budgets, peak = [], [0]
     real_check, real_write = ctkd.runs.check_free_space, ctkd.fileio.atomic_write
 
     def check(directory, size, files):
@@ -253,19 +252,61 @@ def test_the_disk_budget_is_what_the_retention_settings_hold_at_their_peak(
 
     def counting_write(path, write):
         def write_and_count(handle):
-            nonlocal peak
             write(handle)
-            peak = max(peak, _checkpoint_files(Path(path).parent))
+            peak[0] = max(peak[0], _checkpoint_bytes_held(Path(path).parent))
         return real_write(path, write_and_count)
 
     monkeypatch.setattr(ctkd.trainer, "check_free_space", check)
     monkeypatch.setattr(ctkd.checkpoint, "atomic_write", counting_write)
     monkeypatch.setattr(ctkd.fileio, "atomic_write", counting_write)
+    return budgets, peak
+
+
+@pytest.mark.parametrize("keep_last", [2, 5])
+def test_the_disk_budget_is_what_the_retention_settings_hold_at_their_peak(
+    tmp_path: Path, monkeypatch, keep_last: int
+) -> None:
+    """last.pth and best.pth are hard links to series files: a run holds keep_last series files and the new one,
+    plus best.pth's file once pruned from the series; the budget counts those, each of the estimated size."""
+    budgets, peak = _watch_the_budget(monkeypatch)
     run(load_config(tiny_config(tmp_path, epochs=keep_last + 2, checkpoint={"keep_last": keep_last})))
     [(size, files)] = budgets
-    assert files == keep_last + 4 == peak
-    saved = max(p.stat().st_size for p in (tmp_path / "run").glob("ckpt-*.pth"))
+    assert files == keep_last + 2 and keep_last + 1 <= peak[0] <= files
+    run_dir = tmp_path / "run"
+    newest = sorted(run_dir.glob("ckpt-*.pth"))[-1]
+    assert os.path.samefile(run_dir / "last.pth", newest)  # no second copy
+    saved = max(p.stat().st_size for p in run_dir.glob("ckpt-*.pth"))
     assert 0.8 * saved < size <= saved  # the estimate is a checkpoint's tensors (the file adds small metadata)
+
+
+def test_without_hard_links_last_and_best_are_copies_and_the_budget_says_so(tmp_path: Path, monkeypatch) -> None:
+    """On a filesystem without hard links the run copies, as before, and its budget counts the copies: keep_last
+    series files and the new one, last.pth and its temporary copy, best.pth."""
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(ctkd.fileio.os, "link", no_links)
+    budgets, peak = _watch_the_budget(monkeypatch)
+    run(load_config(tiny_config(tmp_path, epochs=4, checkpoint={"keep_last": 2})))
+    [(_, files)] = budgets
+    assert files == 2 + 4 == peak[0]
+    run_dir = tmp_path / "run"
+    assert not os.path.samefile(run_dir / "last.pth", sorted(run_dir.glob("ckpt-*.pth"))[-1])
+    assert verify_checksum(run_dir / "last.pth") and verify_checksum(run_dir / "best.pth")
+
+
+def test_best_pth_outlives_its_pruned_series_file_intact(tmp_path: Path) -> None:
+    """best.pth links to the best epoch's series file; when pruning deletes that name, the bytes stay, verified."""
+    from ctkd.checkpoint import CheckpointSeries, Position
+
+    writer = CheckpointSeries(tmp_path, keep_last=2, warn=print)
+    writer.save({"epoch": 1, "value": torch.arange(3)}, Position(1, 5), best=True)
+    for epoch in (2, 3, 4):
+        writer.save({"epoch": epoch, "value": torch.arange(3) * epoch}, Position(epoch, 5))
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pth")) == ["ckpt-e0003-s000005.pth", "ckpt-e0004-s000005.pth"]
+    assert verify_checksum(tmp_path / "best.pth")
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["epoch"] == 1
+    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "ckpt-e0004-s000005.pth")
 
 
 # ------------------------------------------------------------------------------------------- unreadable images

@@ -84,7 +84,7 @@ def expected_cells(root: Path) -> dict[str, dict[str, str]]:
         CRASHED: {
             "method": "kd", "teacher → student": "resnet8 → resnet8", "temperature": "global", "seed": "0",
             "best top-1": f"{crashed[0]['test_acc1']:.2f}", "last top-1": f"{crashed[0]['test_acc1']:.2f}",
-            "final τ": f"{crashed[0]['tau_last']:.3f}", "epochs (done/planned)": "1/2", "status": "incomplete",
+            "final τ": f"{crashed[0]['tau_last']:.3f}", "epochs (done/planned)": "1/2", "status": "interrupted",
         },
     }
 
@@ -109,7 +109,7 @@ def test_summaries_match_the_run_files(runs_root: Path) -> None:
     assert (ctkd.epochs_done, ctkd.epochs_planned) == (2, 2)
 
     crashed, records = summaries[CRASHED], metrics_of(runs_root / CRASHED)
-    assert crashed.status == "incomplete"
+    assert crashed.status == "interrupted"  # checkpoints to continue from, no results
     assert (crashed.best_acc1, crashed.best_epoch) == (records[0]["test_acc1"], 1)  # from metrics: no results.json
     assert crashed.last_acc1 == records[0]["test_acc1"]
     assert crashed.final_tau == records[0]["tau_last"]
@@ -121,7 +121,7 @@ def test_best_of_an_unfinished_run_is_the_max_so_far(tmp_path: Path, runs_root: 
     (run / "results.json").unlink()
     records = metrics_of(run)
     summary = summarize_run(run)
-    assert summary.status == "incomplete"  # all epochs logged, but the run did not get to write its results
+    assert summary.status == "interrupted"  # all epochs logged, but the run did not get to write its results
     best = max(r["test_acc1"] for r in records)
     assert summary.best_acc1 == best
     assert summary.best_epoch == next(r["epoch"] for r in records if r["test_acc1"] == best)
@@ -134,8 +134,30 @@ def test_torn_last_metrics_line_is_ignored(tmp_path: Path, runs_root: Path) -> N
         handle.write('{"epoch": 2, "lr": 0.05, "test_acc1": 99.0, "tau_la')  # a crash in the middle of the append
     assert [r["epoch"] for r in read_metrics(run)] == [1]
     summary = summarize_run(run)
-    assert (summary.status, summary.epochs_done) == ("incomplete", 1)
+    assert (summary.status, summary.epochs_done) == ("interrupted", 1)
     assert summary.best_acc1 == summary.last_acc1 == metrics_of(runs_root / CRASHED)[0]["test_acc1"]
+
+
+def test_running_and_failed_runs_are_named_so_with_the_holder_or_the_reason(tmp_path: Path, runs_root: Path) -> None:
+    """Neither is 'not started': a run whose lock a live process holds is running (naming it), a run that ended in
+    an error is failed (with the error train.py recorded)."""
+    from ctkd.runs import lock_run
+
+    running = shutil.copytree(runs_root / CRASHED, tmp_path / "running")
+    lock = lock_run(running)
+    try:
+        assert summarize_run(running).status == f"running: pid {os.getpid()} on " + lock_holder_host(running)
+    finally:
+        lock.release()
+    failed = shutil.copytree(runs_root / CRASHED, tmp_path / "failed")
+    (failed / "FAILED").write_text("1\nNonFiniteLossError: non-finite loss in step 3 of epoch 2\n")
+    assert summarize_run(failed).status == "failed: NonFiniteLossError: non-finite loss in step 3 of epoch 2"
+    assert summarize_run(runs_root / CRASHED).status == "interrupted"
+
+
+def lock_holder_host(run_dir: Path) -> str:
+    """What follows 'pid N on ' in the lock file: the host and the time the lock was taken."""
+    return (run_dir / ".lock").read_text().strip().split(" on ", 1)[1]
 
 
 def test_damaged_or_empty_runs_do_not_break_the_listing(tmp_path: Path, runs_root: Path) -> None:

@@ -243,18 +243,26 @@ def test_train_and_eval_cli(tmp_path: Path, teacher_file: Path, capsys: pytest.C
         ({"data": {"name": "cifar100", "root": "MISSING_ROOT", "batch_size": 32}}, "MISSING_ROOT"),
         ({"optimizer": {"momentun": 0.9}}, "did you mean 'optimizer.momentum'"),
         ({"epochs": "3"}, "'epochs' expects int"),
+        # found while the run is built, after its directory was claimed: it is taken back
+        ({"method": "kd", "teacher": {"name": "resnet14", "checkpoint": "GARBAGE"}},
+         "teacher.checkpoint: not a checkpoint (or damaged)"),
     ],
 )
-def test_train_cli_reports_bad_input_in_one_line(
+def test_train_cli_reports_bad_input_in_one_line_and_leaves_nothing(
     tmp_path: Path, change: dict, message: str, capsys: pytest.CaptureFixture
 ) -> None:
     data = tiny_run_config(tmp_path)
     for key, value in change.items():  # the data section is replaced whole: synthetic's keys are not cifar100's
-        data[key] = {**data[key], **value} if isinstance(value, dict) and key != "data" else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) and key != "data" else value
+    if "teacher" in change:
+        (tmp_path / "GARBAGE").write_bytes(bytes(range(256)) * 8)
+        data["teacher"] = {"name": "resnet14", "checkpoint": str(tmp_path / "GARBAGE")}
     path = write_yaml(tmp_path / "bad.yaml", data)
     assert train_cli.main(["--config", str(path)]) == 1
-    assert message.lower() in capsys.readouterr().out.lower()
-    assert not (tmp_path / "run" / "last.pth").exists()
+    printed = capsys.readouterr().out
+    # one message (a dataset's spans a few lines: the expected layout), never a traceback
+    assert message.lower() in printed.lower() and " error: " in printed.splitlines()[0] and "Traceback" not in printed
+    assert not (tmp_path / "run").exists()  # no output directory, no .lock
 
 
 # ------------------------------------------------------------------------------------------------ quickstart
@@ -342,3 +350,39 @@ def test_resume_survives_a_torn_last_metrics_line(tmp_path: Path, teacher_file: 
     metrics.write_text(lines[0][:20] + "\n" + lines[1] + "\n")  # damage that is not a torn last line
     with pytest.raises(UserError, match=r"metrics\.jsonl, line 1: not a JSON record"):
         run(load(ctkd_config(tmp_path, teacher_file, epochs=3), tmp_path, "three.yaml"), resume="auto")
+
+
+def test_a_teacher_is_evaluated_once_per_teacher_file_and_test_split(
+    tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The runs of a table share their teacher: the second run with the same teacher file and test split reads the
+    first one's evaluation (the same numbers), another test split or another teacher file is evaluated again."""
+    evaluated = []
+    real = trainer.evaluate
+
+    def counting(model, *args, **kwargs):
+        if model is not None and any(m is model for m in evaluated_teachers):
+            evaluated.append(1)
+        return real(model, *args, **kwargs)
+
+    evaluated_teachers = []
+    real_teacher_eval = trainer._evaluate_teacher
+
+    def watch(exp, cfg, sha):
+        evaluated_teachers.append(exp.distiller.teacher)
+        return real_teacher_eval(exp, cfg, sha)
+
+    monkeypatch.setattr(trainer, "evaluate", counting)
+    monkeypatch.setattr(trainer, "_evaluate_teacher", watch)
+    first = run(load(ctkd_config(tmp_path, teacher_file, "first", epochs=1), tmp_path, "first.yaml"))
+    second = run(load(ctkd_config(tmp_path, teacher_file, "second", epochs=1, seed=1), tmp_path, "second.yaml"))
+    assert len(evaluated) == 1 and second["teacher_acc1"] == first["teacher_acc1"]
+    other_split = ctkd_config(tmp_path, teacher_file, "third", epochs=1, data={"test_size": 50})
+    run(load(other_split, tmp_path, "third.yaml"))
+    assert len(evaluated) == 2
+    copy = tmp_path / "copy.pth"
+    state = torch.load(teacher_file, weights_only=True)
+    state["model"]["fc.bias"] = state["model"]["fc.bias"] + 1.0
+    torch.save(state, copy)
+    run(load(ctkd_config(tmp_path, copy, "fourth", epochs=1), tmp_path, "fourth.yaml"))
+    assert len(evaluated) == 3
