@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
+from ctkd.cli import exit_with
 from ctkd.registry import Registry
 
 # the registries a user can list, by the plural a config reader would type: (module, registry attribute); each is
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

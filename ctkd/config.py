@@ -384,6 +384,12 @@ def _unused_section_problems(cfg: Config, method: Any) -> list[tuple[_KeyPath, s
 def _cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
     """All rules that involve more than one field, as (key the problem is reported at, message)."""
     problems: list[tuple[_KeyPath, str]] = []
+    if cfg.optimizer.warmup_epochs >= cfg.epochs:
+        problems.append((
+            ("optimizer", "warmup_epochs"),
+            f"'optimizer.warmup_epochs' ({cfg.optimizer.warmup_epochs:g}) must be less than 'epochs' ({cfg.epochs}): "
+            "the LR would never reach optimizer.lr; shorten the warm-up or train longer",
+        ))
     if cfg.checkpoint.keep_last < 2:
         problems.append((
             ("checkpoint", "keep_last"),

@@ -26,11 +26,21 @@ def config_of_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = ()) 
     matches = identify_architectures(extract_state_dict(state, checkpoint), num_classes=100)
     arch = matches[0] if matches else "ARCH"
     found = f" (its weights match: {', '.join(matches)})" if matches else ""
+    example = suggested_config(arch)
     raise CheckpointError(
         f"{checkpoint} is not a ctkd run checkpoint and carries no config{found}: pass --config FILE for the dataset "
-        f"and student.name={arch}, e.g. eval.py --config configs/cifar100/teachers/{arch}.yaml "
-        f"--checkpoint {checkpoint} student.name={arch}"
+        f"and student.name={arch}, e.g. eval.py --config {example} --checkpoint {checkpoint} student.name={arch}"
     )
+
+
+def suggested_config(arch: str) -> str:
+    """A config file to evaluate architecture `arch` with that exists: its CIFAR-100 teacher config, else the CIFAR-100
+    protocol every config there builds on, else the placeholder FILE."""
+    shipped = (Path("configs/cifar100/teachers") / f"{arch}.yaml", Path("configs/cifar100/_base_/cifar100.yaml"))
+    for candidate in shipped:
+        if candidate.is_file():
+            return str(candidate)
+    return "FILE"
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:

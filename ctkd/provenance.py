@@ -47,10 +47,21 @@ def git_revision(repo: Path = _REPO) -> str | None:
 
 
 def device_name(device: torch.device) -> str:
-    """The accelerator's name, or the CPU's."""
+    """'cuda: <the GPU's name>', or 'cpu: <the processor's model name>' (its architecture where that is unknown)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {_cpu_model() or platform.processor() or platform.machine() or 'unknown'}"
+
+
+def _cpu_model() -> str | None:
+    """The processor's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def provenance(
@@ -63,7 +74,7 @@ def provenance(
         "config_sha256": experiment_hash(cfg, varies_freely),
         "git_revision": git_revision(),
         "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,  # the CUDA of a GPU run; none on a CPU
         "python": platform.python_version(),
         "device": device_name(device),
         "world_size": world_size,

@@ -405,6 +405,7 @@ def _train_experiment(
         if resume_path is not None and position is not None:
             _continue_series(checkpoints.writer, resume_path, position, output_dir)
     teacher_metrics = _evaluate_teacher(exp, cfg, teacher_sha256)
+    get_logger().info(startup_block(exp, cfg, teacher_metrics, teacher_sha256, resume_path))
     origin = None
     if ctx.is_main:  # hashed at start-up: the file this run was built from (a resume may point at a moved copy)
         origin = provenance(cfg, varies_freely=_resumable, device=ctx.device, world_size=ctx.world_size,
@@ -449,6 +450,33 @@ def _record_failure(output_dir: Path, error: BaseException, ctx: DistributedCont
         reason = " ".join(f"{type(error).__name__}: {error}".split()) if not isinstance(error, UserError) else (
             " ".join(str(error).split()))
         atomic_write_text(output_dir / FAILED_FILE, f"1\n{reason}\n")
+
+
+def startup_block(exp: Experiment, cfg: Config, teacher: dict[str, Any] | None, teacher_sha256: str | None,
+                  resume_path: Path | None) -> str:
+    """What the run is about to do, in one block: data, teacher, student, processes and batch, output."""
+    train, test = exp.train_loader.dataset.dataset, exp.test_loader.dataset.dataset
+    where = "generated" if cfg.data.name == "synthetic" else f"from {Path(cfg.data.root).resolve()}"
+    lines = [f"{cfg.method.name} run of {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}:",
+             f"  data      {cfg.data.name} ({where}): {train.num_classes} classes, {len(train)} training and "
+             f"{len(test)} test images"]
+    if teacher is not None:
+        source = (f"{cfg.teacher.checkpoint} (SHA-256 {teacher_sha256[:12]}…)" if cfg.teacher.checkpoint
+                  and teacher_sha256 else "the library's pretrained weights")
+        lines.append(f"  teacher   {cfg.teacher.name} from {source}: test top-1 {teacher['acc1']:.2f}%, top-5 "
+                     f"{teacher['acc5']:.2f}%{teacher.get('note', '')}")
+        lines.append(f"  τ         {cfg.temperature.name}" + (f", λ curriculum {cfg.curriculum.name}"
+                                                              if cfg.temperature.learnable else ""))
+    start = (f"weights from {cfg.student.weights}" if cfg.student.weights else
+             "the library's pretrained weights" if cfg.student.pretrained else "a random initialisation")
+    lines.append(f"  student   {cfg.student.name} from {start}")
+    world = exp.ctx.world_size
+    per_rank = f" ({cfg.data.batch_size // world} per process)" if world > 1 else ""
+    lines.append(f"  processes {world} on {exp.device.type}, global batch {cfg.data.batch_size}{per_rank}, "
+                 f"{len(exp.train_loader)} steps per epoch")
+    state = f"continuing from {resume_path}" if resume_path is not None else "a new run"
+    lines.append(f"  output    {cfg.output_dir} ({state})")
+    return "\n".join(lines)
 
 
 def _newest_checkpoint_note(output_dir: Path) -> str:
@@ -535,7 +563,7 @@ def _evaluate_teacher(exp: Experiment, cfg: Config, teacher_sha256: str | None) 
         metrics, note = evaluate(teacher, exp.test_loader, exp.device, exp.distiller.runtime), ""
         if key is not None and exp.ctx.is_main:
             write_cached(TEACHER_EVAL, key, metrics, inputs)
-    get_logger().info(f"teacher {cfg.teacher.name}: top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%{note}")
+    metrics = {**metrics, "note": note}
     return metrics
 
 

@@ -58,12 +58,14 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _how_to_get(root: Path) -> str:
+def _how_to_get(root: Path, downloading: bool = False) -> str:
+    """The expected layout and how to get it; `downloading`: the download was tried, so only the manual way."""
+    automatic = "" if downloading else "set `data.download: true` (or call with download=True), or "
     return (
         f"Expected layout: {root}/{FOLDER}/{{train,test,meta}}, the Python version of CIFAR-100 as extracted "
         f"from {URL.rsplit('/', 1)[1]}.\n"
-        f"To get it, set `data.download: true` (or call with download=True), or download {URL} "
-        f"(MD5 {ARCHIVE_MD5}) and extract it into {root}."
+        f"To get it, {automatic}download {URL} (MD5 {ARCHIVE_MD5}) on a machine with internet and extract it into "
+        f"{root} (tar xzf {URL.rsplit('/', 1)[1]} -C {root})."
     )
 
 
@@ -181,15 +183,26 @@ def _download(root: Path) -> None:
         tv_utils.download_and_extract_archive(URL, download_root=str(root), md5=ARCHIVE_MD5)
     except OSError as exc:  # no network, refused or reset connection (URLError is an OSError)
         raise DatasetError(
-            f"Could not download {URL} into {root} ({exc}). Download it by hand and extract it there.\n"
-            f"{_how_to_get(root)}"
+            f"data.download is true, but downloading {URL} into {root} failed: {_network_reason(exc)}. "
+            f"Place the files by hand instead.\n{_how_to_get(root, downloading=True)}"
         ) from exc
     except RuntimeError as exc:  # torchvision's "File not found or corrupted." after a failed MD5 check
         actual = _md5(archive) if archive.is_file() else "unavailable (no file)"
         raise DatasetError(
             f"Downloaded archive {archive} failed its checksum: MD5 {actual}, expected {ARCHIVE_MD5} "
-            f"(torchvision: {exc}). Delete it and try again.\n{_how_to_get(root)}"
+            f"(torchvision: {exc}). Delete it and try again.\n{_how_to_get(root, downloading=True)}"
         ) from exc
+
+
+def _network_reason(exc: OSError) -> str:
+    """What failed, in words: the name lookup, the connection, the server's answer, or the disk."""
+    reason = getattr(exc, "reason", exc)  # urllib's URLError wraps the socket error
+    text = str(reason)
+    if "Name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text:
+        return f"the host name could not be resolved (no network or no DNS?): {text}"
+    if getattr(exc, "code", None) is not None:  # an HTTP error: the server answered
+        return f"the server answered HTTP {exc.code} ({getattr(exc, 'reason', '')})"
+    return f"{type(reason).__name__}: {text}"
 
 
 @dataclass(frozen=True)

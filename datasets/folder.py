@@ -175,12 +175,14 @@ class ImageFolderSource:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         max_bad_images: int = 0,
+        training: bool = False,
     ) -> None:
         """`files` are paths relative to `folder` (the split's folder); `targets[k]` is the label of `files[k]`, and
         the labels are sorted (each class's files are contiguous, as `_list_files` lists them).
 
         `max_bad_images` > 0: up to that many unreadable files are replaced in training batches (see the module's
-        docstring); 0: an unreadable file stops the run.
+        docstring); 0: an unreadable file stops the run. `training`: this is the training split (its errors say
+        that data.max_bad_images can tolerate such files).
         """
         assert targets.dtype == torch.int64 and targets.shape == (len(files),)
         self.folder = str(folder)
@@ -191,6 +193,7 @@ class ImageFolderSource:
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.mean, self.std = tuple(mean), tuple(std)
         self.max_bad_images = max_bad_images
+        self.training = training
         # per sample: 1 + the last epoch its file was found unreadable (0: never). In shared memory, so that what
         # the loader's worker processes find is seen by the training process (and by the other workers).
         self._bad = torch.zeros(len(files), dtype=torch.int32).share_memory_() if max_bad_images > 0 else None
@@ -228,10 +231,12 @@ class ImageFolderSource:
         # PIL reports unreadable files with many exception types (OSError, SyntaxError, ValueError,
         # DecompressionBombError, ...); all mean this file cannot be used.
         except Exception as exc:
+            tolerate = (" (or set data.max_bad_images: N to replace up to N unreadable training images by readable "
+                        "ones of their class)" if self.training and self.max_bad_images == 0 else "")
             raise ImageDecodeError(
                 f"image file {path} (sample {index} of the split in {self.folder}) cannot be read: "
                 f"{type(exc).__name__}: {exc}. Replace it with a valid image (e.g. copy it again from the "
-                "original archive) or delete it"
+                f"original archive) or delete it{tolerate}"
             ) from exc
 
     def transform(self, image: Image.Image, index: int, *, epoch: int, train: bool, seed: int) -> Tensor:
@@ -386,23 +391,49 @@ def _class_folders(split_dir: Path, split: str, describe: _Describe) -> list[str
     return sorted(classes)
 
 
-def _list_files(split_dir: Path, classes: Sequence[str], split: str, describe: _Describe) -> tuple[list[str], Tensor]:
-    """Image paths relative to `split_dir` and their labels, in torchvision ImageFolder's order (no image opened)."""
+_WARNED_NON_IMAGES: set[str] = set()  # split folders whose non-image files were reported (once per process)
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether `folder` (or a folder below it) holds an image file; stops at the first one."""
+    return any(_is_image(f) for _, _, names in os.walk(folder, followlinks=True) for f in names)
+
+
+def _list_files(
+    split_dir: Path, classes: Sequence[str], split: str, describe: _Describe, others: Sequence[tuple[str, Path]] = ()
+) -> tuple[list[str], Tensor]:
+    """Image paths relative to `split_dir` and their labels, in torchvision ImageFolder's order (no image opened).
+
+    Files that are not images are left out, and said so once; an empty class folder is an error naming it, with
+    every split (of `others`: (split, folder)) in which it is empty."""
     files: list[str] = []
     counts: list[int] = []
+    skipped: list[str] = []
     prefix = len(str(split_dir)) + 1
     for name in classes:
         before = len(files)
         for folder, _, names in sorted(os.walk(split_dir / name, followlinks=True)):
             relative = folder[prefix:]
-            files.extend(os.path.join(relative, f) for f in sorted(names) if _is_image(f))
+            for f in sorted(names):
+                (files if _is_image(f) else skipped).append(os.path.join(relative, f))
         counts.append(len(files) - before)
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
+        where = [f"in {split} ({split_dir}): {_examples(empty)}"]
+        for other, other_dir in others:
+            also = [name for name in empty if not _has_image(other_dir / name)]
+            if also:
+                where.append(f"in {other} ({other_dir}) too: {_examples(also)}")
         raise DatasetError(
-            f"{describe.title} {split} folder {split_dir}: class folder(s) {_examples(empty)} hold no image files "
-            f"(extensions {', '.join(image_extensions())}). Put the class's images there or remove the folder from "
-            f"every split.\n{describe.layout}"
+            f"{describe.title}: class folders hold no image files (extensions {', '.join(image_extensions())}) "
+            f"{'; '.join(where)}. Put the class's images there or remove the folder from every split.\n"
+            f"{describe.layout}"
+        )
+    if skipped and str(split_dir) not in _WARNED_NON_IMAGES:
+        _WARNED_NON_IMAGES.add(str(split_dir))
+        get_logger().warning(
+            f"warning: {describe.title} {split} folder {split_dir}: {len(skipped)} file(s) in class folders are not "
+            f"images (by their extension) and are left out: {_examples(skipped)}"
         )
     targets = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(counts, dtype=torch.int64))
     return files, targets
@@ -478,11 +509,12 @@ def _build(
                 f"[{_examples(only_there)}]. Both splits need the same class folders (label k is the k-th name in "
                 f"sorted order).\n{describe.layout}"
             )
-    files, targets = _list_files(split_dir, classes, split, describe)
+    others = [(other, other_dir)] if other_dir.is_dir() else []
+    files, targets = _list_files(split_dir, classes, split, describe, others)
     return ImageFolderSource(
         folder=split_dir, files=files, targets=targets, classes=classes, image_size=image_size,
         resize_size=resize_size, crop_scale=crop_scale, mean=mean, std=std,
-        max_bad_images=max_bad_images if train else 0,
+        max_bad_images=max_bad_images if train else 0, training=train,
     )
 
 

@@ -28,7 +28,9 @@ try:
 except ImportError:  # run as `python scripts/make_table.py` without an install: only scripts/ is on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctkd.cli import exit_with  # noqa: E402
 from ctkd.errors import UserError  # noqa: E402
+from ctkd.plotting import epoch_axis  # noqa: E402
 from ctkd.runs import RunFileError, config_value, read_config, read_metrics, read_results  # noqa: E402
 from ctkd.tables import (  # noqa: E402
     DEFAULT_RUNS_ROOT,
@@ -358,8 +360,6 @@ def mean_curve(runs: CellRuns, key: str) -> tuple[list[int], list[float]]:
 def draw_panels(plt: Any, table: Table, cells: dict[tuple[str, str], CellRuns], key: str, ylabel: str,
                 title: str, path: Path) -> bool:
     """One panel per table row, one line per cell (mean over seeds); False (nothing written) without data."""
-    from matplotlib.ticker import MaxNLocator
-
     panels = {}
     for row, row_label in table.rows.items():
         lines = [(table.columns[c], mean_curve(cells[(row, c)], key), len(cells[(row, c)].records))
@@ -381,8 +381,7 @@ def draw_panels(plt: Any, table: Table, cells: dict[tuple[str, str], CellRuns], 
             ax.plot(epochs, values, marker=marker, markersize=3, color=colors[index % len(colors)],
                     label=f"{label}{seeds}")
         ax.set_title(row_label, fontsize="medium")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, [epoch for _, (epochs, _), _ in lines for epoch in epochs])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
@@ -487,4 +486,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -20,6 +20,7 @@ try:
 except ImportError:  # run as `python scripts/plot_run.py` without an install: only scripts/ is on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctkd.plotting import epoch_axis  # noqa: E402
 from ctkd.runs import RunFileError, read_metrics  # noqa: E402
 
 PROG = "plot_run.py"
@@ -101,16 +102,15 @@ def _points(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], lis
 
 def draw_figure(plt: Any, spec: FigureSpec, runs: Sequence[Run], path: Path) -> bool:
     """Draw `spec` for `runs` (one colour per run, one line style per key) into `path`; False if nothing to draw."""
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    drawn = 0
+    drawn, all_epochs = 0, []
     for index, run in enumerate(runs):
         for key, style in spec.series:
             epochs, values = _points(run.records, key)
             if not epochs:
                 continue  # e.g. train_loss_kd of a vanilla run
+            all_epochs += epochs
             label = run.label if len(spec.series) == 1 else f"{run.label}: {key}"
             marker = "o" if len(epochs) <= MARKER_MAX_EPOCHS else None
             ax.plot(epochs, values, linestyle=style, marker=marker, markersize=3, color=colors[index % len(colors)],
@@ -118,9 +118,8 @@ def draw_figure(plt: Any, spec: FigureSpec, runs: Sequence[Run], path: Path) -> 
             drawn += 1
     if drawn:
         ax.set_title(spec.title if len(runs) > 1 else f"{spec.title}: {runs[0].label}")
-        ax.set_xlabel("epoch")
+        epoch_axis(ax, all_epochs)
         ax.set_ylabel(spec.ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()

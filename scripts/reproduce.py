@@ -35,6 +35,7 @@ try:
 except ImportError:  # run as `python scripts/reproduce.py` without an install: only scripts/ is on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctkd.cli import exit_with  # noqa: E402
 from ctkd.errors import UserError  # noqa: E402
 from ctkd.runs import LOCK_FD_ENV, release_run_lock, try_lock_run  # noqa: E402
 from ctkd.tables import (  # noqa: E402
@@ -590,4 +591,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -17,6 +17,7 @@ try:
 except ImportError:  # run as `python scripts/summarize_runs.py` without an install: only scripts/ is on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctkd.cli import exit_with  # noqa: E402
 from ctkd.runs import RunSummary, summarize_runs  # noqa: E402
 
 COLUMNS = (
@@ -97,4 +98,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

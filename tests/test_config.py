@@ -535,3 +535,9 @@ def test_a_checkpoints_config_of_the_flat_schema_is_upgraded_to_the_same_experim
     old = config_to_dict(learned)
     old["curriculum"] = {"name": "constant", "lambda_min": 0.0, "lambda_max": 0.5, "loops": 10}
     assert config_from_dict(upgrade_saved_config(old), "stored") == learned
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "epochs: 5\noptimizer: {warmup_epochs: 5}\n")
+    assert "'optimizer.warmup_epochs' (5) must be less than 'epochs' (5)" in message
+    assert load_text(tmp_path, "epochs: 5\noptimizer: {warmup_epochs: 4.5}\n").optimizer.warmup_epochs == 4.5

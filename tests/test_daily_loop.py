@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import ctkd.models as models
 import eval as eval_cli
 import train as train_cli
 from conftest import REPO_ROOT, ctkd_config, load, tiny_run_config, write_yaml
@@ -249,3 +251,17 @@ def test_metrics_floats_carry_no_noise_and_time_is_not_a_param(tmp_path: Path) -
     assert 0.05 * 0.1 * 0.1 != 0.0005  # the schedule's product is noisy in binary floating point ...
     assert lrs == [0.05, 0.005, 0.0005]  # ... the log is not
     assert _tensorboard_tag("epoch_time") == "time/epoch_s" and _tensorboard_tag("tau_last") == "params/tau_last"
+
+
+@pytest.mark.parametrize("arch", ["resnet56", "resnet14"])
+def test_eval_of_a_bare_weights_file_suggests_only_a_config_that_exists(tmp_path: Path, arch: str) -> None:
+    """resnet56 has a shipped teacher config; resnet14 has none, so the example names a file that exists instead."""
+    from ctkd.evaluation import config_of_checkpoint
+
+    path = tmp_path / f"{arch}.pth"
+    torch.save({"model": models.build_model(arch, num_classes=100).state_dict()}, path)
+    with pytest.raises(CheckpointError) as info:
+        config_of_checkpoint(path)
+    example = str(info.value).split("eval.py --config ", 1)[1].split(" ", 1)[0]
+    assert (REPO_ROOT / example).is_file(), example
+    assert example.endswith(f"teachers/{arch}.yaml") == (arch == "resnet56")

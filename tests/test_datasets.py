@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import tarfile
 import time
 import urllib.error
@@ -240,14 +241,26 @@ def test_download_wrong_md5_reported(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert hashlib.md5(archive.read_bytes()).hexdigest() in message and cifar.ARCHIVE_MD5 in message
 
 
-def test_download_network_failure_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("failure,said", [
+    (urllib.error.URLError(socket.gaierror(-2, "Name or service not known")), "the host name could not be resolved"),
+    (urllib.error.HTTPError(cifar.URL, 503, "Service Unavailable", {}, None), "the server answered HTTP 503"),
+    (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), "ConnectionRefusedError"),
+])
+def test_download_network_failure_says_what_failed_and_how_to_place_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: OSError, said: str
+) -> None:
+    """data.download is already true: the message says what failed and how to place the files by hand, not to set
+    data.download: true."""
     def offline(url: str, max_hops: int = 3) -> str:
-        raise urllib.error.URLError("no network")
+        raise failure
 
     monkeypatch.setattr(tv_utils, "_get_redirect_url", offline)
-    with pytest.raises(DatasetError, match="Could not download https://www.cs.toronto.edu") as info:
+    with pytest.raises(DatasetError) as info:
         build_dataset("cifar100", root=str(tmp_path), train=True, download=True)
-    _assert_how_to_get(str(info.value), tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"data.download is true, but downloading {cifar.URL} into {tmp_path} failed: ")
+    assert said in message and "Place the files by hand" in message and f"-C {tmp_path}" in message
+    assert "set `data.download: true`" not in message
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -238,6 +238,7 @@ def test_truncated_image_names_its_file_and_index(tree: Path) -> None:
         source.load_batch(torch.tensor([2, bad]), epoch=0, train=True, seed=0)
     assert source.path(bad) in str(info.value) and f"sample {bad} " in str(info.value)
     assert "truncated" in str(info.value)
+    assert "data.max_bad_images" in str(info.value)  # a training image: the budget that would tolerate it is named
     assert source.load_batch(torch.tensor([2, 7]), epoch=0, train=True, seed=0).shape == (2, 3, 32, 32)
 
 
@@ -255,6 +256,7 @@ def test_truncated_image_error_survives_the_worker_reraise(tree: Path) -> None:
     assert type(info.value) is ImageDecodeError
     assert source.path(bad) in message and f"sample {bad} " in message and "worker process" in message
     assert "Traceback" not in message and message.count("\n") == 0  # the one-line user error, not a traceback
+    assert "data.max_bad_images" not in message  # a test image is never replaced
 
 
 # ---------------------------------------------------------------------------------------------- layout errors
@@ -299,6 +301,29 @@ def test_empty_class_folder_is_named(tree: Path) -> None:
     (tree / "train" / "n00000002" / "readme.txt").write_text("no images here")
     message = _error(tree, train=True)
     assert "n00000002" in message and "hold no image files" in message and str(tree.resolve() / "train") in message
+
+
+def test_a_class_folder_empty_in_both_splits_is_named_in_both(tree: Path) -> None:
+    for split in ("train", "val"):
+        for file in (tree / split / "n00000002").iterdir():
+            file.unlink()
+    for train in (True, False):
+        message = _error(tree, train=train)
+        first, second = ("train", "val") if train else ("val", "train")
+        assert f"in {first} ({tree.resolve() / first}): n00000002" in message
+        assert f"in {second} ({tree.resolve() / second}) too: n00000002" in message
+
+
+def test_non_image_files_in_class_folders_are_reported_once(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tree / "train" / "n00000001" / "notes.txt").write_text("not an image")
+    (tree / "train" / "n00000001" / "scan.pdf").write_bytes(b"%PDF")
+    with caplog.at_level("WARNING", logger="ctkd"):
+        first = _imagenet(tree, train=True)
+        _imagenet(tree, train=True)  # a run lists a split more than once
+    warnings = [r.getMessage() for r in caplog.records if "are not images" in r.getMessage()]
+    assert len(warnings) == 1 and "2 file(s)" in warnings[0]
+    assert "n00000001/notes.txt" in warnings[0] and "n00000001/scan.pdf" in warnings[0]
+    assert len(first) == 12  # left out of the split
 
 
 def test_class_count_must_match_num_classes(tree: Path) -> None:

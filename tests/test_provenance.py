@@ -22,6 +22,12 @@ def test_results_record_their_provenance(tmp_path: Path, teacher_file: Path) -> 
     assert results["config_sha256"] == experiment_hash(cfg, _resumable) and len(results["config_sha256"]) == 64
     assert results["git_revision"] == git_revision()
     assert isinstance(results["device"], str) and results["device"]
+    if not torch.cuda.is_available():  # a CPU run says so: the processor's name, and no CUDA version
+        assert results["device"].startswith("cpu: ") and results["cuda"] is None
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if "model name" in cpuinfo:
+            model = next(line for line in cpuinfo.splitlines() if line.startswith("model name")).split(":", 1)[1]
+            assert results["device"] == f"cpu: {model.strip()}"
     vanilla = load(tiny_run_config(tmp_path, "plain", epochs=1), tmp_path, "plain.yaml")
     assert run(vanilla)["teacher_sha256"] is None
 

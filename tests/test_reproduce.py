@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -361,3 +362,19 @@ def test_slurm_writes_an_array_over_the_runs(table_file: Path, tmp_path: Path) -
 def test_only_index_out_of_range_is_an_input_error(table_file: Path, tmp_path: Path) -> None:
     done = reproduce(table_file, tmp_path / "runs", "--only-index", "4")
     assert done.returncode == 1 and "out of range: the table has 4 runs" in done.stderr
+
+
+def test_status_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`reproduce.py --status | head -1` on a table of 2,000 cells (far more than a pipe buffers): the reader goes
+    away after one line, and the runner ends quietly, without a BrokenPipeError traceback."""
+    config = write_yaml(tmp_path / "cfg" / "vanilla.yaml", tiny(tmp_path, "vanilla_default"))
+    columns = {f"c{i}": f"column {i}" for i in range(2000)}
+    table = write_yaml(tmp_path / "wide.yaml", {
+        "seeds": [0], "rows": {"r": "row"}, "columns": columns,
+        "cells": {"r": {column: {"config": str(config)} for column in columns}},
+    })
+    command = (f"{shlex.quote(sys.executable)} scripts/reproduce.py {shlex.quote(str(table))} --runs-root "
+               f"{shlex.quote(str(tmp_path / 'runs'))} --status | head -1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.startswith("wide: wide") and done.stderr == "" and done.returncode == 0, done.stderr

@@ -288,3 +288,23 @@ def test_plot_without_matplotlib_says_how_to_install_it(
     assert captured.err.strip() == plot_cli.MATPLOTLIB_MISSING
     assert "pip install matplotlib" in captured.err
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_one_epoch_run_is_plotted_on_whole_epochs(tmp_path: Path) -> None:
+    """One epoch: a tick at 1 and nothing fractional, not matplotlib's axis from 0.95 to 1.05 ticked at 0.96 ...;
+    a long run keeps integer ticks."""
+    plt = plot_cli.import_pyplot()
+    from ctkd.plotting import epoch_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1], [50.0], marker="o")
+    epoch_axis(ax, [1])
+    fig.canvas.draw()
+    assert list(ax.get_xticks()) == [1.0] and ax.get_xlim() == (0.5, 1.5)
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot(range(1, 241), range(240))
+    epoch_axis(ax, range(1, 241))
+    fig.canvas.draw()
+    assert all(float(tick).is_integer() for tick in ax.get_xticks())
+    plt.close(fig)

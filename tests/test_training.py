@@ -386,3 +386,21 @@ def test_a_teacher_is_evaluated_once_per_teacher_file_and_test_split(
     torch.save(state, copy)
     run(load(ctkd_config(tmp_path, copy, "fourth", epochs=1), tmp_path, "fourth.yaml"))
     assert len(evaluated) == 3
+
+
+def test_a_run_says_what_it_is_about_to_do_in_one_block(
+    tmp_path: Path, teacher_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Data (classes, images per split, where from), teacher (file, architecture, accuracy), student, processes and
+    global batch, output directory: one block before the first epoch."""
+    path = write_yaml(tmp_path / "c.yaml", ctkd_config(tmp_path, teacher_file, epochs=1))
+    assert train_cli.main(["--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    block = printed.split("kd run of 1 epoch:\n", 1)[1].split("\n")[:6]
+    assert block[0] == "  data      synthetic (generated): 10 classes, 160 training and 70 test images"
+    assert block[1].startswith(f"  teacher   resnet14 from {teacher_file} (SHA-256 ") and "test top-1 " in block[1]
+    assert block[2] == "  τ         global, λ curriculum cosine"
+    assert block[3] == "  student   resnet8 from a random initialisation"
+    assert block[4] == "  processes 1 on cpu, global batch 32, 5 steps per epoch"
+    assert block[5] == f"  output    {tmp_path / 'run'} (a new run)"
+    assert printed.index("kd run of 1 epoch:") < printed.index("epoch 1/1 ")
