@@ -66,21 +66,22 @@ def train(cfg: Config, args: argparse.Namespace, rank: int, where: str) -> int:
     from ctkd.distributed import shutdown_distributed
     from ctkd.trainer import RunInterrupted, run
 
-    clean = False
     try:
         run(cfg, resume=args.resume)
-        clean = True
     except UserError as err:  # anything else is a bug or a system failure: it keeps its traceback
         get_logger().error(f"{where}error: {err}")
+        shutdown_distributed(clean=False)
         return 1
     except RunInterrupted as stop:
-        STOP.ignore_from_now()  # saved: nothing may kill this rank on its way out
-        clean = stop.signal_name != ""  # every rank stopped after the same step: they leave together
-        if rank == 0:  # every rank stops; one line says how to continue
-            get_logger().error(interrupted_message(stop, args))
+        with STOP.ignored():  # saved: nothing may kill this rank on its way out
+            if rank == 0:  # every rank stops; one line says how to continue
+                get_logger().error(interrupted_message(stop, args))
+            shutdown_distributed(clean=stop.signal_name != "")  # stopped after the same step: they leave together
         return PREEMPTED_EXIT_CODE  # 130, the shell's code for a Ctrl-C: scripts/slurm_train.sbatch requeues on it
-    finally:
-        shutdown_distributed(clean)
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed(clean=True)
     return 0
 
 

@@ -105,12 +105,20 @@ class StopFlag:
                 self._die(pending)
 
     @staticmethod
-    def ignore_from_now() -> None:
-        """Ignore the stop signals for the rest of the process: a run that stopped at its checkpoint is leaving, and
-        a late copy of the request (or torchrun's closing SIGTERM once a peer has exited) must not kill it on the
-        way out."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+    @contextlib.contextmanager
+    def ignored() -> Iterator[None]:
+        """Ignore the stop signals while the body runs: a run that stopped at its checkpoint is leaving, and a late
+        copy of the request (or torchrun's closing SIGTERM once a peer has exited) must not kill it on the way out.
+        The handlers are put back after (train.py may be called in a longer-lived process)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @property
     def name(self) -> str:

@@ -151,8 +151,13 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "train_one_epoch", ctrl_c)
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     assert train_cli.main(["--config", str(path)]) == 130
     assert "interrupted before anything was saved" in capsys.readouterr().out
+    # main() called from Python leaves the process's handlers as they were (processes it starts later inherit them)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

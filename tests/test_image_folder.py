@@ -314,13 +314,21 @@ def test_a_class_folder_empty_in_both_splits_is_named_in_both(tree: Path) -> Non
         assert f"in {second} ({tree.resolve() / second}) too: n00000002" in message
 
 
-def test_non_image_files_in_class_folders_are_reported_once(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_non_image_files_in_class_folders_are_reported_once(tree: Path) -> None:
+    import logging
+
     (tree / "train" / "n00000001" / "notes.txt").write_text("not an image")
     (tree / "train" / "n00000001" / "scan.pdf").write_bytes(b"%PDF")
-    with caplog.at_level("WARNING", logger="ctkd"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # the project's logger, whatever an earlier test configured for the console
+    logging.getLogger("ctkd").addHandler(handler)
+    try:
         first = _imagenet(tree, train=True)
         _imagenet(tree, train=True)  # a run lists a split more than once
-    warnings = [r.getMessage() for r in caplog.records if "are not images" in r.getMessage()]
+    finally:
+        logging.getLogger("ctkd").removeHandler(handler)
+    warnings = [r.getMessage() for r in records if "are not images" in r.getMessage()]
     assert len(warnings) == 1 and "2 file(s)" in warnings[0]
     assert "n00000001/notes.txt" in warnings[0] and "n00000001/scan.pdf" in warnings[0]
     assert len(first) == 12  # left out of the split

@@ -353,10 +353,13 @@ def test_resume_survives_a_torn_last_metrics_line(tmp_path: Path, teacher_file: 
 
 
 def test_a_teacher_is_evaluated_once_per_teacher_file_and_test_split(
-    tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The runs of a table share their teacher: the second run with the same teacher file and test split reads the
     first one's evaluation (the same numbers), another test split or another teacher file is evaluated again."""
+    from ctkd.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # empty: other tests evaluated this teacher too
     evaluated = []
     real = trainer.evaluate
 
