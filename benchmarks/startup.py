@@ -39,9 +39,11 @@ def timed(name, function):
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - began
     return wrapper
 
-for name, attribute in (("check the inputs", "check_inputs"), ("build the experiment", "build_experiment"),
-                        ("evaluate the teacher", "_evaluate_teacher"), ("train and evaluate the epochs", "_run_epoch")):
-    setattr(trainer, attribute, timed(name, getattr(trainer, attribute)))
+for name, owner, attribute in (("check the inputs", trainer, "check_inputs"),
+                               ("build the experiment", trainer, "build_experiment"),
+                               ("evaluate the teacher", trainer, "evaluate_teacher"),
+                               ("train and evaluate the epochs", trainer.Trainer, "run_epoch")):
+    setattr(owner, attribute, timed(name, getattr(owner, attribute)))
 began = time.perf_counter()
 cfg = load_config({config!r}, {overrides!r})
 phases["read the config"] = time.perf_counter() - began

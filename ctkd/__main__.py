@@ -12,8 +12,8 @@ from ctkd.registry import Registry
 REGISTRIES: dict[str, tuple[str, str]] = {
     "models": ("ctkd.models", "MODELS"),
     "methods": ("ctkd.methods", "METHODS"),
-    "temperatures": ("ctkd.temperature", "TEMPERATURES"),
-    "curricula": ("ctkd.curriculum", "CURRICULA"),
+    "temperatures": ("ctkd.temperatures", "TEMPERATURES"),
+    "curricula": ("ctkd.curricula", "CURRICULA"),
     "datasets": ("ctkd.datasets", "DATASETS"),
 }
 

@@ -15,17 +15,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ctkd import datasets, models
-from ctkd.checkpoint import CheckpointError, load_weights_strict
 from ctkd.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError, load_config
-from ctkd.curriculum import Curriculum, build_curriculum
+from ctkd.curricula import Curriculum, build_curriculum
 from ctkd.datasets.loader import build_loader
 from ctkd.distiller import Distiller, NetworkRuntime, build_distiller, measure_setup
 from ctkd.distributed import DistributedContext, main_process_first, resolve_device
+from ctkd.integrity import CheckpointError
 from ctkd.methods import METHODS
 from ctkd.models.fusion import fold_batchnorm
 from ctkd.optim import StepLRSchedule, build_lr_schedule, build_sgd
 from ctkd.system import tune_malloc
-from ctkd.temperature import LearnedTemperatureOptions, build_temperature
+from ctkd.temperatures import LearnedTemperatureOptions, build_temperature
+from ctkd.weights import load_weights_strict
 
 _log = logging.getLogger("ctkd.build")  # a child of the project's logger: printed like the run's messages
 
@@ -213,7 +214,7 @@ def _naming_file(key: str) -> Iterator[None]:
 def build_student(cfg: Config, num_classes: int) -> nn.Module:
     """Build `cfg.student.name` with `student.kwargs`, starting from the library's pretrained weights
     (`student.pretrained`; see models.build_model for a classifier of another size) or from the local file
-    `student.weights` (loaded strictly; any layout ctkd.checkpoint.extract_state_dict reads), else from scratch."""
+    `student.weights` (loaded strictly; any layout ctkd.weights.extract_state_dict reads), else from scratch."""
     student_cfg = cfg.student
     student = _build_network(
         "student", student_cfg.name, num_classes, student_cfg.kwargs, pretrained=student_cfg.pretrained

@@ -21,12 +21,19 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
-from ctkd.config import ConfigError
 from ctkd.datasets.hashing import seed_for
 from ctkd.datasets.loader import shard_sizes
-from ctkd.errors import UserError
+from ctkd.errors import ConfigError, UserError
+from ctkd.locks import (
+    RunLock,
+    adopt_run_lock,
+    check_free_space,
+    lock_holder,
+    lock_run,
+    prepare_output_dir,
+    try_lock_run,
+)
 from ctkd.logging import get_logger
-from ctkd.runs import RunLock, adopt_run_lock, check_free_space, lock_holder, lock_run, prepare_output_dir, try_lock_run
 
 T = TypeVar("T")
 
@@ -147,6 +154,24 @@ def gather_batch(x: Tensor, global_size: int) -> Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (one all-reduce; just `flag` for a single process)."""
+    if get_world_size() == 1:
+        return flag
+    tensor = torch.full((1,), 1.0 if flag else 0.0, device=device)
+    return bool(all_reduce(tensor).item() > 0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable: an `epoch_state`, RNG states), in rank order; a collective under DDP,
+    so every rank calls it (at checkpoints only)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s value of `obj` on every rank (pickled; for small decisions such as a resume path)."""
     if not dist.is_initialized():
@@ -156,10 +181,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
-def decide_on_main(ctx: DistributedContext, decide: Callable[[], T]) -> T | None:
+def decide_on_main(ctx: DistributedContext, decide: Callable[[], T], share: bool = False) -> T | None:
     """`decide()` on rank 0 alone; a UserError it raises is raised on every rank (so all stop together).
 
-    Returns its value on rank 0 and None on the other ranks.
+    Returns its value on rank 0 and None on the other ranks, or on every rank with `share` (a broadcast).
     """
     result, error = None, None
     if ctx.is_main:
@@ -167,7 +192,10 @@ def decide_on_main(ctx: DistributedContext, decide: Callable[[], T]) -> T | None
             result = decide()
         except UserError as err:
             error = err
-    error = broadcast_object(error)
+    if share:
+        error, result = broadcast_object((error, result))
+    else:
+        error = broadcast_object(error)
     if error is not None:
         raise error
     return result

@@ -8,3 +8,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error whose message alone tells the user what is wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration: the message names the source file or override, the dotted key and a fix."""

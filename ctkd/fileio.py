@@ -16,7 +16,7 @@ from typing import IO
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Create or replace `path` with what `write` writes into the binary handle it is given.
 
-    The handle is opened for reading too (``w+b``), so `write` may read back what it wrote (ctkd.checkpoint does, to
+    The handle is opened for reading too (``w+b``), so `write` may read back what it wrote (ctkd.integrity does, to
     checksum the bytes) before the file is fsynced and renamed.
     """
     path = Path(path)

@@ -41,7 +41,7 @@ def build_sgd(
             }
         )
     # fused: one kernel per device for all parameters, and the only implementation that takes `found_inf`, with which
-    # a non-finite step is skipped on the device (ctkd.engine.NonFiniteGuard); loop: torch's default on CPU
+    # a non-finite step is skipped on the device (ctkd.guard.NonFiniteGuard); loop: torch's default on CPU
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[implementation]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
     zero_momentum(optimizer)

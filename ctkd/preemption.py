@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PREEMPTED_EXIT_CODE = 130  # what train.py returns after a saved stop (the shell's code for Ctrl-C)
@@ -127,22 +126,3 @@ class StopFlag:
 
 
 STOP = StopFlag()
-
-
-def stop_agreed(step_count: int, interval: int, device: Any) -> bool:
-    """Whether every rank stops now, after `step_count` steps of the epoch.
-
-    One process reads its flag at every step boundary. Several agree once per `interval` steps (and at the epoch's
-    end, `interval` = 1) with one all-reduce of their flags, so they stop at the same step; between those points
-    they never read each other's flags.
-    """
-    import torch  # here: this module is read by train.py before torch is needed
-
-    from ctkd.distributed import all_reduce, get_world_size
-
-    if get_world_size() == 1:
-        return STOP.received is not None
-    if step_count % interval:
-        return False
-    flag = torch.full((1,), 1.0 if STOP.received is not None else 0.0, device=device)
-    return bool(all_reduce(flag).item() > 0)

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ctkd.config import Config, config_to_dict, flatten_keys
+from ctkd.keys import flatten_keys
+from ctkd.schema import Config, config_to_dict
 
 _REPO = Path(__file__).resolve().parents[1]
 

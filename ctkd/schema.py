@@ -1,197 +1,301 @@
-"""Validated config sections: frozen dataclasses whose fields carry their type and range rules.
+"""The schema of an experiment: `Config` and its sections, the rules between them, and where the options of each
+selected component (method, dataset, temperature, curriculum) come from.
 
-A section (a frozen dataclass deriving from `_Section`) checks and converts every field when it is built: int → float,
-list → tuple, ranges, choices. Components declare their own sections with `_spec` (the methods in ctkd/methods/ do);
-ctkd/config.py assembles them into the experiment's config and adds where each value came from to the errors.
+The sections of the experiment itself (model, teacher, loss, optimizer, runtime, logging, checkpoint, distributed)
+are defined here; a component's section is the options class of the component its `name` selects, looked up in that
+component's registry, which is imported only then (the components import torch).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import math
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
-from ctkd.errors import UserError
+from ctkd.keys import flatten_keys
+from ctkd.options import (  # noqa: F401  (LossConfig: the loss section, defined beside the methods' options)
+    CurriculumOptions,
+    DataOptions,
+    LossConfig,
+    MethodOptions,
+    Section,
+    TemperatureOptions,
+    spec,
+)
+
+_KeyPath = tuple[Any, ...]  # a dotted key as a tuple of its parts: ("optimizer", "lr")
+
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
-class ConfigError(UserError, ValueError):
-    """An invalid configuration: the message names the source file or override, the dotted key and a fix."""
+def dataset_options_class(name: str) -> type[DataOptions]:
+    """The options class of the dataset registered as `name` (its registry imported on first use: torch)."""
+    from ctkd.datasets import DATASETS
+
+    return DATASETS.get(name).Options
 
 
-def _spec(
-    default: Any,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    lt: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    increasing: bool = False,
-    bools: tuple[str, str] | None = None,
-) -> Any:
-    """A dataclass field with its validation rules in metadata (for a list field, `ge`/`gt` apply to each item).
-
-    `bools` = (for true, for false): the choices a bool stands for, in a string field that once was a bool.
-    """
-    rules = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "increasing": increasing, "bools": bools}
-    metadata = {k: v for k, v in rules.items() if v is not None and v is not False}
-    return field(default=default, metadata=metadata)
+def _default_data() -> DataOptions:
+    """The options of dataset cifar100 with their defaults."""
+    return dataset_options_class("cifar100")()
 
 
-class _FieldError(Exception):
-    """A problem with one field's value; the caller adds the key and the source."""
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The student network."""
+
+    name: str = "resnet20"  # registered model name (models/)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model's builder
+    pretrained: bool = False  # start from the library's own pretrained weights (torchvision./timm. models; online)
+    weights: str | None = None  # start from this local weights file instead (loaded strictly)
 
 
-class _Section:
-    """Mixin for config dataclasses: type-checks, converts (int → float, list → tuple) and range-checks fields."""
+@dataclass(frozen=True)
+class TeacherConfig(Section):
+    """The frozen teacher network of method kd."""
 
-    def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            try:
-                value = _validated(f, hints[f.name], getattr(self, f.name))
-            except _FieldError as err:
-                raise ConfigError(f"{type(self).__name__}.{f.name} {err}") from None
-            object.__setattr__(self, f.name, value)  # frozen: store the converted value
+    name: str | None = None  # registered model name; required by method kd
+    checkpoint: str | None = None  # path of the teacher's weights; required by method kd unless `pretrained`
+    train_config: str | None = None  # a config that trains this teacher, used when `checkpoint` does not exist yet
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model's builder
+    pretrained: bool = False  # use the library's own pretrained weights instead of `checkpoint` (online)
 
-    def problems(self) -> list[tuple[str, str]]:
-        """Rules between this section's own fields, as (key the problem is reported at, message); none by default."""
+
+def method_class(name: str) -> Any:
+    """The method registered as `name` (its registry imported on first use: torch)."""
+    from ctkd.methods import METHODS
+
+    return METHODS.get(name)
+
+
+def _default_method() -> MethodOptions:
+    """The options of method kd with their defaults."""
+    return method_class("kd").Options()
+
+
+def temperature_class(name: str) -> Any:
+    """The temperature registered as `name` (its registry imported on first use: torch)."""
+    from ctkd.temperatures import TEMPERATURES
+
+    return TEMPERATURES.get(name)
+
+
+def curriculum_class(name: str) -> Any:
+    """The curriculum registered as `name` (its registry imported on first use)."""
+    from ctkd.curricula import CURRICULA
+
+    return CURRICULA.get(name)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig(Section):
+    """SGD with momentum and a step learning-rate schedule."""
+
+    lr: float = spec(0.05, gt=0)  # initial learning rate
+    momentum: float = spec(0.9, ge=0, lt=1)  # SGD momentum
+    weight_decay: float = spec(5e-4, ge=0)  # L2 weight decay
+    lr_decay_epochs: tuple[int, ...] = spec((150, 180, 210), ge=1, increasing=True)  # epochs at which lr is decayed
+    lr_decay_rate: float = spec(0.1, gt=0)  # factor applied to lr at each decay epoch
+    # `step`: ×lr_decay_rate at each of lr_decay_epochs (the paper); `cosine`: per-iteration cosine decay to min_lr
+    schedule: str = spec("step", choices=("step", "cosine"))
+    warmup_epochs: float = spec(0.0, ge=0)  # linear per-iteration warm-up from lr·warmup_start_factor (any schedule)
+    warmup_start_factor: float = spec(0.001, gt=0, lt=1)  # LR multiplier at the first warm-up iteration
+    min_lr: float = spec(0.0, ge=0)  # `cosine`: LR reached at the last iteration
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Section):
+    """How the step runs on the device: numerics and memory layout (the defaults change results by float rounding
+    only; docs/benchmarks.md measures each)."""
+
+    amp: str = spec("off", choices=("off", "bf16", "fp16"))  # autocast of the networks (the KD loss and τ stay fp32)
+    # NHWC memory format for the networks and images: auto = on for CPU (oneDNN's convolutions, ~1.3x faster in fp32)
+    # and for CUDA with amp (tensor cores), off for fp32 CUDA; true/false are read as on/off
+    channels_last: str = spec("auto", choices=("auto", "on", "off"), bools=("on", "off"))
+    # torch.compile of student and teacher: auto = `default` on CUDA, off on CPU; reduce-overhead adds CUDA graphs
+    compile: str = spec("auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"))
+    # SGD kernel: fused (one kernel, skips a non-finite step on the device), foreach, or loop (torch's default and
+    # the authors': bit-identical to their updates; fused differs by float rounding), the last two read a flag per step
+    sgd: str = spec("fused", choices=("fused", "foreach", "loop"))
+    # fold the frozen teacher's BatchNorms into the convolutions before them: the same function up to float rounding,
+    # one pass over each activation fewer (models/fusion.py checks every fold against the unfolded teacher)
+    fold_teacher_bn: bool = True
+    tune_malloc: bool = True  # keep freed host memory for reuse (glibc): far fewer page faults per CPU step
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (CUDA; not bit-reproducible)
+    # bit-reproducible CUDA runs: deterministic cuDNN/cuBLAS kernels and torch.use_deterministic_algorithms (slower;
+    # overrides cudnn_benchmark). CPU runs are bit-reproducible without it
+    deterministic: bool = False
+    # in-memory datasets (CIFAR, synthetic) augmented in batches in the training process, on its device (the GPU's
+    # memory with CUDA), without loader workers: auto = on for them; off = loader workers (data.num_workers)
+    data_on_device: str = spec("auto", choices=("auto", "on", "off"))
+
+
+@dataclass(frozen=True)
+class LoggingConfig(Section):
+    """Where progress is reported."""
+
+    tensorboard: bool = True  # write TensorBoard event files into the run directory
+    progress_bar: bool = True  # show a tqdm bar (also quiet automatically when stderr is not a terminal)
+    interval: int = spec(100, ge=1)  # steps between reads of the device's non-finite-step flags (a host sync)
+    eval_every: int = spec(1, ge=1)  # evaluate every this many epochs (and always after the last)
+    checkpoint_every: int = spec(1, ge=1)  # write last.pth every this many epochs (and after the last)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(Section):
+    """Which checkpoints a run writes and keeps (when at epoch ends: logging.checkpoint_every)."""
+
+    keep_last: int = 2  # series checkpoints kept (ckpt-*.pth; last.pth copies the newest, best.pth is kept apart)
+    every_steps: int = spec(0, ge=0)  # also checkpoint every this many training steps (0: at epoch ends only)
+
+
+# Checked here for device: cpu, and again at start-up for device: auto on a machine without CUDA.
+SYNC_BN_NEEDS_CUDA = (
+    "'distributed.sync_bn' needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+    "set distributed.sync_bn=false or run on GPUs"
+)
+
+
+@dataclass(frozen=True)
+class DistributedConfig(Section):
+    """Multi-process training under torchrun (ignored by single-process runs)."""
+
+    timeout_s: float = spec(300.0, gt=0)  # how long a collective waits for a dead or hung rank before the job fails
+    sync_bn: bool = False  # convert the student's BatchNorm to SyncBatchNorm (CUDA only)
+
+
+@dataclass(frozen=True)
+class Config(Section):
+    """One experiment. The defaults are the authors' CIFAR-100 protocol."""
+
+    output_dir: str | None = None  # run directory; None → runs/<config path below configs/> (set by load_config)
+    seed: int = spec(0, ge=0)  # global random seed
+    device: str = spec("auto", choices=DEVICE_CHOICES)  # auto: cuda when available, else cpu
+    # the distillation method and its options: `kd`, `vanilla` (no teacher), `dkd`, ... (python -m ctkd list methods)
+    method: MethodOptions = field(default_factory=_default_method)
+    epochs: int = spec(240, ge=1)  # number of training epochs
+    data: DataOptions = field(default_factory=_default_data)  # dataset, its options and the loaders
+    student: ModelConfig = field(default_factory=ModelConfig)  # the network being trained
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen teacher (method kd)
+    loss: LossConfig = field(default_factory=LossConfig)  # loss weights
+    # distillation temperature and its options: fixed, global, instance (python -m ctkd list temperatures)
+    temperature: TemperatureOptions = field(default_factory=lambda: temperature_class("global").Options())
+    # λ curriculum of a learned τ and its options: cosine, linear, constant (python -m ctkd list curricula)
+    curriculum: CurriculumOptions = field(default_factory=lambda: curriculum_class("cosine").Options())
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and LR schedule
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # mixed precision, memory format
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress reporting
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint frequency and retention
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun settings
+
+
+def _changed_keys(section: str, value: Any, default: Any) -> list[str]:
+    """Dotted keys of `section` that were changed from `default`: its `name` when another component is selected, and
+    the keys whose values differ from their defaults in the selected component's options."""
+    renamed = [f"{section}.name"] if getattr(value, "name", None) != getattr(default, "name", None) else []
+    ours, theirs = flatten_keys(config_to_dict(value)), flatten_keys(config_to_dict(type(value)()))
+    return renamed + [f"{section}.{key}" for key in ours if key != "name" and ours[key] != theirs.get(key)]
+
+
+def _unused_section_problems(cfg: Config, method: Any) -> list[tuple[_KeyPath, str]]:
+    """Sections that the experiment never reads must stay at their defaults: a method without a teacher reads no
+    loss weights, temperature or curriculum, and a fixed τ no curriculum (a sweep over such a key would silently run
+    one experiment many times)."""
+    defaults = Config(output_dir=cfg.output_dir)
+    if not method.uses_teacher:
+        unused = [("loss", f"method {cfg.method.name} trains with plain cross-entropy")] + [
+            (name, f"method {cfg.method.name} has no teacher, so no temperature or curriculum")
+            for name in ("temperature", "curriculum")
+        ]
+    elif not cfg.temperature.learnable:
+        unused = [("curriculum", f"a {cfg.temperature.name} temperature has no parameters, so no curriculum on λ")]
+    else:
         return []
+    problems: list[tuple[_KeyPath, str]] = []
+    for section, why in unused:
+        changed = _changed_keys(section, getattr(cfg, section), getattr(defaults, section))
+        if changed:
+            problems.append(((section, changed[0].split(".", 1)[1]), (
+                f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but {why}: nothing reads "
+                f"{'it' if len(changed) == 1 else 'them'}; remove {'it' if len(changed) == 1 else 'them'}"
+            )))
+    return problems
 
 
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    """The resolved field types of a config dataclass (annotations are strings under `from __future__`)."""
-    return typing.get_type_hints(cls)
+def cross_field_problems(cfg: Config) -> list[tuple[_KeyPath, str]]:
+    """All rules that involve more than one field, as (key the problem is reported at, message)."""
+    problems: list[tuple[_KeyPath, str]] = []
+    if cfg.optimizer.warmup_epochs >= cfg.epochs:
+        problems.append((
+            ("optimizer", "warmup_epochs"),
+            f"'optimizer.warmup_epochs' ({cfg.optimizer.warmup_epochs:g}) must be less than 'epochs' ({cfg.epochs}): "
+            "the LR would never reach optimizer.lr; shorten the warm-up or train longer",
+        ))
+    if cfg.checkpoint.keep_last < 2:
+        problems.append((
+            ("checkpoint", "keep_last"),
+            f"'checkpoint.keep_last' is {cfg.checkpoint.keep_last}, but at least 2 checkpoints must be kept: a "
+            "machine that dies while the newest is written, or a newest one damaged on disk, must leave an intact "
+            "earlier one to resume from; set checkpoint.keep_last=2 or more",
+        ))
+    if cfg.distributed.sync_bn and cfg.device == "cpu":
+        problems.append((
+            ("distributed", "sync_bn"),
+            SYNC_BN_NEEDS_CUDA,
+        ))
+    teacher_fields = dataclasses.asdict(cfg.teacher)
+    name = cfg.method.name
+    method = method_class(name)
+    problems += _unused_section_problems(cfg, method)
+    if method.uses_teacher and cfg.temperature.learnable and cfg.loss.kd_weight == 0 and not method.uses_tau:
+        problems.append((
+            ("loss", "kd_weight"),
+            f"'loss.kd_weight' is 0, so the learned temperature ({cfg.temperature.name}) reaches no loss term of "
+            f"method {name} and would never change; give the KD term a weight, or use temperature.name: fixed",
+        ))
+    if method.uses_teacher:
+        needed = ("name",) if cfg.teacher.pretrained else ("name", "checkpoint")
+        missing = [f"teacher.{k}" for k in needed if teacher_fields[k] is None]
+        if missing:
+            problems.append((
+                ("method",),
+                f"method: {name} needs teacher.name and teacher.checkpoint, but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set; "
+                "set it, or use method: vanilla to train without a teacher",
+            ))
+    else:
+        used = [f"teacher.{k}" for k, v in teacher_fields.items() if v not in (None, False, {})]
+        if used:
+            problems.append((
+                ("teacher",),
+                f"teacher.* is unused with method: {name}; remove it (set: {', '.join(used)})",
+            ))
+    return problems
 
 
-def _optional_inner(hint: Any) -> Any | None:
-    """`X` for a hint `X | None`, else None."""
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0]
-    return None
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts, lists and scalars, for YAML, JSON and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(cfg)
 
 
-def _type_name(hint: Any) -> str:
-    """A type as error messages show it: 'int', 'float or null', 'list of int'."""
-    inner = _optional_inner(hint)
-    if inner is not None:
-        return f"{_type_name(inner)} or null"
-    if typing.get_origin(hint) is tuple:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    if typing.get_origin(hint) is dict:
-        return "mapping of names to values"
-    return "bool (true/false)" if hint is bool else hint.__name__
 
 
-def _describe(value: Any) -> str:
-    """A value as the error messages show it: its type and its repr."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"bool {str(value).lower()}"
-    return f"{type(value).__name__} {value!r}"
+# Sections whose options class is looked up by the section's `name` among the registered components.
+_NAMED_SECTIONS: dict[type, Any] = {
+    MethodOptions: lambda name: method_class(name).Options,
+    DataOptions: lambda name: dataset_options_class(name),
+    TemperatureOptions: lambda name: temperature_class(name).Options,
+    CurriculumOptions: lambda name: curriculum_class(name).Options,
+}
 
 
-def _type_fix(hint: Any, value: Any) -> str:
-    """How to fix a value of the wrong type."""
-    if value is None:
-        return "set a value (null is not allowed here)"
-    if hint is bool:
-        return "use true or false (in YAML 1.2, yes/no/on/off are strings)"
-    if hint is str:
-        return "quote it"
-    if typing.get_origin(hint) is tuple:
-        return "write a YAML list such as [150, 180, 210]"
-    if typing.get_origin(hint) is dict:
-        return "write a YAML mapping such as {drop_rate: 0.1}"
-    if isinstance(value, str):
-        from ctkd.config import _parse_yaml  # the config's YAML 1.2 reader (that module imports this one)
-
-        try:
-            parsed = _parse_yaml(value, "<value>")
-        except ConfigError:
-            parsed = None
-        if not isinstance(parsed, bool) and isinstance(parsed, int if hint is int else (int, float)):
-            return "remove the quotes"
-    return "write a whole number" if hint is int else "write a number"
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    """`value` checked against the type `hint` and converted (int → float, list → tuple); raises _FieldError."""
-    inner = _optional_inner(hint)
-    if inner is not None and value is None:
-        return None
-    base = hint if inner is None else inner
-    ok = False
-    if dataclasses.is_dataclass(base) or base in (bool, str):
-        ok = isinstance(value, base)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:
-            value = math.inf
-        if not math.isfinite(value):
-            raise _FieldError(f"must be a finite number, got {value}")
-        ok = True
-    elif typing.get_origin(base) is dict:
-        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
-        if ok:
-            return dict(value)
-    elif typing.get_origin(base) is tuple and isinstance(value, (list, tuple)):
-        item_hint = typing.get_args(base)[0]
-        items = []
-        for index, item in enumerate(value):
-            try:
-                items.append(_coerce(item_hint, item))
-            except _FieldError:
-                raise _FieldError(
-                    f"expects {_type_name(hint)}, got {_describe(list(value))} (item {index} is {_describe(item)})"
-                ) from None
-        return tuple(items)
-    if not ok:
-        raise _FieldError(f"expects {_type_name(hint)}, got {_describe(value)}; {_type_fix(base, value)}")
-    return value
-
-
-def _range_text(rules: Mapping[str, Any]) -> str:
-    """The allowed range of a numeric field as error messages show it: '> 0', '>= 1', 'in [0, 1)'."""
-    low = f"[{rules['ge']}" if "ge" in rules else f"({rules['gt']}" if "gt" in rules else None
-    if "lt" in rules:
-        return f"in {low}, {rules['lt']})" if low else f"< {rules['lt']}"
-    return f">= {rules['ge']}" if "ge" in rules else f"> {rules['gt']}"
-
-
-def _check_rules(rules: Mapping[str, Any], value: Any) -> None:
-    """Check a converted value against its field's metadata rules; raises _FieldError."""
-    items = value if isinstance(value, tuple) else (value,)
-    each = "each item " if isinstance(value, tuple) else ""
-    for item in items:
-        choices = rules.get("choices")
-        if choices and item not in choices:
-            close = difflib.get_close_matches(str(item), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise _FieldError(f"must be one of {', '.join(choices)}; got {item!r}.{hint}")
-        too_low = ("ge" in rules and item < rules["ge"]) or ("gt" in rules and item <= rules["gt"])
-        if too_low or ("lt" in rules and item >= rules["lt"]):
-            raise _FieldError(f"{each}must be {_range_text(rules)}, got {list(value) if each else value!r}")
-    if rules.get("increasing") and any(b <= a for a, b in zip(value, value[1:])):
-        raise _FieldError(f"must be strictly increasing, got {list(value)}; sort it and drop repeats")
-
-
-def _validated(f: dataclasses.Field, hint: Any, value: Any) -> Any:
-    """The value of field `f`, type-checked, converted and range-checked; raises _FieldError."""
-    if isinstance(value, bool) and "bools" in f.metadata:
-        value = f.metadata["bools"][0 if value else 1]
-    value = _coerce(hint, value)
-    if value is not None:
-        _check_rules(f.metadata, value)
-    return value
+def named_section_options(hint: Any) -> Any:
+    """For a field typed as a component kind's options base, the lookup name → that component's options class;
+    None for any other field."""
+    return _NAMED_SECTIONS.get(hint)

@@ -16,15 +16,13 @@ from ctkd.errors import UserError
 
 # the state of a run directory and its lock live in ctkd.runs (train.py uses them too); re-exported here for the
 # table scripts
+from ctkd.locks import LOCK_FILE, is_locked, lock_holder  # noqa: F401
 from ctkd.runs import (  # noqa: F401
     FAILED_FILE,
-    LOCK_FILE,
     RUN_STATES,
     RunFileError,
     RunStatus,
     inspect_run,
-    is_locked,
-    lock_holder,
     read_metrics,
     read_results,
 )

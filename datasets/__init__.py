@@ -12,32 +12,15 @@ Usage::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from ctkd.registry import Registry
+from ctkd.registry import import_submodules
 
-# Builders are called as builder(root=..., train=..., download=..., **options) and return a data source; each
-# carries its config section as `builder.Options` (a ctkd.config.DataConfig subclass whose extra fields are the
-# builder's options). Defined before the submodule imports below, which register into it.
-DATASETS = Registry("dataset")
+from .base import DATASETS, DatasetError, DataSource, ImageDataset
+from .folder import ImageFolderSource
+from .loader import Batch, BatchedDataset, EpochBatchSampler, build_loader, shard_sizes
 
-_B = TypeVar("_B", bound=Callable[..., Any])
-
-
-def register_dataset(name: str, options: type) -> Callable[[_B], _B]:
-    """Register a dataset builder under `name` with `options`, its config section (``data:`` keys)."""
-
-    def decorator(builder: _B) -> _B:
-        builder.Options = options  # type: ignore[attr-defined]
-        return DATASETS.register(name)(builder)
-
-    return decorator
-
-from . import cifar, folder, synthetic  # noqa: E402,F401  (importing registers the datasets)
-from .base import DatasetError, DataSource, ImageDataset  # noqa: E402
-from .folder import ImageFolderSource  # noqa: E402
-from .loader import Batch, BatchedDataset, EpochBatchSampler, build_loader, shard_sizes  # noqa: E402
+import_submodules(__name__, __path__)  # every dataset module registers its datasets
 
 __all__ = [
     "DATASETS",
@@ -50,12 +33,11 @@ __all__ = [
     "ImageFolderSource",
     "build_dataset",
     "build_loader",
-    "register_dataset",
     "shard_sizes",
 ]
 
 
-def _check_options(name: str, builder: Any, options: dict[str, Any]) -> None:
+def _check_builder_options(name: str, builder: Any, options: dict[str, Any]) -> None:
     """Reject option names the builder does not take, listing the ones it does (a typo is a config error)."""
     params = inspect.signature(builder).parameters
     accepted = sorted(set(params) - {"root", "train", "download"})
@@ -79,5 +61,5 @@ def build_dataset(name: str, *, root: str, train: bool, download: bool = False, 
         DatasetError: files missing or malformed (the message names the path and the remedy).
     """
     builder = DATASETS.get(name)
-    _check_options(name, builder, options)
+    _check_builder_options(name, builder, options)
     return builder(root=root, train=train, download=download, **options)

@@ -1,4 +1,5 @@
-"""The interface every dataset builder returns (`DataSource`), the in-memory `ImageDataset`, and `DatasetError`.
+"""The dataset registry, the interface every dataset builder returns (`DataSource`), the in-memory `ImageDataset`
+and `DatasetError`.
 
 A data source answers "these samples of epoch e, transformed" with `load_batch`; `BatchedDataset` (datasets/loader.py)
 calls it inside the DataLoader's workers, so a source may decode its samples there (datasets/folder.py reads image
@@ -14,8 +15,14 @@ import torch
 from torch import Tensor
 
 from ctkd.errors import UserError
+from ctkd.registry import Registry
 
 from .transforms import eval_transform, train_transform
+
+# Builders are called as builder(root=..., train=..., download=..., **options) and return a data source; each is
+# registered with its config section, ``@DATASETS.register(name, options=...)`` (a ctkd.options.DataOptions
+# subclass whose extra fields are the builder's options).
+DATASETS = Registry("dataset")
 
 
 class DatasetError(UserError, ValueError):

@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctkd.config import DataConfig
+from ctkd.options import DataOptions
 
-from . import register_dataset
-from .base import DatasetError, ImageDataset
+from .base import DATASETS, DatasetError, ImageDataset
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -206,13 +205,13 @@ def _network_reason(exc: OSError) -> str:
 
 
 @dataclass(frozen=True)
-class Cifar100Data(DataConfig):
+class Cifar100Data(DataOptions):
     """CIFAR-100 (the official Python pickles), no options beyond the common ones."""
 
     name: str = "cifar100"
 
 
-@register_dataset("cifar100", Cifar100Data)
+@DATASETS.register("cifar100", options=Cifar100Data)
 def cifar100(*, root: str | Path, train: bool, download: bool = False) -> ImageDataset:
     """Load one CIFAR-100 split into memory, downloading it first if asked and not already present.
 

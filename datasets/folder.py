@@ -37,11 +37,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ctkd.config import ConfigError, DataConfig, _spec
+from ctkd.errors import ConfigError
 from ctkd.logging import get_logger
+from ctkd.options import DataOptions, spec
 
-from . import register_dataset
-from .base import DatasetError
+from .base import DATASETS, DatasetError
 from .hashing import hash_keys, splitmix64
 from .transforms import normalize
 
@@ -459,7 +459,7 @@ def _option_problems(
     return problems
 
 
-def _check_options(
+def _check_transform_options(
     *, image_size: int, resize_size: int, crop_scale: Sequence[float], mean: Sequence[float], std: Sequence[float]
 ) -> None:
     """Raise a ConfigError listing `_option_problems` (from the config section and from a direct builder call)."""
@@ -485,7 +485,7 @@ def _build(
 ) -> ImageFolderSource:
     """One split of a folder dataset, after checking the layout of both splits' class folders (`max_bad_images`
     applies to the training split only)."""
-    _check_options(image_size=image_size, resize_size=resize_size, crop_scale=crop_scale, mean=mean, std=std)
+    _check_transform_options(image_size=image_size, resize_size=resize_size, crop_scale=crop_scale, mean=mean, std=std)
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         state = "is not a directory" if root.exists() else "does not exist"
@@ -545,25 +545,25 @@ def _imagenet_describe(root: Path) -> _Describe:
 
 
 @dataclass(frozen=True)
-class ImageNetData(DataConfig):
+class ImageNetData(DataOptions):
     """ImageNet-2012 (ILSVRC) as train/<wnid>/ and val/<wnid>/ folders of JPEGs, decoded per sample."""
 
     name: str = "imagenet"
-    image_size: int = _spec(224, ge=1)  # side of the random resized crop (train) and of the centre crop (test)
-    resize_size: int = _spec(256, ge=1)  # test images: shorter side resized to this before the centre crop
-    crop_scale: tuple[float, ...] = _spec(CROP_SCALE, gt=0)  # [low, high] area fraction of the train random crop
-    num_classes: int = _spec(1000, ge=2)  # class folders expected in each split (e.g. 10 for Imagenette)
-    max_bad_images: int = _spec(0, ge=0)  # unreadable training images replaced (and counted) before the run stops
+    image_size: int = spec(224, ge=1)  # side of the random resized crop (train) and of the centre crop (test)
+    resize_size: int = spec(256, ge=1)  # test images: shorter side resized to this before the centre crop
+    crop_scale: tuple[float, ...] = spec(CROP_SCALE, gt=0)  # [low, high] area fraction of the train random crop
+    num_classes: int = spec(1000, ge=2)  # class folders expected in each split (e.g. 10 for Imagenette)
+    max_bad_images: int = spec(0, ge=0)  # unreadable training images replaced (and counted) before the run stops
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_options(
+        _check_transform_options(
             image_size=self.image_size, resize_size=self.resize_size, crop_scale=self.crop_scale,
             mean=IMAGENET_MEAN, std=IMAGENET_STD,
         )
 
 
-@register_dataset("imagenet", ImageNetData)
+@DATASETS.register("imagenet", options=ImageNetData)
 def imagenet(
     *,
     root: str | Path,
@@ -604,29 +604,29 @@ def imagenet(
 
 
 @dataclass(frozen=True)
-class ImageFolderData(DataConfig):
+class ImageFolderData(DataOptions):
     """Any labelled folder tree <root>/<train_dir>/<class>/* and <root>/<val_dir>/<class>/*, at any resolution."""
 
     name: str = "image_folder"
     train_dir: str = "train"  # training split folder, below root
     val_dir: str = "val"  # test split folder, below root
-    image_size: int = _spec(224, ge=1)  # side of the random resized crop (train) and of the centre crop (test)
-    resize_size: int = _spec(256, ge=1)  # test images: shorter side resized to this before the centre crop
-    crop_scale: tuple[float, ...] = _spec(CROP_SCALE, gt=0)  # [low, high] area fraction of the train random crop
-    num_classes: int | None = _spec(None, ge=2)  # class folders expected in each split; null = as many as there are
+    image_size: int = spec(224, ge=1)  # side of the random resized crop (train) and of the centre crop (test)
+    resize_size: int = spec(256, ge=1)  # test images: shorter side resized to this before the centre crop
+    crop_scale: tuple[float, ...] = spec(CROP_SCALE, gt=0)  # [low, high] area fraction of the train random crop
+    num_classes: int | None = spec(None, ge=2)  # class folders expected in each split; null = as many as there are
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel mean of the [0, 1] pixels (R, G, B), for normalisation
-    std: tuple[float, ...] = _spec(IMAGENET_STD, gt=0)  # per-channel standard deviation (R, G, B)
-    max_bad_images: int = _spec(0, ge=0)  # unreadable training images replaced (and counted) before the run stops
+    std: tuple[float, ...] = spec(IMAGENET_STD, gt=0)  # per-channel standard deviation (R, G, B)
+    max_bad_images: int = spec(0, ge=0)  # unreadable training images replaced (and counted) before the run stops
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_options(
+        _check_transform_options(
             image_size=self.image_size, resize_size=self.resize_size, crop_scale=self.crop_scale, mean=self.mean,
             std=self.std,
         )
 
 
-@register_dataset("image_folder", ImageFolderData)
+@DATASETS.register("image_folder", options=ImageFolderData)
 def image_folder(
     *,
     root: str | Path,

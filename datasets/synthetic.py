@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import DataConfig, _spec
+from ctkd.options import DataOptions, spec
 
-from . import register_dataset
-from .base import ImageDataset
+from .base import DATASETS, ImageDataset
 from .cifar import MEAN as CIFAR_MEAN
 from .cifar import STD as CIFAR_STD
 from .hashing import seed_for
@@ -101,17 +100,17 @@ def _samples(protos: Tensor, size: int, gen: torch.Generator) -> tuple[Tensor, T
 
 
 @dataclass(frozen=True)
-class SyntheticData(DataConfig):
+class SyntheticData(DataOptions):
     """Random class-conditional CIFAR-shaped data for tests and debug runs (nothing to download)."""
 
     name: str = "synthetic"
-    num_classes: int = _spec(10, ge=2)  # number of classes
-    train_size: int = _spec(2000, ge=1)  # number of training samples
-    test_size: int = _spec(500, ge=1)  # number of test samples
+    num_classes: int = spec(10, ge=2)  # number of classes
+    train_size: int = spec(2000, ge=1)  # number of training samples
+    test_size: int = spec(500, ge=1)  # number of test samples
     seed: int = 0  # seed of the generator that draws the images (independent of the run's seed)
 
 
-@register_dataset("synthetic", SyntheticData)
+@DATASETS.register("synthetic", options=SyntheticData)
 def synthetic(
     *,
     root: str,

@@ -43,10 +43,12 @@ import torch
 from torch import nn
 
 from ctkd.errors import UserError
+from ctkd.registry import import_submodules
 
-from . import cifar, imagenet  # noqa: F401  (importing registers the architectures)
 from .base import MODELS, FeatureClassifier
 from .imagenet import PAPER_IMAGENET, PretrainedWeightsError, library_model, pretrained_num_classes
+
+import_submodules(__name__, __path__)  # the CIFAR zoo, the paper's ImageNet names and the library namespaces
 
 __all__ = [
     "MODELS", "PAPER_IMAGENET", "FeatureClassifier", "ModelArgumentError", "PretrainedWeightsError", "build_model",

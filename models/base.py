@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ctkd.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", with_options=False)  # a model's options are its builder's keyword arguments
 
 
 class FeatureClassifier(nn.Module, ABC):

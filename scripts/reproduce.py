@@ -37,7 +37,7 @@ except ImportError:  # run as `python scripts/reproduce.py` without an install: 
 
 from ctkd.cli import exit_with  # noqa: E402
 from ctkd.errors import UserError  # noqa: E402
-from ctkd.runs import LOCK_FD_ENV, release_run_lock, try_lock_run  # noqa: E402
+from ctkd.locks import LOCK_FD_ENV, release_run_lock, try_lock_run  # noqa: E402
 from ctkd.tables import (  # noqa: E402
     FAILED_FILE,
     RUN_STATES,

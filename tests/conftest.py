@@ -105,6 +105,15 @@ def first_batch_step(exp: Experiment, grl_lambda: float = 1.0) -> tuple[Tensors,
     return losses, {key: value.detach().clone() for key, value in exp.distiller.unwrapped.state_dict().items()}
 
 
+def train_epoch(exp: Experiment, cfg: Config, batches: object = None, *, grl_lambda: float = 1.0,
+                epoch: int = 1) -> tuple[dict, dict]:
+    """One epoch of `exp` as a run trains it (Trainer.train_epoch), over `batches` (default: its loader's epoch)."""
+    from ctkd.step import EpochRun
+    from ctkd.trainer import Trainer
+
+    return Trainer(exp, cfg).train_epoch(EpochRun.begin(exp, epoch, grl_lambda, None), batches)
+
+
 @pytest.fixture(scope="session")
 def golden() -> ModuleType:
     """tests/golden.py: deterministic weights, fixed inputs and the authors' logits and loss values."""

@@ -4,11 +4,12 @@ A test runs train.py in a subprocess with tests/ on PYTHONPATH and CTKD_TEST_KIL
 
     python -c "import fault_hooks; fault_hooks.main()" --config FILE [--resume auto] [KEY=VALUE ...]
 
-`main` installs the kill point (monkeypatching ctkd.trainer / ctkd.checkpoint functions by wrapping them), then runs
-train.py as `python train.py` would. CTKD_TEST_KILL is one of
+`main` installs the kill point (monkeypatching functions of ctkd.trainer, ctkd.integrity and ctkd.series by wrapping
+them), then runs train.py as `python train.py` would. CTKD_TEST_KILL is one of
 
 - ``step:E:S``: before step S (0-based) of epoch E, i.e. once S steps of it are done (after a checkpoint there);
-- ``eval:N``: inside the N-th evaluation of the process (epoch N's without a teacher), after its first batch;
+- ``eval:N``: inside the process's N-th evaluation of the student (epoch N's from a fresh start), after its first
+  batch;
 - ``save:NAME:PHASE``: while checkpoint file NAME (a glob, e.g. ``ckpt-e0002-s000003.pth``) is written: PHASE
   ``partial`` (half its bytes in the temporary file), ``written`` (the temporary file complete and fsynced, not
   renamed), ``renamed`` (in place under its name; last.pth not yet updated);
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import tiny_models  # noqa: F401  (registers tiny_dropout_mlp in the child process)
-from ctkd import checkpoint, trainer
+from ctkd import integrity, series, trainer
 
 ENV = "CTKD_TEST_KILL"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +75,15 @@ def _killing_before(batches: Iterable[Any], index: int, action: Any = None) -> I
 
 
 def _kill_at_step(epoch: int, step: int, action: Any = None) -> None:
-    real = trainer.train_one_epoch
+    real = trainer.Trainer.batches
 
-    def train_one_epoch(distiller, optimizer, loader, **kwargs):  # noqa: ANN001, ANN202
-        if kwargs["epoch"] == epoch:
-            loader = _killing_before(loader, step - kwargs.get("start_step", 0), action)
-        return real(distiller, optimizer, loader, **kwargs)
+    def batches(self, run):  # noqa: ANN001, ANN202
+        loader = real(self, run)
+        if run.epoch == epoch:
+            loader = _killing_before(loader, step - run.start_step, action)
+        return loader
 
-    trainer.train_one_epoch = train_one_epoch
+    trainer.Trainer.batches = batches
 
 
 def _signal_at_step(epoch: int, step: int, name: str, rank: str | None, group: bool = False) -> None:
@@ -112,7 +114,7 @@ def _signal_job(sig: signal.Signals) -> None:
 def _slow_save(pattern: str, seconds: float, rank: str | None, again: float | None) -> None:
     if rank is not None and os.environ.get("RANK", "0") != rank:
         return
-    real = checkpoint.atomic_write
+    real = integrity.atomic_write
 
     def atomic_write(path, write):  # noqa: ANN001, ANN202
         if fnmatch.fnmatch(Path(path).name, pattern):
@@ -124,7 +126,7 @@ def _slow_save(pattern: str, seconds: float, rank: str | None, again: float | No
             return real(path, slow_write)
         return real(path, write)
 
-    checkpoint.atomic_write = atomic_write
+    integrity.atomic_write = atomic_write
 
 
 def _kill_in_evaluation(number: int) -> None:
@@ -142,7 +144,7 @@ def _kill_in_evaluation(number: int) -> None:
 
 
 def _kill_in_save(pattern: str, phase: str) -> None:
-    real = checkpoint.atomic_write
+    real = integrity.atomic_write
 
     def atomic_write(path, write):  # noqa: ANN001, ANN202
         if not fnmatch.fnmatch(Path(path).name, pattern):
@@ -161,11 +163,11 @@ def _kill_in_save(pattern: str, phase: str) -> None:
             _die()
         return real(path, write_then_die)
 
-    checkpoint.atomic_write = atomic_write
+    integrity.atomic_write = atomic_write
 
 
 def _kill_in_prune(number: int) -> None:
-    real = checkpoint.CheckpointSeries.prune
+    real = series.CheckpointSeries.prune
     calls = 0
 
     def prune(self) -> None:  # noqa: ANN001
@@ -175,22 +177,22 @@ def _kill_in_prune(number: int) -> None:
             _die()
         real(self)
 
-    checkpoint.CheckpointSeries.prune = prune
+    series.CheckpointSeries.prune = prune
 
 
 def _fail_at_epoch(rank: int, epoch: int, how: str, spec: str) -> None:
     if int(os.environ.get("RANK", "0")) != rank:
         return
-    real = trainer._run_epoch
+    real = trainer.Trainer.run_epoch
 
-    def run_epoch(exp, cfg, number, *args, **kwargs):  # noqa: ANN001, ANN202
+    def run_epoch(self, number, *args, **kwargs):  # noqa: ANN001, ANN202
         if number == epoch:
             if how == "kill":
                 _die()
             raise RuntimeError(f"fault injected by {ENV}={spec}")
-        return real(exp, cfg, number, *args, **kwargs)
+        return real(self, number, *args, **kwargs)
 
-    trainer._run_epoch = run_epoch
+    trainer.Trainer.run_epoch = run_epoch
 
 
 def install(specs: str) -> None:

@@ -45,21 +45,23 @@ def test_the_training_step_never_syncs_the_host(tmp_path, monkeypatch) -> None:
     """A whole epoch of KD + CTKD with the data on the GPU under CUDA's sync debug mode set to error: any .item(),
     D2H copy or pageable H2D copy inside the loop raises. The two reads allowed by design are replaced: the
     per-interval flag check and the end-of-epoch summary."""
-    from ctkd import engine
     from ctkd.build import build_experiment
     from ctkd.distributed import DistributedContext
+    from ctkd.guard import NonFiniteGuard
+    from ctkd.step import EpochRun
+    from ctkd.totals import EpochTotals
+    from ctkd.trainer import Trainer
 
     cfg = _cuda_config(tmp_path, runtime={"compile": "off"})
     device = torch.device("cuda", 0)
     exp = build_experiment(cfg, DistributedContext(device=device))
-    exp.train_loader.sampler.set_epoch(1)
-    monkeypatch.setattr(engine.NonFiniteGuard, "check", lambda self: None)
-    monkeypatch.setattr(engine.EpochTotals, "summary", lambda self: {})
+    monkeypatch.setattr(NonFiniteGuard, "check", lambda self: None)
+    monkeypatch.setattr(EpochTotals, "summary", lambda self: {})
+    epoch_run = EpochRun.begin(exp, 1, 0.5, None)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        engine.train_one_epoch(exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=0.5, device=device,
-                               epoch=1)
+        Trainer(exp, cfg).train_epoch(epoch_run)
     finally:
         torch.cuda.set_sync_debug_mode("default")
         exp.close()

@@ -57,26 +57,30 @@ def test_kill_9_on_cuda_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_checkpoint_points_add_no_host_sync_to_the_step_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """train_one_epoch started at step 1 with checkpoint points that are not reached: under CUDA's sync debug mode
+    """An epoch started at step 1 with checkpoint points that are not reached: under CUDA's sync debug mode
     set to error, no step syncs (the batches are loaded beforehand: this is about the step loop; restoring a
     resumed epoch's sums copies them to the device once, before it)."""
-    from ctkd import engine
     from ctkd.build import build_experiment
     from ctkd.distributed import DistributedContext
+    from ctkd.guard import NonFiniteGuard
+    from ctkd.step import EpochRun
+    from ctkd.totals import EpochTotals
+    from ctkd.trainer import Trainer
 
-    cfg = load(dropout_config(tmp_path, "run", **_cuda_sections("off")), tmp_path)
+    sections = {**_cuda_sections("off"), "checkpoint": {"every_steps": 99}}
+    cfg = load(dropout_config(tmp_path, "run", **sections), tmp_path)
     device = torch.device("cuda", 0)
     exp = build_experiment(cfg, DistributedContext(device=device))
     exp.train_loader.sampler.set_epoch(1, start_batch=1)
     batches = list(exp.train_loader)
-    monkeypatch.setattr(engine.NonFiniteGuard, "check", lambda self: None)
-    monkeypatch.setattr(engine.EpochTotals, "summary", lambda self: {})
+    monkeypatch.setattr(NonFiniteGuard, "check", lambda self: None)
+    monkeypatch.setattr(EpochTotals, "summary", lambda self: {})
+    epoch_run = EpochRun.begin(exp, 1, 0.0, None)
+    epoch_run.start_step = 1
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        engine.train_one_epoch(exp.distiller, exp.optimizer, batches, grl_lambda=0.0, device=device, epoch=1,
-                               start_step=1, checkpoint_after=frozenset({99}),
-                               checkpoint=lambda done, state: None)
+        Trainer(exp, cfg).train_epoch(epoch_run, batches)
     finally:
         torch.cuda.set_sync_debug_mode("default")
         exp.close()

@@ -14,16 +14,18 @@ from torch import Tensor, nn
 
 import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp: fp16 convolutions are slow on CPU)
-from conftest import ctkd_config, load
-from ctkd import engine, trainer
+from conftest import ctkd_config, load, train_epoch
+from ctkd import trainer
 from ctkd.build import Experiment, build_experiment
 from ctkd.config import RuntimeConfig
 from ctkd.datasets.loader import Batch
+from ctkd.distributed import DistributedContext
+from ctkd.errors import ConfigError
 from ctkd.losses import kd_loss
 from ctkd.methods import StepContext
 from ctkd.methods.base import resolve_channels_last
 from ctkd.optim import LRMultiplier, build_lr_schedule, build_sgd, load_optimizer_state
-from ctkd.schema import ConfigError
+from ctkd.system import seed_everything
 from ctkd.trainer import run
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
@@ -32,8 +34,8 @@ BF16_LOSS_RTOL = 5e-3  # bf16 keeps 8 mantissa bits; the fixed batch's KD+CTKD l
 
 def _experiment(cfg) -> Experiment:
     """The run's objects, with the weights a run of `cfg` would start from."""
-    trainer.seed_everything(cfg.seed)
-    return build_experiment(cfg, trainer.DistributedContext())
+    seed_everything(cfg.seed)
+    return build_experiment(cfg, DistributedContext())
 
 
 def _first_batch(exp: Experiment) -> Batch:
@@ -158,8 +160,8 @@ def test_a_step_the_grad_scaler_skips_is_not_an_error(tmp_path: Path, mlp_teache
     before = _hash(exp.distiller.unwrapped.state_dict())
     batch = _first_batch(exp)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # finite fp32 loss, inf fp16 gradients
-    engine.train_one_epoch(exp.distiller, exp.optimizer, [batch, batch], grl_lambda=1.0, device=exp.device,
-                           epoch=1, scaler=scaler)
+    exp.scaler = scaler
+    train_epoch(exp, cfg, [batch, batch])
     assert scaler.get_scale() == 2.0**98  # both steps skipped, the scale backed off twice
     assert _hash(exp.distiller.unwrapped.state_dict()) == before  # and no update was applied
 
@@ -199,8 +201,9 @@ def test_the_default_config_trains_in_nhwc_on_cpu(tmp_path: Path, teacher_file: 
 @pytest.mark.parametrize("method", ["kd", "vid"])
 def test_channels_last_matches_the_contiguous_layout(tmp_path: Path, teacher_file: Path, method: str) -> None:
     base = ctkd_config(tmp_path, teacher_file, method=method)
-    dense = _experiment(load(_runtime(base, channels_last="off"), tmp_path, "dense.yaml"))
-    nhwc = _experiment(load(_runtime(base, channels_last=True), tmp_path, "nhwc.yaml"))
+    dense_cfg = load(_runtime(base, channels_last="off"), tmp_path, "dense.yaml")
+    nhwc_cfg = load(_runtime(base, channels_last=True), tmp_path, "nhwc.yaml")
+    dense, nhwc = _experiment(dense_cfg), _experiment(nhwc_cfg)
     dense_convs = [m for m in dense.distiller.student.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
     assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in dense_convs)
     convs = [m for part in (nhwc.distiller.unwrapped, nhwc.distiller.teacher) for m in part.modules()
@@ -216,9 +219,9 @@ def test_channels_last_matches_the_contiguous_layout(tmp_path: Path, teacher_fil
     with torch.no_grad():
         loss_dense, loss_nhwc = (_total(exp.distiller(batch, STEP).losses).item() for exp in (dense, nhwc))
     assert loss_nhwc == pytest.approx(loss_dense, rel=1e-5)
-    for exp in (dense, nhwc):  # one full step each
-        engine.train_one_epoch(exp.distiller, exp.optimizer, [batch], grl_lambda=1.0, device=exp.device, epoch=1)
-    assert inputs[-1].is_contiguous(memory_format=torch.channels_last)  # the engine made the images NHWC
+    for exp, cfg in ((dense, dense_cfg), (nhwc, nhwc_cfg)):  # one full step each
+        train_epoch(exp, cfg, [batch])
+    assert inputs[-1].is_contiguous(memory_format=torch.channels_last)  # the step made the images NHWC
     after_dense, after_nhwc = dense.distiller.unwrapped.state_dict(), nhwc.distiller.unwrapped.state_dict()
     for key, value in after_dense.items():
         torch.testing.assert_close(after_nhwc[key], value, rtol=1e-4, atol=1e-6, msg=key)
@@ -296,17 +299,17 @@ def test_lr_multiplier_state_round_trip_continues_exactly() -> None:
 
 
 def _run_crashing_in_epoch(cfg, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_train = engine.train_one_epoch
+    real_train = trainer.Trainer.train_epoch
 
-    def crash(*args, **kwargs):
-        if kwargs["epoch"] == epoch:
+    def crash(self, epoch_run, *args, **kwargs):
+        if epoch_run.epoch == epoch:
             raise KeyboardInterrupt(f"simulated kill during epoch {epoch}")
-        return real_train(*args, **kwargs)
+        return real_train(self, epoch_run, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", crash)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", crash)
     with pytest.raises(trainer.RunInterrupted):
         run(cfg)
-    monkeypatch.setattr(trainer, "train_one_epoch", real_train)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", real_train)
 
 
 def test_cosine_warmup_run_resumes_bit_identically(
@@ -347,7 +350,7 @@ def test_cosine_run_refuses_to_resume_with_other_epochs(
     cfg = load(ctkd_config(tmp_path, teacher_file, **sections), tmp_path, "a.yaml")
     _run_crashing_in_epoch(cfg, 2, monkeypatch)
     longer = load(ctkd_config(tmp_path, teacher_file, **{**sections, "epochs": 3}), tmp_path, "b.yaml")
-    with pytest.raises(trainer.ConfigError, match="epochs"):
+    with pytest.raises(ConfigError, match="epochs"):
         run(longer, resume="auto")
 
 

@@ -12,14 +12,9 @@ import torch
 import ctkd.models as models
 from ctkd import fileio
 from ctkd.build import identify_architectures
-from ctkd.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    capture_rng_state,
-    load_file,
-    load_weights_strict,
-    restore_rng_state,
-)
+from ctkd.checkpoint import capture_rng_state, restore_rng_state
+from ctkd.integrity import CheckpointError, atomic_save, load_file
+from ctkd.weights import load_weights_strict
 
 
 @pytest.fixture(scope="module")

@@ -23,25 +23,21 @@ import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_dropout_mlp: dropout makes the RNG state matter)
 import train as train_cli
 from conftest import REPO_ROOT, load, tiny_run_config, write_yaml
-from ctkd import checkpoint, engine, trainer
-from ctkd.checkpoint import (
-    CheckpointError,
-    CheckpointSeries,
-    atomic_save,
-    check_run_checkpoint,
-    load_file,
-    load_run_checkpoint,
-    stored_checksum,
-)
+from ctkd import resume as resume_module
+from ctkd import series, trainer
+from ctkd.checkpoint import load_run_checkpoint
 from ctkd.config import ConfigError, load_config
 from ctkd.datasets.loader import EpochBatchSampler
 from ctkd.distributed import shutdown_distributed
+from ctkd.integrity import CheckpointError, atomic_save, load_file, stored_checksum
 from ctkd.logging import get_logger
 from ctkd.provenance import file_sha256
+from ctkd.series import CheckpointSeries, check_run_checkpoint
+from ctkd.totals import EpochTotals
 from ctkd.trainer import run
 
 V2_FIXTURE = REPO_ROOT / "tests" / "data" / "v2_last.pth"
-REAL_TRAIN_ONE_EPOCH = trainer.train_one_epoch
+REAL_BATCHES = trainer.Trainer.batches
 DAMAGE = ("half", "empty", "flip")
 
 
@@ -104,19 +100,19 @@ def checkpoint_names(run_dir: Path) -> list[str]:
 
 
 class Steps:
-    """Wraps trainer.train_one_epoch: records the sample indices of every (epoch, step) and where each session
-    started, and raises KeyboardInterrupt (an in-process crash) before step `crash` = (epoch, step) if set."""
+    """Wraps Trainer.batches: records the sample indices of every (epoch, step) and where each session started, and
+    raises KeyboardInterrupt (an in-process crash) before step `crash` = (epoch, step) if set."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, crash: tuple[int, int] | None = None) -> None:
         self.seen: dict[tuple[int, int], list[int]] = {}
         self.starts: list[tuple[int, int]] = []
         self.crash = crash
-        monkeypatch.setattr(trainer, "train_one_epoch", self)
+        monkeypatch.setattr(trainer.Trainer, "batches", lambda owner, epoch_run: self(owner, epoch_run))
 
-    def __call__(self, distiller, optimizer, loader, **kwargs):  # noqa: ANN001, ANN204
-        epoch, start = kwargs["epoch"], kwargs.get("start_step", 0)
+    def __call__(self, owner: trainer.Trainer, epoch_run):  # noqa: ANN001, ANN204
+        epoch, start = epoch_run.epoch, epoch_run.start_step
         self.starts.append((epoch, start))
-        return REAL_TRAIN_ONE_EPOCH(distiller, optimizer, self._batches(loader, epoch, start), **kwargs)
+        return self._batches(REAL_BATCHES(owner, epoch_run), epoch, start)
 
     def _batches(self, loader, epoch: int, start: int):  # noqa: ANN001, ANN202
         for step, batch in enumerate(loader, start=start):
@@ -255,7 +251,7 @@ def test_keep_last_keeps_the_newest_and_never_the_resumed_one(
 
     def save(self, state, position, **kwargs):  # noqa: ANN001, ANN202
         path = real_save(self, state, position, **kwargs)
-        listings.append(([p.name for _, p in checkpoint.series(self.directory)], path.name))
+        listings.append(([p.name for _, p in series.series(self.directory)], path.name))
         assert (self.directory / "last.pth").read_bytes() == path.read_bytes()
         return path
 
@@ -311,12 +307,12 @@ def test_mid_epoch_resume_is_exact_and_each_ingredient_is_needed(
     running sums, the same comparison fails."""
     steps = crash_then_resume(tmp_path, monkeypatch, crash=(2, 3))
     if left_out == "rng":
-        monkeypatch.setattr(trainer, "restore_rng_state", lambda state: None)
+        monkeypatch.setattr(resume_module, "restore_rng_state", lambda state: None)
     elif left_out == "sampler offset":
         set_epoch = EpochBatchSampler.set_epoch
         monkeypatch.setattr(EpochBatchSampler, "set_epoch", lambda self, epoch, start_batch=0: set_epoch(self, epoch))
     elif left_out == "epoch totals":
-        monkeypatch.setattr(engine.EpochTotals, "from_state", classmethod(lambda cls, state, device: cls()))
+        monkeypatch.setattr(EpochTotals, "from_state", classmethod(lambda cls, state, device: cls()))
     run(load(dropout_config(tmp_path, "run"), tmp_path), resume="auto")
     assert steps.starts[:3] == [(1, 0), (2, 0), (2, 3)]  # the resumed session started at step 3 of epoch 2
     same = fingerprint(tmp_path / "run") == straight_in_process["fingerprint"]
@@ -442,19 +438,19 @@ def test_epoch_sums_continue_on_another_number_of_processes() -> None:
     device = torch.device("cpu")
     saved = []
     for values in ([1.0, 2.0], [5.0, 3.0]):
-        totals = engine.EpochTotals()
+        totals = EpochTotals()
         for value in values:
             totals.add(2, {"ce": torch.tensor(value)}, torch.tensor([1, 2]), {"tau": torch.tensor([value, value + 1])})
         saved.append(totals.state_dict())
-    merged = engine.EpochTotals.from_states(saved, 0, 1, device)
+    merged = EpochTotals.from_states(saved, 0, 1, device)
     assert merged.samples == 8 and merged.losses["ce"].item() == 2 * (1 + 2 + 5 + 3)
     assert merged.correct.tolist() == [4, 8]
     tau = merged.stats["tau"]
     assert (tau.total.item(), tau.low.item(), tau.high.item()) == (26.0, 1.0, 6.0)
     assert tau.last.item() == (2.5 + 3.5) / 2 and torch.cat(tau.values).tolist() == [1, 2, 2, 3, 5, 6, 3, 4]
-    other = engine.EpochTotals.from_states(saved, 2, 3, device)
+    other = EpochTotals.from_states(saved, 2, 3, device)
     assert other.samples == 0 and other.losses["ce"].item() == 0 and other.stats["tau"].values == []
-    assert engine.EpochTotals.from_states(saved, 1, 2, device).state_dict()["losses"]["ce"].item() == 16.0
+    assert EpochTotals.from_states(saved, 1, 2, device).state_dict()["losses"]["ce"].item() == 16.0
 
 
 # ------------------------------------------------------------------------------------------------ teacher file

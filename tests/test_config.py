@@ -12,7 +12,7 @@ import yaml
 from ctkd.config import (
     Config,
     ConfigError,
-    DataConfig,
+    DataOptions,
     OptimizerConfig,
     config_from_dict,
     config_to_dict,
@@ -65,9 +65,9 @@ def test_defaults_are_the_authors_protocol_and_round_trip(tmp_path: Path) -> Non
 
 
 def test_effective_test_batch_size() -> None:
-    assert DataConfig(batch_size=65).effective_test_batch_size == 32
-    assert DataConfig(batch_size=1).effective_test_batch_size == 1
-    assert DataConfig(batch_size=64, test_batch_size=100).effective_test_batch_size == 100
+    assert DataOptions(batch_size=65).effective_test_batch_size == 32
+    assert DataOptions(batch_size=1).effective_test_batch_size == 1
+    assert DataOptions(batch_size=64, test_batch_size=100).effective_test_batch_size == 100
 
 
 def test_direct_construction_is_validated_and_frozen() -> None:

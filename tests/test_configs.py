@@ -66,9 +66,11 @@ def test_readme_config_reference_lists_every_key_with_its_default() -> None:
     """The README's config table documents exactly the schema's keys, with the schema's defaults."""
     import re
 
-    from ctkd.config import Config, _parse_yaml, config_to_dict, flatten_keys
-    from ctkd.curriculum import CURRICULA
-    from ctkd.temperature import TEMPERATURES
+    from ctkd.config import Config, config_to_dict
+    from ctkd.curricula import CURRICULA
+    from ctkd.keys import flatten_keys
+    from ctkd.temperatures import TEMPERATURES
+    from ctkd.yamlio import parse_yaml
 
     defaults = flatten_keys(config_to_dict(Config()))
     for section, registry in (("temperature", TEMPERATURES), ("curriculum", CURRICULA)):  # every one's own keys
@@ -80,7 +82,7 @@ def test_readme_config_reference_lists_every_key_with_its_default() -> None:
     assert documented.keys() == defaults.keys()
     for key, value in defaults.items():
         if key != "output_dir":  # its default is derived from the config's path
-            shown = _parse_yaml(documented[key], "README")  # as a config file reads it (YAML 1.2: `off` is a string)
+            shown = parse_yaml(documented[key], "README")  # as a config file reads it (YAML 1.2: `off` is a string)
             assert shown == value or (isinstance(value, list) and shown == list(value)), key
 
 
@@ -161,7 +163,7 @@ def test_every_config_takes_a_training_step(path: Path) -> None:
     from ctkd.distiller import build_distiller, measure_setup
     from ctkd.methods import METHODS, StepContext
     from ctkd.optim import build_sgd
-    from ctkd.temperature import build_temperature
+    from ctkd.temperatures import build_temperature
 
     cfg = load_config(path)
     classes = 100 if cfg.data.name == "cifar100" else cfg.data.num_classes

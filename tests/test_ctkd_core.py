@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from ctkd.curriculum import build_curriculum, curriculum_options
+from ctkd.curricula import build_curriculum, curriculum_options
 from ctkd.losses import kd_loss
-from ctkd.temperature import (
+from ctkd.temperatures import (
     FixedTemperature,
     GlobalTemperature,
     InstanceTemperature,

@@ -18,12 +18,13 @@ from conftest import REPO_ROOT, ctkd_config, load, tiny_run_config, write_yaml
 from ctkd import trainer
 from ctkd.__main__ import main as ctkd_main
 from ctkd.build import check_inputs
-from ctkd.checkpoint import CheckpointError
 from ctkd.config import ConfigError, config_from_dict, default_output_dir, load_config
 from ctkd.datasets import DatasetError
+from ctkd.integrity import CheckpointError
 from ctkd.logging import _tensorboard_tag
 from ctkd.registry import UnknownNameError
-from ctkd.trainer import RunDirectoryError, run
+from ctkd.resume import RunDirectoryError
+from ctkd.trainer import run
 
 
 # ------------------------------------------------------------------------------------------------ own configs
@@ -121,14 +122,14 @@ def test_ctrl_c_prints_one_line_with_the_command_that_continues(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     path = write_yaml(tmp_path / "cfg.yaml", ctkd_config(tmp_path, teacher_file))
-    real_train = trainer.train_one_epoch
+    real_train = trainer.Trainer.train_epoch
 
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        if kwargs["epoch"] == 2:
+    def ctrl_c_in_epoch_2(self, epoch_run, *args, **kwargs):
+        if epoch_run.epoch == 2:
             raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
+        return real_train(self, epoch_run, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", ctrl_c_in_epoch_2)
     argv = ["--config", str(path), "logging.tensorboard=false"]
     assert train_cli.main(argv) == 130
     out = capsys.readouterr().out
@@ -137,7 +138,7 @@ def test_ctrl_c_prints_one_line_with_the_command_that_continues(
     assert len(lines) == 1 and "last.pth holds epoch 1" in lines[0]
     command = shlex.split(lines[0].split("continue with: ", 1)[1])
     assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", "auto"]
-    monkeypatch.setattr(trainer, "train_one_epoch", real_train)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", real_train)
     assert train_cli.main(command[2:]) == 0  # the printed command finishes the run
     assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs"] == 3
 
@@ -150,7 +151,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "train_one_epoch", ctrl_c)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", ctrl_c)
     import signal
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}

@@ -20,13 +20,14 @@ import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd.build import build_experiment, build_split, build_split_loader, check_inputs
-from ctkd.checkpoint import verify_checksum
 from ctkd.config import ConfigError, load_config
 from ctkd.datasets.loader import Batch
 from ctkd.distributed import DistributedContext, broadcast_buffers, init_distributed, shutdown_distributed
-from ctkd.engine import evaluate
+from ctkd.evaluation import evaluate
+from ctkd.integrity import verify_checksum
 from ctkd.methods import StepContext
-from ctkd.trainer import RunInterrupted, run, seed_everything
+from ctkd.system import seed_everything
+from ctkd.trainer import RunInterrupted, run
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 

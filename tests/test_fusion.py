@@ -11,10 +11,11 @@ from test_models import NAMES, _golden_model, _input
 from torch import Tensor, nn
 
 from conftest import ctkd_config, first_batch_step, load
-from ctkd import trainer
 from ctkd.build import build_experiment
+from ctkd.distributed import DistributedContext
 from ctkd.models import build_model
 from ctkd.models.fusion import fold_batchnorm
+from ctkd.system import seed_everything
 
 ENTRY_POINTS = [lambda net, x: net(x), lambda net, x: net.forward_with_features(x)]
 
@@ -117,8 +118,8 @@ def test_fold_teacher_bn_leaves_the_loss_and_the_step_within_fp32_tolerance(tmp_
     for fold in (False, True):
         cfg = load(ctkd_config(tmp_path, teacher_file, method=method, runtime={"fold_teacher_bn": fold}), tmp_path,
                    f"{method}_{fold}.yaml")
-        trainer.seed_everything(cfg.seed)
-        exp = build_experiment(cfg, trainer.DistributedContext())
+        seed_everything(cfg.seed)
+        exp = build_experiment(cfg, DistributedContext())
         teacher, student = exp.distiller.teacher, exp.distiller.student
         assert (_batchnorms(teacher) == 0) is fold and _batchnorms(student) > 0
         results.append(first_batch_step(exp))

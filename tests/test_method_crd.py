@@ -19,11 +19,11 @@ from ctkd.config import LossConfig, load_config
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller
 from ctkd.distributed import shutdown_distributed
-from ctkd.engine import evaluate
+from ctkd.evaluation import evaluate
 from ctkd.methods import MethodSetup, StepContext
 from ctkd.methods.crd import CRD, CRDState, nce_loss
 from ctkd.models import FeatureClassifier
-from ctkd.temperature import FixedTemperature
+from ctkd.temperatures import FixedTemperature
 from ctkd.trainer import run
 
 N, B, K, DIM = 20, 4, 5, 8  # the small fixed example: bank rows, batch, negatives, embedding dimension

@@ -24,7 +24,7 @@ from ctkd.methods.dkd import DKD, dkd_loss
 from ctkd.methods.pkt import pkt_loss
 from ctkd.methods.rkd import rkd_loss
 from ctkd.methods.sp import sp_loss
-from ctkd.temperature import FixedTemperature
+from ctkd.temperatures import FixedTemperature
 
 REL = 1e-5
 

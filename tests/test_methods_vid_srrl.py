@@ -29,7 +29,7 @@ from ctkd.methods import MethodSetup, StepContext, TeacherOutput
 from ctkd.methods.base import StepInputs
 from ctkd.methods.srrl import SRRL
 from ctkd.methods.vid import VID
-from ctkd.temperature import FixedTemperature, GlobalTemperature
+from ctkd.temperatures import FixedTemperature, GlobalTemperature
 from ctkd.trainer import run
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)

@@ -19,8 +19,8 @@ import ctkd.models as models
 from conftest import ctkd_config, load, tiny_run_config
 from ctkd.__main__ import main as ctkd_main
 from ctkd.build import build_student, check_inputs, check_model_names, identify_architectures, load_teacher
-from ctkd.checkpoint import CheckpointError
 from ctkd.config import Config, ConfigError
+from ctkd.integrity import CheckpointError
 from ctkd.models import (
     MODELS,
     FeatureClassifier,

@@ -14,7 +14,7 @@ from ctkd.methods import MethodSetup, StepContext
 from ctkd.methods.kd import KD
 from ctkd.methods.vanilla import Vanilla
 from ctkd.optim import StepLRSchedule, build_sgd
-from ctkd.temperature import FixedTemperature, GlobalTemperature
+from ctkd.temperatures import FixedTemperature, GlobalTemperature
 
 
 def _net(classes: int = 5) -> nn.Module:

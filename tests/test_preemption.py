@@ -14,7 +14,7 @@ import torch
 from test_checkpoint_reliability import _train_py, dropout_config, fingerprint
 
 from conftest import REPO_ROOT, write_yaml
-from ctkd.checkpoint import verify_checksum
+from ctkd.integrity import verify_checksum
 
 
 def _config(root: Path, name: str, **sections) -> Path:

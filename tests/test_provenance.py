@@ -10,7 +10,8 @@ import torch
 
 from conftest import ctkd_config, load, tiny_run_config
 from ctkd.provenance import experiment_hash, git_revision
-from ctkd.trainer import _resumable, run
+from ctkd.resume import resumable
+from ctkd.trainer import run
 
 
 def test_results_record_their_provenance(tmp_path: Path, teacher_file: Path) -> None:
@@ -19,7 +20,7 @@ def test_results_record_their_provenance(tmp_path: Path, teacher_file: Path) -> 
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["seed"] == 3 and results["world_size"] == 1 and results["torch"] == torch.__version__
     assert results["teacher_sha256"] == hashlib.sha256(teacher_file.read_bytes()).hexdigest()
-    assert results["config_sha256"] == experiment_hash(cfg, _resumable) and len(results["config_sha256"]) == 64
+    assert results["config_sha256"] == experiment_hash(cfg, resumable) and len(results["config_sha256"]) == 64
     assert results["git_revision"] == git_revision()
     assert isinstance(results["device"], str) and results["device"]
     if not torch.cuda.is_available():  # a CPU run says so: the processor's name, and no CUDA version
@@ -37,8 +38,8 @@ def test_experiment_hash_ignores_paths_and_length_but_not_the_experiment(tmp_pat
     moved = load(ctkd_config(tmp_path, teacher_file, "b", epochs=9, data={"num_workers": 2}), tmp_path, "b.yaml")
     other_lr = load(ctkd_config(tmp_path, teacher_file, "a", optimizer={"lr": 0.2}), tmp_path, "c.yaml")
     other_seed = load(ctkd_config(tmp_path, teacher_file, "a", seed=1), tmp_path, "d.yaml")
-    assert experiment_hash(base, _resumable) == experiment_hash(moved, _resumable)
-    assert len({experiment_hash(c, _resumable) for c in (base, other_lr, other_seed)}) == 3
+    assert experiment_hash(base, resumable) == experiment_hash(moved, resumable)
+    assert len({experiment_hash(c, resumable) for c in (base, other_lr, other_seed)}) == 3
 
 
 def test_git_revision_names_the_commit_and_marks_local_changes(tmp_path: Path) -> None:

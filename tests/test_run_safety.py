@@ -21,19 +21,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from imagefolder import write_image_folder
 
-import ctkd.checkpoint
 import ctkd.fileio
-import ctkd.runs
+import ctkd.integrity
+import ctkd.locks
 import ctkd.trainer
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
-from ctkd.checkpoint import verify_checksum
 from ctkd.config import load_config
 from ctkd.datasets import build_dataset, build_loader
 from ctkd.datasets.folder import ImageDecodeError, crop_draws
 from ctkd.datasets.transforms import normalize
 from ctkd.distributed import DistributedContext, init_distributed, seed_rank, shutdown_distributed
-from ctkd.logging import get_logger
-from ctkd.runs import (
+from ctkd.integrity import verify_checksum
+from ctkd.locks import (
     LOCK_FD_ENV,
     MIN_FREE_BYTES,
     OutputDirError,
@@ -43,7 +42,9 @@ from ctkd.runs import (
     lock_run,
     try_lock_run,
 )
-from ctkd.trainer import run, seed_everything
+from ctkd.logging import get_logger
+from ctkd.system import seed_everything
+from ctkd.trainer import run
 
 TINY = {"epochs": 1, "data": {"train_size": 64, "test_size": 20}, "logging": {"tensorboard": False}}
 
@@ -108,7 +109,7 @@ def test_train_py_refuses_a_locked_directory_with_status_1(tmp_path: Path) -> No
 def test_a_dead_holders_lock_is_taken_over_and_reported(tmp_path: Path, messages: list[str]) -> None:
     cfg = load_config(tiny_config(tmp_path))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ctkd.runs import lock_run; lock_run(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from ctkd.locks import lock_run; lock_run(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(600)", cfg.output_dir],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -143,7 +144,7 @@ def test_a_lock_fd_of_another_directory_is_not_adopted(tmp_path: Path) -> None:
     other = try_lock_run(tmp_path / "other")
     try:
         os.environ[LOCK_FD_ENV] = str(other.fd)
-        assert ctkd.runs.adopt_run_lock(tmp_path / "run") is None
+        assert ctkd.locks.adopt_run_lock(tmp_path / "run") is None
         assert os.environ[LOCK_FD_ENV] == str(other.fd)
     finally:
         os.environ.pop(LOCK_FD_ENV, None)
@@ -200,7 +201,7 @@ def test_read_only_output_dir_is_refused(tmp_path: Path, monkeypatch) -> None:
 
     output = tmp_path / "run"
     output.mkdir()
-    monkeypatch.setattr(ctkd.runs.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(ctkd.locks.tempfile, "mkstemp", refuse)
     with pytest.raises(OutputDirError, match=f"output_dir {output} cannot be used: no file can be created in it"):
         run(load_config(tiny_config(tmp_path)))
 
@@ -220,14 +221,14 @@ Usage = namedtuple("Usage", "total used free")
 
 
 def test_a_full_disk_is_refused_before_training(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(ctkd.runs.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 2**20))
+    monkeypatch.setattr(ctkd.locks.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 2**20))
     with pytest.raises(OutputDirError, match=r"its filesystem has 1 MiB free, less than the 64 MiB this run needs"):
         run(load_config(tiny_config(tmp_path)))
 
 
 def test_room_for_the_checkpoints_is_checked_once_the_model_is_known(tmp_path: Path, monkeypatch) -> None:
     free = MIN_FREE_BYTES + 2**10  # enough for the logs, not for the resnet8 checkpoints
-    monkeypatch.setattr(ctkd.runs.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, free))
+    monkeypatch.setattr(ctkd.locks.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, free))
     with pytest.raises(OutputDirError, match=r"less than the 6\d MiB .*\(4 checkpoint files at once, of about"):
         run(load_config(tiny_config(tmp_path)))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first epoch
@@ -244,7 +245,7 @@ def _checkpoint_bytes_held(folder: Path) -> int:
 def _watch_the_budget(monkeypatch) -> tuple[list, list]:
     """Record the budget the trainer checks, and the most checkpoint files held at once during the run."""
     budgets, peak = [], [0]
-    real_check, real_write = ctkd.runs.check_free_space, ctkd.fileio.atomic_write
+    real_check, real_write = ctkd.locks.check_free_space, ctkd.fileio.atomic_write
 
     def check(directory, size, files):
         budgets.append((size, files))
@@ -257,7 +258,7 @@ def _watch_the_budget(monkeypatch) -> tuple[list, list]:
         return real_write(path, write_and_count)
 
     monkeypatch.setattr(ctkd.trainer, "check_free_space", check)
-    monkeypatch.setattr(ctkd.checkpoint, "atomic_write", counting_write)
+    monkeypatch.setattr(ctkd.integrity, "atomic_write", counting_write)
     monkeypatch.setattr(ctkd.fileio, "atomic_write", counting_write)
     return budgets, peak
 
@@ -297,7 +298,7 @@ def test_without_hard_links_last_and_best_are_copies_and_the_budget_says_so(tmp_
 
 def test_best_pth_outlives_its_pruned_series_file_intact(tmp_path: Path) -> None:
     """best.pth links to the best epoch's series file; when pruning deletes that name, the bytes stay, verified."""
-    from ctkd.checkpoint import CheckpointSeries, Position
+    from ctkd.series import CheckpointSeries, Position
 
     writer = CheckpointSeries(tmp_path, keep_last=2, warn=print)
     writer.save({"epoch": 1, "value": torch.arange(3)}, Position(1, 5), best=True)

@@ -141,7 +141,7 @@ def test_torn_last_metrics_line_is_ignored(tmp_path: Path, runs_root: Path) -> N
 def test_running_and_failed_runs_are_named_so_with_the_holder_or_the_reason(tmp_path: Path, runs_root: Path) -> None:
     """Neither is 'not started': a run whose lock a live process holds is running (naming it), a run that ended in
     an error is failed (with the error train.py recorded)."""
-    from ctkd.runs import lock_run
+    from ctkd.locks import lock_run
 
     running = shutil.copytree(runs_root / CRASHED, tmp_path / "running")
     lock = lock_run(running)

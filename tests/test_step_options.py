@@ -10,18 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ctkd_config, first_batch_step, load, tiny_run_config
-from ctkd import engine, trainer
+from conftest import ctkd_config, first_batch_step, load, tiny_run_config, train_epoch
 from ctkd.build import Experiment, build_experiment
-from ctkd.engine import NonFiniteGuard, NonFiniteLossError, train_one_epoch
+from ctkd.distiller import Distiller
+from ctkd.distributed import DistributedContext
+from ctkd.guard import NonFiniteGuard, NonFiniteLossError
 from ctkd.optim import build_sgd
-from ctkd.temperature import GlobalTemperature
+from ctkd.system import resolve_compile_mode, seed_everything
+from ctkd.temperatures import GlobalTemperature
 from ctkd.trainer import run
 
 
 def _experiment(cfg) -> Experiment:
-    trainer.seed_everything(cfg.seed)
-    return build_experiment(cfg, trainer.DistributedContext())
+    seed_everything(cfg.seed)
+    return build_experiment(cfg, DistributedContext())
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,7 +38,7 @@ def _sgd_pair() -> tuple[nn.Linear, torch.optim.SGD]:
 
 
 def _guarded_step(guard: NonFiniteGuard, layer: nn.Linear, opt: torch.optim.SGD, step: int, x: torch.Tensor) -> None:
-    """One step the way the engine takes it: backward, device flag, fused SGD with found_inf."""
+    """One step the way train_step takes it: backward, device flag, fused SGD with found_inf."""
     loss = layer(x).square().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -137,14 +139,13 @@ def test_a_run_that_diverges_before_any_checkpoint_says_so(tmp_path: Path) -> No
 def test_the_flags_are_read_once_per_interval_not_every_step(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path)  # 160 samples / 32 = 5 steps
+    # 160 samples / 32 = 5 steps
+    cfg = load(ctkd_config(tmp_path, teacher_file, epochs=1, logging={"interval": 2}), tmp_path)
     exp = _experiment(cfg)
     reads = []
     original = NonFiniteGuard.check
     monkeypatch.setattr(NonFiniteGuard, "check", lambda self: (reads.append(1), original(self)))
-    exp.train_loader.sampler.set_epoch(1)
-    train_one_epoch(exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=0.5, device=exp.device, epoch=1,
-                    check_every=2)
+    train_epoch(exp, cfg, grl_lambda=0.5)
     assert len(reads) == 5 // 2 + 1  # after steps 2 and 4, and at the end of the epoch
 
 
@@ -162,8 +163,8 @@ def test_lambda_as_a_device_tensor_gives_the_float_lambda_gradients() -> None:
 def test_the_epoch_loop_turns_lambda_into_a_tensor(tmp_path: Path, teacher_file: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    original = engine.Distiller.__call__
-    monkeypatch.setattr(engine.Distiller, "__call__", lambda self, batch, ctx: (seen.append(ctx.grl_lambda),
+    original = Distiller.__call__
+    monkeypatch.setattr(Distiller, "__call__", lambda self, batch, ctx: (seen.append(ctx.grl_lambda),
                                                                               original(self, batch, ctx))[1])
     run(load(ctkd_config(tmp_path, teacher_file, epochs=1), tmp_path))
     assert seen and all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in seen)
@@ -188,10 +189,10 @@ def test_compile_leaves_the_loss_and_the_step_within_fp32_tolerance(tmp_path: Pa
 
 
 def test_compile_auto_is_on_for_cuda_only() -> None:
-    assert trainer.resolve_compile_mode("auto", torch.device("cpu")) is None
-    assert trainer.resolve_compile_mode("auto", torch.device("cuda", 0)) == "default"
-    assert trainer.resolve_compile_mode("off", torch.device("cuda", 0)) is None
-    assert trainer.resolve_compile_mode("reduce-overhead", torch.device("cpu")) == "reduce-overhead"
+    assert resolve_compile_mode("auto", torch.device("cpu")) is None
+    assert resolve_compile_mode("auto", torch.device("cuda", 0)) == "default"
+    assert resolve_compile_mode("off", torch.device("cuda", 0)) is None
+    assert resolve_compile_mode("reduce-overhead", torch.device("cpu")) == "reduce-overhead"
 
 
 def test_fused_and_foreach_sgd_are_the_loop_sgd_within_float_rounding() -> None:

@@ -13,15 +13,17 @@ import yaml
 import ctkd.models as models
 import eval as eval_cli
 import train as train_cli
-from conftest import REPO_ROOT, ctkd_config, load, tiny_run_config, write_yaml
-from ctkd import engine, trainer
+from conftest import REPO_ROOT, ctkd_config, load, tiny_run_config, train_epoch, write_yaml
+from ctkd import teacher as teacher_module
+from ctkd import trainer
 from ctkd.build import build_experiment
-from ctkd.checkpoint import CheckpointError
 from ctkd.config import ConfigError, config_from_dict, load_config
-from ctkd.curriculum import build_curriculum
+from ctkd.curricula import build_curriculum
 from ctkd.distributed import DistributedContext
 from ctkd.errors import UserError
-from ctkd.trainer import RunDirectoryError, run
+from ctkd.integrity import CheckpointError
+from ctkd.resume import RunDirectoryError
+from ctkd.trainer import run
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -93,9 +95,7 @@ def test_teacher_stays_frozen_and_out_of_the_optimizer(tmp_path: Path, teacher_f
     assert all(not p.requires_grad for p in teacher.parameters())
     temperature_group = [g for g in exp.optimizer.param_groups if g["name"] == "temperature"]
     assert len(temperature_group) == 1 and temperature_group[0]["params"][0] is exp.distiller.trainable.temperature.raw
-    exp.train_loader.sampler.set_epoch(1)
-    engine.train_one_epoch(exp.distiller, exp.optimizer, exp.train_loader, grl_lambda=1.0,
-                           device=torch.device("cpu"), epoch=1)
+    train_epoch(exp, cfg)
     assert not teacher.training
     assert state_hash(teacher.state_dict()) == before  # BN running stats included
 
@@ -110,19 +110,19 @@ def test_resume_after_crash_is_bit_identical(
     run(straight_cfg)
 
     crash_cfg = load(ctkd_config(tmp_path, teacher_file, "crashed", data=data), tmp_path, "b.yaml")
-    real_train = engine.train_one_epoch
+    real_train = trainer.Trainer.train_epoch
 
-    def crash_in_epoch_3(*args, **kwargs):
-        if kwargs["epoch"] == 3:
+    def crash_in_epoch_3(self, epoch_run, *args, **kwargs):
+        if epoch_run.epoch == 3:
             raise KeyboardInterrupt("simulated kill during epoch 3")
-        return real_train(*args, **kwargs)
+        return real_train(self, epoch_run, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", crash_in_epoch_3)
     with pytest.raises(trainer.RunInterrupted) as stop:
         run(crash_cfg)
     assert stop.value.saved_epoch == 2
     assert torch.load(Path(crash_cfg.output_dir) / "last.pth", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(trainer, "train_one_epoch", real_train)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", real_train)
     run(crash_cfg, resume="auto")
 
     straight = torch.load(Path(straight_cfg.output_dir) / "last.pth", weights_only=True)
@@ -361,22 +361,13 @@ def test_a_teacher_is_evaluated_once_per_teacher_file_and_test_split(
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # empty: other tests evaluated this teacher too
     evaluated = []
-    real = trainer.evaluate
+    real = teacher_module.evaluate
 
-    def counting(model, *args, **kwargs):
-        if model is not None and any(m is model for m in evaluated_teachers):
-            evaluated.append(1)
+    def counting(model, *args, **kwargs):  # the teacher's evaluations (the student's go through ctkd.trainer)
+        evaluated.append(1)
         return real(model, *args, **kwargs)
 
-    evaluated_teachers = []
-    real_teacher_eval = trainer._evaluate_teacher
-
-    def watch(exp, cfg, sha):
-        evaluated_teachers.append(exp.distiller.teacher)
-        return real_teacher_eval(exp, cfg, sha)
-
-    monkeypatch.setattr(trainer, "evaluate", counting)
-    monkeypatch.setattr(trainer, "_evaluate_teacher", watch)
+    monkeypatch.setattr(teacher_module, "evaluate", counting)
     first = run(load(ctkd_config(tmp_path, teacher_file, "first", epochs=1), tmp_path, "first.yaml"))
     second = run(load(ctkd_config(tmp_path, teacher_file, "second", epochs=1, seed=1), tmp_path, "second.yaml"))
     assert len(evaluated) == 1 and second["teacher_acc1"] == first["teacher_acc1"]

@@ -4,13 +4,10 @@ Each module of this package defines one method: its options (the ``method:`` sec
 its loss terms. Importing the package imports every module in it, which registers them all: adding a method is
 adding a file.
 """
-import importlib
-import pkgutil
+from ctkd.registry import import_submodules
 
-from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepContext, StepOutput, TeacherOutput
+from .base import METHODS, Method, MethodSetup, Stage, StepContext, StepOutput, TeacherOutput
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__)
 
 __all__ = ["METHODS", "Method", "MethodSetup", "Stage", "StepContext", "StepOutput", "TeacherOutput"]

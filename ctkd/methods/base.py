@@ -4,7 +4,7 @@ A method is one class, registered by name in `METHODS`, that is at once
 - the **trainable module** of a run: the student, the temperature module and the method's own heads (VID
   regressors, CRD embeddings, SRRL connector) are its submodules, so one optimizer sees them, one DDP wraps them and
   one ``state_dict`` saves them; its ``forward`` computes the weighted loss terms of one step;
-- the owner of its **options**: a frozen dataclass `Options` (a `MethodConfig`) that the config validates the
+- the owner of its **options**: a frozen dataclass `Options` (a `MethodOptions`) that the config validates the
   ``method:`` section against, selected by ``method.name``;
 - the owner of its **non-parameter state** (CRD's memory bank), built by `create_state`, kept outside the DDP
   wrapper and saved in the checkpoint beside the module.
@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctkd.config import MethodConfig
 from ctkd.datasets.loader import Batch
 from ctkd.distributed import gather_batch
 from ctkd.losses import kd_loss
+from ctkd.options import LossConfig, MethodOptions
 from ctkd.registry import Registry
-
-if TYPE_CHECKING:
-    from ctkd.config import LossConfig
 
 METHODS = Registry("method")
 
@@ -153,7 +150,7 @@ class Stage:
 class Method(nn.Module):
     """Base class: the student and the temperature module; subclasses add heads and define `loss_terms`."""
 
-    Options: ClassVar[type[MethodConfig]] = MethodConfig
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     uses_teacher: ClassVar[bool] = True  # needs teacher.name/teacher.checkpoint and a temperature module
     features: ClassVar[bool] = False  # whether student and teacher features are computed (forward_with_features)
     min_samples_per_rank: ClassVar[int] = 1  # a method with BatchNorm in its heads needs ≥ 2
@@ -165,7 +162,7 @@ class Method(nn.Module):
         student: nn.Module,
         temperature: nn.Module | None,
         *,
-        options: MethodConfig,
+        options: MethodOptions,
         loss: LossConfig,
         setup: MethodSetup,
     ) -> None:
@@ -180,7 +177,7 @@ class Method(nn.Module):
         self.runtime = NetworkRuntime()  # set for the run by Distiller.set_runtime
 
     @classmethod
-    def create_state(cls, options: MethodConfig, setup: MethodSetup) -> nn.Module | None:
+    def create_state(cls, options: MethodOptions, setup: MethodSetup) -> nn.Module | None:
         """The method's non-parameter state (kept outside DDP, checkpointed); None for most methods."""
         return None
 

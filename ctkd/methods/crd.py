@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ctkd.config import MethodConfig
 from ctkd.datasets.hashing import seed_for
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 if TYPE_CHECKING:
-    from ctkd.config import LossConfig
+    from ctkd.schema import LossConfig
 
 NCE_EPS = 1e-7  # the authors' epsilon in both NCE log terms
 Z_UNSET = -1.0  # a normalisation constant below 0 means "not estimated yet"
@@ -138,23 +137,23 @@ class CRD(Method):
     features = True
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """CRD's options; the defaults are the authors' (docs/settings.md)."""
 
         name: str = "crd"
-        weight: float = _spec(0.8, ge=0)  # β, the weight of the CRD loss
-        feat_dim: int = _spec(128, ge=1)  # embedding dimension of both heads and banks
-        nce_k: int = _spec(16384, ge=1)  # negatives per sample
-        nce_t: float = _spec(0.07, gt=0)  # temperature of the scores exp(⟨v, m⟩ / T)
-        nce_m: float = _spec(0.5, ge=0, lt=1)  # momentum of the bank update
-        sampling: str = _spec("exact", choices=("exact",))  # positive = the sample itself ("relax" not implemented)
+        weight: float = spec(0.8, ge=0)  # β, the weight of the CRD loss
+        feat_dim: int = spec(128, ge=1)  # embedding dimension of both heads and banks
+        nce_k: int = spec(16384, ge=1)  # negatives per sample
+        nce_t: float = spec(0.07, gt=0)  # temperature of the scores exp(⟨v, m⟩ / T)
+        nce_m: float = spec(0.5, ge=0, lt=1)  # momentum of the bank update
+        sampling: str = spec("exact", choices=("exact",))  # positive = the sample itself ("relax" not implemented)
 
     def __init__(
         self,
         student: nn.Module,
         temperature: nn.Module | None,
         *,
-        options: MethodConfig,
+        options: MethodOptions,
         loss: LossConfig,
         setup: MethodSetup,
     ) -> None:
@@ -167,7 +166,7 @@ class CRD(Method):
         self.seed = setup.seed
 
     @classmethod
-    def create_state(cls, options: MethodConfig, setup: MethodSetup) -> CRDState:
+    def create_state(cls, options: MethodOptions, setup: MethodSetup) -> CRDState:
         """Two memory banks of N = len(train_targets) rows, Z constants unset."""
         assert isinstance(options, CRD.Options)
         return CRDState(setup.train_targets, options.feat_dim, setup.seed)

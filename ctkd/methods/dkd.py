@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import MethodConfig
 from ctkd.losses import temperature_column
 from ctkd.methods.base import METHODS, Method, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 
 def _non_target_logits(logits: Tensor, targets: Tensor) -> Tensor:
@@ -83,14 +82,14 @@ class DKD(Method):
     """β·DKD(τ) beside γ·CE (and α·KD, which DKD configs switch off with loss.kd_weight 0)."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """DKD's weights; the temperature comes from the temperature section."""
 
         name: str = "dkd"
-        weight: float = _spec(1.0, ge=0)  # β: weight of the DKD term in the total loss
-        alpha: float = _spec(1.0, ge=0)  # weight of the target-class term TCKD
-        beta: float = _spec(2.0, ge=0)  # weight of the non-target term NCKD (2 in the CTKD scripts)
-        warmup_epochs: int = _spec(0, ge=0)  # > 0: the term grows linearly over these epochs (DKD's own recipe)
+        weight: float = spec(1.0, ge=0)  # β: weight of the DKD term in the total loss
+        alpha: float = spec(1.0, ge=0)  # weight of the target-class term TCKD
+        beta: float = spec(2.0, ge=0)  # weight of the non-target term NCKD (2 in the CTKD scripts)
+        warmup_epochs: int = spec(0, ge=0)  # > 0: the term grows linearly over these epochs (DKD's own recipe)
 
     uses_tau = True  # the CTKD temperature is DKD's own (its configs switch the KD term off)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method
+from ctkd.options import MethodOptions
 
 
 @METHODS.register("kd")
@@ -15,7 +15,7 @@ class KD(Method):
     """The CE and KD terms of the base class, nothing else."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """KD's weights are loss.ce_weight (γ) and loss.kd_weight (α)."""
 
         name: str = "kd"

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 EPS = 1e-7  # the authors' epsilon, both in the row norm and inside the log ratio
 
@@ -45,11 +44,11 @@ class PKT(Method):
     """β·PKT on the pooled features of the whole (global) batch, beside γ·CE and α·KD(τ)."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """PKT's weight in the total loss."""
 
         name: str = "pkt"
-        weight: float = _spec(30000.0, ge=0)  # β: weight of the PKT term (the CTKD scripts' value)
+        weight: float = spec(30000.0, ge=0)  # β: weight of the PKT term (the CTKD scripts' value)
 
     features = True
 

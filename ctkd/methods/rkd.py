@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 
 def _normalised_distances(x: Tensor) -> Tensor:
@@ -59,13 +58,13 @@ class RKD(Method):
     """β·RKD on the pooled features of the whole (global) batch, beside γ·CE and α·KD(τ)."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """RKD's weight in the total loss and the weights of its distance and angle terms."""
 
         name: str = "rkd"
-        weight: float = _spec(1.0, ge=0)  # β: weight of the RKD term
-        distance_weight: float = _spec(25.0, ge=0)  # weight of the distance term (Park et al.)
-        angle_weight: float = _spec(50.0, ge=0)  # weight of the angle term (Park et al.)
+        weight: float = spec(1.0, ge=0)  # β: weight of the RKD term
+        distance_weight: float = spec(25.0, ge=0)  # weight of the distance term (Park et al.)
+        angle_weight: float = spec(50.0, ge=0)  # weight of the angle term (Park et al.)
 
     features = True
 

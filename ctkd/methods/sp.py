@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 
 def _normalised_gram(features: Tensor) -> Tensor:
@@ -39,11 +38,11 @@ class SP(Method):
     """β·SP on the last spatial maps of the whole (global) batch, beside γ·CE and α·KD(τ)."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """SP's weight in the total loss."""
 
         name: str = "sp"
-        weight: float = _spec(3000.0, ge=0)  # β: weight of the SP term (the CTKD scripts' value)
+        weight: float = spec(3000.0, ge=0)  # β: weight of the SP term (the CTKD scripts' value)
 
     features = True
 

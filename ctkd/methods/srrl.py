@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 if TYPE_CHECKING:
-    from ctkd.config import LossConfig
+    from ctkd.schema import LossConfig
 
 
 @METHODS.register("srrl")
@@ -26,11 +25,11 @@ class SRRL(Method):
     """γ·CE + α·KD(τ) + β·(MSE(c(f_s), f_t) + MSE(W_t·c(f_s), z_t)), c the connector, W_t the teacher's classifier."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """β, the weight of the SRRL term."""
 
         name: str = "srrl"
-        weight: float = _spec(1.0, ge=0)  # β: weight of the SRRL term
+        weight: float = spec(1.0, ge=0)  # β: weight of the SRRL term
 
     features = True
     min_samples_per_rank = 2  # the connector's BatchNorm cannot normalise a single sample in training mode

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctkd.config import MethodConfig
 from ctkd.methods.base import METHODS, Method
+from ctkd.options import MethodOptions
 
 
 @METHODS.register("vanilla")
@@ -12,7 +12,7 @@ class Vanilla(Method):
     """Cross-entropy on the student's logits alone; no teacher, no temperature (loss weights do not apply)."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """Vanilla has no options."""
 
         name: str = "vanilla"

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctkd.config import ConfigError, MethodConfig
+from ctkd.errors import ConfigError
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
-from ctkd.schema import _spec
+from ctkd.options import MethodOptions, spec
 
 if TYPE_CHECKING:
-    from ctkd.config import LossConfig
+    from ctkd.schema import LossConfig
 
 
 def _inverse_softplus(y: float) -> float:
@@ -34,13 +34,13 @@ class VID(Method):
     """γ·CE + α·KD(τ) + β·Σ_pairs NLL of the teacher's stage output under the student's Gaussian prediction."""
 
     @dataclass(frozen=True)
-    class Options(MethodConfig):
+    class Options(MethodOptions):
         """β, the initial variance σ² and the variance floor ε."""
 
         name: str = "vid"
-        weight: float = _spec(1.0, ge=0)  # β: weight of the VID term
-        init_pred_var: float = _spec(5.0, gt=0)  # σ² of every channel at the start of training
-        eps: float = _spec(1e-5, gt=0)  # floor added to softplus(log_scale): σ² never reaches 0
+        weight: float = spec(1.0, ge=0)  # β: weight of the VID term
+        init_pred_var: float = spec(5.0, gt=0)  # σ² of every channel at the start of training
+        eps: float = spec(1e-5, gt=0)  # floor added to softplus(log_scale): σ² never reaches 0
 
         def __post_init__(self) -> None:
             super().__post_init__()

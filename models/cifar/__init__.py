@@ -1,4 +1,5 @@
-"""The CIFAR architectures (32×32 input); importing this package registers every one of them in MODELS."""
-from . import mobilenetv2, resnet, resnet50, shufflenetv1, shufflenetv2, vgg, wrn
+"""The CIFAR architectures (32×32 input); importing this package registers every one of them in MODELS (each module
+of it registers its family: adding one is adding a file)."""
+from ctkd.registry import import_submodules
 
-__all__ = ["mobilenetv2", "resnet", "resnet50", "shufflenetv1", "shufflenetv2", "vgg", "wrn"]
+import_submodules(__name__, __path__)

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: a --quick end-to-end run on CPU (variants a, b, d, the pipeline table, --append)."""
+"""benchmarks/benchmark.py: a --quick end-to-end run on CPU (variants a, b, d, the pipeline table, --append)."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import REPO_ROOT, load_script
+from benchmarks import benchmark as bench
+from benchmarks.data import synthetic_size
+from benchmarks.report import images_cell
+from benchmarks.results import Timing
+from benchmarks.rounds import Entry, measure_rounds
+from conftest import REPO_ROOT
 
-# the script as a user runs it: `python scripts/benchmark.py` from the repository root, the repo root not on the path
+# the script as a user runs it: `python benchmarks/benchmark.py` from the repository root, the root not on the path
 SCRIPT_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 ROW_LABELS = ("a: reference loop", "b: ctkd defaults", "d: KD, fixed τ", "d: CTKD, global τ", "d: CTKD, instance τ")
 
@@ -46,7 +52,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list
             "--warmup", "2", "--steps", "3", "--workers", "0", "--variants", "a,b,d", "--pipeline",
             "--append", str(appended)]
     done = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *argv],
+        [sys.executable, "benchmarks/benchmark.py", *argv],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=SCRIPT_ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -92,18 +98,17 @@ def test_appended_section_names_the_command_and_machine(quick_run: tuple[str, Pa
     text = appended.read_text(encoding="utf-8")
     assert text.startswith("# Measurements\n\nearlier content\n\n## Training throughput, ")
     section = text.split("## Training throughput, ", 1)[1]
-    assert f"Command: `python scripts/benchmark.py {' '.join(argv)}`" in section
+    assert f"Command: `python benchmarks/benchmark.py {' '.join(argv)}`" in section
     assert "torch " in section and "GPU: none" in section
     assert table_rows(section, "pair") == table_rows(stdout, "pair")
 
 
 def test_options_are_checked_and_defaults_follow_quick() -> None:
-    bench = load_script("benchmark")
     parser = bench.build_parser()
     args = bench.resolve_args(parser.parse_args([]))
     assert (args.warmup, args.steps, args.workers, args.batch_size) == (20, 100, 2, 64)
     assert bench.parse_pairs(args.pairs) == [("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")]
-    assert bench.synthetic_size(args) == 5056  # 5,000 rounded up to whole batches of 64
+    assert synthetic_size(args) == 5056  # 5,000 rounded up to whole batches of 64
     quick = bench.resolve_args(parser.parse_args(["--quick", "--steps", "7"]))
     assert (quick.warmup, quick.steps) == (2, 7)  # an explicit value wins over --quick's
     with pytest.raises(SystemExit):
@@ -116,24 +121,23 @@ def test_options_are_checked_and_defaults_follow_quick() -> None:
 
 def test_rounds_alternate_the_variants_and_report_the_median() -> None:
     """--rounds: each round measures every variant once, in turn; a row is the median round with the range."""
-    bench = load_script("benchmark")
     calls: list[str] = []
 
     def measuring(label: str, images_per_s: list[float]):
         def measure():
             calls.append(label)
-            return bench.Timing(steps=1, images=int(images_per_s.pop(0)), seconds=1.0, peak_bytes=0)
+            return Timing(steps=1, images=int(images_per_s.pop(0)), seconds=1.0, peak_bytes=0)
         return measure
 
-    entries = [bench.Entry("b", "b", measuring("b", [100, 300, 200]), lambda _: ""),
-               bench.Entry("d", "d", measuring("d", [50, 40, 60]), lambda _: "")]
-    bench.measure_rounds(entries, 3, bench.torch.device("cpu"))
+    entries = [Entry("b", "b", measuring("b", [100, 300, 200]), lambda _: ""),
+               Entry("d", "d", measuring("d", [50, 40, 60]), lambda _: "")]
+    measure_rounds(entries, 3, torch.device("cpu"))
     assert calls == ["b", "d"] * 3
     median = entries[0].median()
     assert median.images_per_s == 200 and median.info["rounds"] == [100, 300, 200]
-    assert bench.images_cell(median) == "200.0 (100–300)"
+    assert images_cell(median) == "200.0 (100–300)"
     assert entries[1].median().images_per_s == 50
-    assert bench.images_cell(bench.Timing(steps=1, images=64, seconds=1.0, peak_bytes=0)) == "64.0"  # one round
+    assert images_cell(Timing(steps=1, images=64, seconds=1.0, peak_bytes=0)) == "64.0"  # one round
     parser = bench.build_parser()
     assert bench.resolve_args(parser.parse_args([])).rounds == 3
     assert bench.resolve_args(parser.parse_args(["--quick"])).rounds == 1
@@ -142,17 +146,16 @@ def test_rounds_alternate_the_variants_and_report_the_median() -> None:
 
 
 def test_a_failing_round_is_reported_and_the_others_still_count() -> None:
-    bench = load_script("benchmark")
     outcomes = [100.0, RuntimeError("CUDA out of memory. Tried to allocate"), 300.0]
 
     def measure():
         outcome = outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
-        return bench.Timing(steps=1, images=int(outcome), seconds=1.0, peak_bytes=int(outcome))
+        return Timing(steps=1, images=int(outcome), seconds=1.0, peak_bytes=int(outcome))
 
-    entry = bench.Entry("c", "c", measure, lambda _: "")
-    bench.measure_rounds([entry], 3, bench.torch.device("cpu"))
+    entry = Entry("c", "c", measure, lambda _: "")
+    measure_rounds([entry], 3, torch.device("cpu"))
     assert [t.images_per_s for t in entry.timings] == [100, 300]
     assert entry.errors == ["RuntimeError: CUDA out of memory. Tried to allocate"]
     assert entry.median().peak_bytes == 300  # the largest peak of the rounds
