@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd import models
-from ctkd.build import build_split, build_split_loader, identify_architectures
+from ctkd.build import build_split, build_split_loader
 from ctkd.checkpoint import CHECKPOINT_FORMAT
 from ctkd.config import Config, config_from_dict
 from ctkd.distributed import DistributedContext, all_reduce, resolve_device
 from ctkd.integrity import CheckpointError, load_file
 from ctkd.methods.base import NetworkRuntime
+from ctkd.networks import identify_architectures
 from ctkd.weights import extract_state_dict, load_weights_strict
 
 

@@ -14,19 +14,6 @@ import yaml
 
 from ctkd.errors import UserError
 
-# the state of a run directory and its lock live in ctkd.runs (train.py uses them too); re-exported here for the
-# table scripts
-from ctkd.locks import LOCK_FILE, is_locked, lock_holder  # noqa: F401
-from ctkd.runs import (  # noqa: F401
-    FAILED_FILE,
-    RUN_STATES,
-    RunFileError,
-    RunStatus,
-    inspect_run,
-    read_metrics,
-    read_results,
-)
-
 TABLES_DIR = Path("configs/tables")
 DEFAULT_RUNS_ROOT = "runs"
 METRICS: tuple[str, ...] = ("best_acc1", "last_acc1")

@@ -8,6 +8,7 @@ files per sample) instead of holding the split in memory.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -124,3 +125,12 @@ class ImageDataset:
         if train:
             return train_transform(images, indices, seed=seed, epoch=epoch, mean=self.mean, std=self.std)
         return eval_transform(images, mean=self.mean, std=self.std)
+
+
+_EXAMPLES = 5  # file or folder names quoted in an error
+
+
+def examples(names: Sequence[str]) -> str:
+    """Up to five of `names`, sorted, and how many there are in all (for error messages)."""
+    shown = ", ".join(sorted(names)[:_EXAMPLES])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > _EXAMPLES else shown

@@ -46,7 +46,7 @@ from ctkd.errors import UserError
 from ctkd.registry import import_submodules
 
 from .base import MODELS, FeatureClassifier
-from .imagenet import PAPER_IMAGENET, PretrainedWeightsError, library_model, pretrained_num_classes
+from .pretrained import PAPER_IMAGENET, PretrainedWeightsError, library_model, pretrained_num_classes
 
 import_submodules(__name__, __path__)  # the CIFAR zoo, the paper's ImageNet names and the library namespaces
 

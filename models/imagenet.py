@@ -17,11 +17,9 @@ other model taps the children of its trunk and keeps the last map of each spatia
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,28 +29,17 @@ from ctkd.errors import UserError
 from ctkd.registry import UnknownNameError
 
 from .base import MODELS, FeatureClassifier
+from .pretrained import (
+    head_reinitialised,
+    hub_checkpoints,
+    pretrained_failures,
+    timm_pretrained_cfg,
+    torchvision_weights,
+)
 
-__all__ = [
-    "PAPER_IMAGENET", "LibraryClassifier", "PretrainedWeightsError", "adapt", "build_timm", "build_torchvision",
-    "library_model", "pretrained_num_classes",
-]
+__all__ = ["LibraryClassifier", "adapt", "build_timm", "build_torchvision"]
 
 _log = logging.getLogger("ctkd.models")  # a child of the project's logger: printed like the run's messages
-
-# The paper's ImageNet names → the torchvision model each is (same state_dict keys, shapes and function).
-PAPER_IMAGENET: dict[str, str] = {
-    "ResNet18": "resnet18",
-    "ResNet34": "resnet34",
-    "ResNet50_Imagenet": "resnet50",
-    "MobileNetV2_Imagenet": "mobilenet_v2",
-    "ShuffleV2_Imagenet": "shufflenet_v2_x1_0",
-}
-
-# Where to get weights instead of the library's, named in every pretrained-weights error.
-_LOCAL_ALTERNATIVES = (
-    "or start from a local weights file instead (pretrained: false with student.weights: PATH for a student, "
-    "teacher.checkpoint: PATH for a teacher)"
-)
 
 # Stem output then each stage output, per torchvision class: the layers the authors' ImageNet models return
 # (tests/data/zoo.json "feat_shapes"); MobileNetV2's 64-channel stage is not among them in their code either.
@@ -65,10 +52,6 @@ _TORCHVISION_TAPS: dict[str, tuple[str, ...]] = {
 
 class NoLinearClassifierError(UserError, ValueError):
     """The library model has no final nn.Linear, which the zoo interface (and the logit-based methods) need."""
-
-
-class PretrainedWeightsError(UserError, RuntimeError):
-    """Library pretrained weights that do not exist for a model, cannot be downloaded, or do not fit it."""
 
 
 class LibraryClassifier(FeatureClassifier):
@@ -196,10 +179,10 @@ def build_torchvision(name: str, num_classes: int = 1000, pretrained: bool = Fal
     if not pretrained:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         return adapt(model, _TORCHVISION_TAPS.get(type(model).__name__))
-    weights = _torchvision_weights(name)
+    weights = torchvision_weights(name)
     classes = len(weights.meta["categories"])
     label = f"torchvision.{name} ({type(weights).__name__}.{weights.name})"
-    with _pretrained_failures(label, weights.url, _hub_checkpoints(), Path(weights.url).name):
+    with pretrained_failures(label, weights.url, hub_checkpoints(), Path(weights.url).name):
         if num_classes == classes:
             model = torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
             _log.info(f"{label}: loaded torchvision's pretrained weights")
@@ -223,7 +206,7 @@ def build_timm(name: str, num_classes: int = 1000, pretrained: bool = False, **k
     if not pretrained:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     else:
-        cfg = _timm_pretrained_cfg(name)
+        cfg = timm_pretrained_cfg(name)
         label = f"timm.{name} ({cfg.hf_hub_id or cfg.url or cfg.file})"
         if cfg.hf_hub_id:
             from huggingface_hub import constants
@@ -231,113 +214,17 @@ def build_timm(name: str, num_classes: int = 1000, pretrained: bool = False, **k
             where = (f"the Hugging Face Hub repository {cfg.hf_hub_id}", constants.HF_HUB_CACHE, None,
                      " (with HF_HUB_OFFLINE=1 it is read without trying the network)")
         else:
-            where = (cfg.url or str(cfg.file), _hub_checkpoints(), Path(cfg.url).name if cfg.url else None, "")
-        with _pretrained_failures(label, *where):
+            where = (cfg.url or str(cfg.file), hub_checkpoints(), Path(cfg.url).name if cfg.url else None, "")
+        with pretrained_failures(label, *where):
             model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
         if num_classes != cfg.num_classes:
-            _log.warning(_head_reinitialised(label, cfg.classifier, cfg.num_classes, num_classes))
+            _log.warning(head_reinitialised(label, cfg.classifier, cfg.num_classes, num_classes))
         else:
             _log.info(f"{label}: loaded timm's pretrained weights")
     info = getattr(model, "feature_info", None)
     # timm names each stage's module (stem first) in feature_info; models without it fall back to the generic taps.
     taps = tuple(entry["module"] for entry in info) if isinstance(info, list) and info else None
     return adapt(model, taps)
-
-
-def library_model(name: str) -> tuple[str, str] | None:
-    """(library, the library's model name) behind zoo name `name`, e.g. ('torchvision', 'resnet18') for ResNet18
-    and torchvision.resnet18, ('timm', 'resnet18') for timm.resnet18; None for the CIFAR zoo (no library model)."""
-    if name in PAPER_IMAGENET:
-        return "torchvision", PAPER_IMAGENET[name]
-    for library in ("torchvision", "timm"):
-        if name.startswith(f"{library}."):
-            return library, name[len(library) + 1:]
-    return None
-
-
-def pretrained_num_classes(name: str) -> int:
-    """The number of classes of the library pretrained weights of zoo model `name` (1000 for ImageNet-1k), found
-    without downloading anything; PretrainedWeightsError if the model has none (the CIFAR zoo, some timm models)."""
-    MODELS.get(name)  # an unknown name is an UnknownNameError with close matches
-    found = library_model(name)
-    if found is None:
-        paper = ", ".join(PAPER_IMAGENET)
-        raise PretrainedWeightsError(
-            f"model '{name}' has no library pretrained weights: pretrained works for torchvision.<name>, "
-            f"timm.<name> and the paper's ImageNet names ({paper}); {_LOCAL_ALTERNATIVES}"
-        )
-    library, library_name = found
-    if library == "torchvision":
-        return len(_torchvision_weights(library_name).meta["categories"])
-    return int(_timm_pretrained_cfg(library_name).num_classes)
-
-
-def _torchvision_weights(name: str) -> Any:
-    """The DEFAULT weights enum member of torchvision model `name`."""
-    import torchvision
-
-    try:
-        return torchvision.models.get_model_weights(name).DEFAULT
-    except (ValueError, AttributeError) as err:
-        raise PretrainedWeightsError(
-            f"torchvision has no pretrained weights for torchvision.{name} ({err}); {_LOCAL_ALTERNATIVES}"
-        ) from err
-
-
-def _timm_pretrained_cfg(name: str) -> Any:
-    """timm's pretrained config of `name` (its default tag unless the name has one), which must name weights."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
-        raise PretrainedWeightsError(
-            f"timm has no pretrained weights for timm.{name} (timm.list_models(pretrained=True) lists the models "
-            f"that have them); {_LOCAL_ALTERNATIVES}"
-        )
-    return cfg
-
-
-def _hub_checkpoints() -> str:
-    """torch's hub cache of downloaded weights (torchvision's, and timm's URL weights)."""
-    import torch.hub
-
-    return str(Path(torch.hub.get_dir()) / "checkpoints")
-
-
-@contextlib.contextmanager
-def _pretrained_failures(label: str, source: str, cache: str, filename: str | None, hint: str = "") -> Iterator[None]:
-    """Turn a failed download (offline: URLError, huggingface_hub's LocalEntryNotFoundError, both OSErrors) or
-    weights that do not fit the model built with the given kwargs into a one-line PretrainedWeightsError."""
-    try:
-        yield
-    except OSError as err:
-        copy = f"copy {filename} there, " if filename else ""
-        raise PretrainedWeightsError(
-            f"cannot get the pretrained weights of {label}: {type(err).__name__}: {_one_line(err).rstrip('.')}. "
-            f"The library downloads them from {source} once into its cache, {cache}{hint}, and reads them from "
-            f"there afterwards: connect to the internet once, {copy}{_LOCAL_ALTERNATIVES}"
-        ) from err
-    except RuntimeError as err:
-        if "loading state_dict" not in str(err):
-            raise
-        raise PretrainedWeightsError(
-            f"the pretrained weights of {label} do not fit the model built with these keyword arguments: "
-            f"{_one_line(err)[:600]}. Drop the arguments that change the architecture, "
-            f"{_LOCAL_ALTERNATIVES.removeprefix('or ')}"
-        ) from err
-
-
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line (torch's state_dict errors span several)."""
-    return " ".join(str(err).split())
-
-
-def _head_reinitialised(label: str, classifier: Any, pretrained_classes: int, num_classes: int) -> str:
-    """The warning that a pretrained model's classifier was not loaded."""
-    return (
-        f"{label}: loaded the library's pretrained weights except the classifier {classifier}, made for "
-        f"{pretrained_classes} classes: this model has {num_classes}, so its classifier is newly initialised"
-    )
 
 
 def _load_all_but_classifier(
@@ -352,7 +239,7 @@ def _load_all_but_classifier(
             f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {sorted(set(missing) - dropped)}"
             f", unexpected keys {unexpected}"
         )
-    _log.warning(_head_reinitialised(label, head, pretrained_classes, model.get_classifier().out_features))
+    _log.warning(head_reinitialised(label, head, pretrained_classes, model.get_classifier().out_features))
 
 
 def _unknown(library: str, name: str, available: list[str], listing: str) -> UnknownNameError:

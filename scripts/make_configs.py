@@ -152,11 +152,9 @@ def _teachers(rows: dict) -> dict[str, str]:
     return {row["teacher"]: f"configs/cifar100/teachers/{row['teacher']}.yaml" for row in rows.values()}
 
 
-def table_files(table: dict) -> dict[Path, str]:
-    """The paper's CIFAR-100 tables as table files (docs/tables.md)."""
-    kd_rows, plugin_rows, grid_rows = table["cifar_kd"], table["cifar_plugin"], table["temperature_grid"]
-    files = {}
-    files[TABLES / "cifar_kd.yaml"] = _table_file("The paper's CIFAR-100 table: vanilla KD (τ = 4) vs KD + CTKD.", {
+def _kd_table(kd_rows: dict) -> str:
+    """cifar_kd.yaml: vanilla KD (τ = 4) against KD + CTKD for every pair."""
+    return _table_file("The paper's CIFAR-100 table: vanilla KD (τ = 4) vs KD + CTKD.", {
         "title": "CIFAR-100: vanilla KD vs KD + CTKD (top-1 %)", "paper_table": "cifar_kd", "metric": "best_acc1",
         "seeds": SEEDS, "teachers": _teachers(kd_rows),
         "rows": {pair: _label(pair, row) for pair, row in kd_rows.items()},
@@ -164,12 +162,16 @@ def table_files(table: dict) -> dict[Path, str]:
         "cells": {pair: {kind: {"config": f"configs/cifar100/{kind}/{pair}.yaml"} for kind in ("kd", "ctkd")}
                   for pair in kd_rows},
     })
+
+
+def _plugin_table(plugin_rows: dict) -> str:
+    """cifar_plugin.yaml: each method of the plug-in table with and without CTKD."""
     methods = [m for m, (_, column) in PLUGIN_METHODS.items() if column]
     columns = {}
     for method in methods:
         columns[method] = PLUGIN_METHODS[method][0]
         columns[f"{method}_ctkd"] = f"{PLUGIN_METHODS[method][0]} + CTKD"
-    files[TABLES / "cifar_plugin.yaml"] = _table_file("The paper's CIFAR-100 plug-in table: CTKD in six methods.", {
+    return _table_file("The paper's CIFAR-100 plug-in table: CTKD in six methods.", {
         "title": "CIFAR-100: CTKD as a plug-in (top-1 %, mean ± std over seeds)", "paper_table": "cifar_plugin",
         "metric": "best_acc1", "seeds": SEEDS, "teachers": _teachers(plugin_rows),
         "rows": {pair: _label(pair, row) for pair, row in plugin_rows.items()},
@@ -178,26 +180,35 @@ def table_files(table: dict) -> dict[Path, str]:
                          for m in methods for suffix, variant in (("", "base"), ("_ctkd", "ctkd"))}
                   for pair in plugin_rows},
     })
+
+
+def _grid_cells(pair: str, row: dict) -> dict:
+    """The cells of one pair of the temperature grid: each fixed τ of the figure, and CTKD."""
+    cells = {}
+    for tau in row["fixed"]:
+        column = "T4" if float(tau) == 4.0 else ("Tctkd" if float(tau) == row["ctkd_final_tau"] else f"T{tau}")
+        config = (f"configs/cifar100/kd/{pair}.yaml" if float(tau) == 4.0
+                  else f"configs/cifar100/temperature_grid/{pair}_T{tau}.yaml")
+        cells[column] = {"config": config, "paper": ["temperature_grid", pair, "fixed", tau]}
+    cells["ctkd"] = {"config": f"configs/cifar100/ctkd/{pair}.yaml"}
+    return cells
+
+
+def _grid_table(grid_rows: dict) -> str:
+    """temperature_grid.yaml: vanilla KD at the figure's fixed temperatures against CTKD."""
     grid_columns = {"T2": "τ = 2", "T3": "τ = 3", "Tctkd": "τ = CTKD's final τ", "T4": "τ = 4", "T5": "τ = 5",
                     "ctkd": "CTKD"}
-    cells: dict = {}
-    for pair, row in grid_rows.items():
-        cells[pair] = {}
-        for tau in row["fixed"]:
-            column = "T4" if float(tau) == 4.0 else ("Tctkd" if float(tau) == row["ctkd_final_tau"] else f"T{tau}")
-            config = (f"configs/cifar100/kd/{pair}.yaml" if float(tau) == 4.0
-                      else f"configs/cifar100/temperature_grid/{pair}_T{tau}.yaml")
-            cells[pair][column] = {"config": config, "paper": ["temperature_grid", pair, "fixed", tau]}
-        cells[pair]["ctkd"] = {"config": f"configs/cifar100/ctkd/{pair}.yaml"}
-    files[TABLES / "temperature_grid.yaml"] = _table_file(
-        "The fixed temperatures of the paper's temperature-curve figure against CTKD.", {
-            "title": "CIFAR-100: vanilla KD at fixed τ vs CTKD (top-1 %)", "paper_table": "temperature_grid",
-            "metric": "best_acc1", "seeds": SEEDS, "teachers": _teachers(grid_rows),
-            "rows": {pair: _label(pair, row) for pair, row in grid_rows.items()},
-            "columns": grid_columns, "cells": cells,
-        })
-    files[TABLES / "ablations.yaml"] = _table_file("KD + CTKD ablations (no paper numbers: the paper's ablation "
-                                                   "tables could not be recovered).", {
+    return _table_file("The fixed temperatures of the paper's temperature-curve figure against CTKD.", {
+        "title": "CIFAR-100: vanilla KD at fixed τ vs CTKD (top-1 %)", "paper_table": "temperature_grid",
+        "metric": "best_acc1", "seeds": SEEDS, "teachers": _teachers(grid_rows),
+        "rows": {pair: _label(pair, row) for pair, row in grid_rows.items()},
+        "columns": grid_columns, "cells": {pair: _grid_cells(pair, row) for pair, row in grid_rows.items()},
+    })
+
+
+def _ablation_table(kd_rows: dict) -> str:
+    """ablations.yaml: KD + CTKD against each of its ablations."""
+    return _table_file("KD + CTKD ablations (no paper numbers: the paper's ablation tables could not be recovered).", {
         "title": "CIFAR-100: KD + CTKD ablations (top-1 %)", "metric": "best_acc1", "seeds": SEEDS,
         "teachers": _teachers({p: kd_rows[p] for p in ABLATION_PAIRS}),
         "rows": {pair: _label(pair, kd_rows[pair]) for pair in ABLATION_PAIRS},
@@ -206,7 +217,14 @@ def table_files(table: dict) -> dict[Path, str]:
                          **{name: {"config": f"configs/cifar100/ablations/{name}/{pair}.yaml"} for name in ABLATIONS}}
                   for pair in ABLATION_PAIRS},
     })
-    files[TABLES / "imagenet.yaml"] = _table_file("The paper's ImageNet table: ResNet-34 → ResNet-18.", {
+
+
+def _imagenet_table() -> str:
+    """imagenet.yaml: ResNet-34 → ResNet-18 with KD and the plug-in methods, each with and without CTKD."""
+    plugin = {f"{m}{suffix}": {"config": f"configs/imagenet/plugin/{m}/{variant}/{IMAGENET_PAIR}.yaml",
+                               "paper": ["imagenet", f"{m}{suffix}"]}
+              for m in IMAGENET_METHODS for suffix, variant in (("", "base"), ("_ctkd", "ctkd"))}
+    return _table_file("The paper's ImageNet table: ResNet-34 → ResNet-18.", {
         "title": "ImageNet-2012: ResNet-34 → ResNet-18 (top-1 %)", "paper_table": "imagenet", "metric": "best_acc1",
         "seeds": [0], "teachers": {"ResNet34": "configs/imagenet/teachers/ResNet34.yaml"},
         "rows": {IMAGENET_PAIR: "ResNet-34 → ResNet-18"},
@@ -216,11 +234,19 @@ def table_files(table: dict) -> dict[Path, str]:
         "cells": {IMAGENET_PAIR: {
             "kd": {"config": f"configs/imagenet/kd/{IMAGENET_PAIR}.yaml", "paper": ["imagenet", "kd"]},
             "kd_ctkd": {"config": f"configs/imagenet/ctkd/{IMAGENET_PAIR}.yaml", "paper": ["imagenet", "kd_ctkd"]},
-            **{f"{m}{suffix}": {"config": f"configs/imagenet/plugin/{m}/{variant}/{IMAGENET_PAIR}.yaml",
-                                "paper": ["imagenet", f"{m}{suffix}"]}
-               for m in IMAGENET_METHODS for suffix, variant in (("", "base"), ("_ctkd", "ctkd"))}}},
+            **plugin}},
     })
-    return files
+
+
+def table_files(table: dict) -> dict[Path, str]:
+    """The paper's tables as table files (docs/tables.md)."""
+    return {
+        TABLES / "cifar_kd.yaml": _kd_table(table["cifar_kd"]),
+        TABLES / "cifar_plugin.yaml": _plugin_table(table["cifar_plugin"]),
+        TABLES / "temperature_grid.yaml": _grid_table(table["temperature_grid"]),
+        TABLES / "ablations.yaml": _ablation_table(table["cifar_kd"]),
+        TABLES / "imagenet.yaml": _imagenet_table(),
+    }
 
 
 def all_configs() -> dict[Path, str]:

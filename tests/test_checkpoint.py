@@ -11,9 +11,9 @@ import torch
 
 import ctkd.models as models
 from ctkd import fileio
-from ctkd.build import identify_architectures
 from ctkd.checkpoint import capture_rng_state, restore_rng_state
 from ctkd.integrity import CheckpointError, atomic_save, load_file
+from ctkd.networks import identify_architectures
 from ctkd.weights import load_weights_strict
 
 

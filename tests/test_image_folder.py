@@ -17,14 +17,8 @@ from conftest import collect_epochs
 from ctkd.build import build_split, check_inputs
 from ctkd.config import ConfigError, config_from_dict
 from ctkd.datasets import DatasetError, DataSource, ImageFolderSource, build_dataset, build_loader
-from ctkd.datasets.folder import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageDecodeError,
-    crop_box,
-    crop_draws,
-    resized_crop_params,
-)
+from ctkd.datasets.crops import crop_box, crop_draws, resized_crop_params
+from ctkd.datasets.folder import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError
 from ctkd.datasets.transforms import eval_transform, normalize, train_transform
 
 SMALL = {"image_size": 32, "resize_size": 36}  # the 40x48 test images: resize the shorter side to 36, crop 32

@@ -12,6 +12,10 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, load_script
+from ctkd.table_cells import collect_cell
+from ctkd.table_figures import mean_curve
+from ctkd.table_report import CSV_FIELDS, TAU_FIELDS
+from ctkd.tables import load_table
 
 CONFIG = "configs/quickstart.yaml"  # any existing config: the cells are never trained here
 FIXED = ["epochs=3", "temperature=fixed", "curriculum=cosine"]  # the cells' overrides: 3 epochs, τ fixed or learned
@@ -161,7 +165,7 @@ def test_metric_option_compares_last_epoch(table_file: Path, runs_root: Path) ->
 def test_csv_reads_back_to_the_numbers(table_file: Path, runs_root: Path) -> None:
     assert run_main(table_file, runs_root) == 0
     rows = read_csv(runs_root / "tables" / "mini" / "table.csv")
-    assert list(rows[0]) == list(make_table.CSV_FIELDS)
+    assert list(rows[0]) == list(CSV_FIELDS)
     assert len(rows) == 5 * 2  # five cells × (best_acc1, last_acc1)
     kd = csv_row(rows, ROW, "kd", "best_acc1")
     assert float(kd["mean"]) == pytest.approx(KD_MEAN, abs=1e-6)
@@ -180,7 +184,7 @@ def test_csv_reads_back_to_the_numbers(table_file: Path, runs_root: Path) -> Non
 def test_tau_lambda_csv(table_file: Path, runs_root: Path) -> None:
     assert run_main(table_file, runs_root) == 0
     rows = read_csv(runs_root / "tables" / "mini" / "tau_lambda.csv")
-    assert list(rows[0]) == list(make_table.TAU_FIELDS)
+    assert list(rows[0]) == list(TAU_FIELDS)
     assert len(rows) == 8 * EPOCHS  # every run that logged τ, the unfinished ones included
     unfinished = [r for r in rows if (r["row"], r["column"], r["seed"]) == (ROW, "ctkd", "2")]
     assert [(r["epoch"], float(r["tau_last"]), float(r["tau_mean"]), float(r["lambda"])) for r in unfinished] == [
@@ -203,10 +207,10 @@ def test_figures_are_valid_pngs(table_file: Path, runs_root: Path) -> None:
 
 
 def test_only_learned_tau_cells_are_in_the_tau_figure(table_file: Path, runs_root: Path) -> None:
-    table = make_table.load_table(table_file, check_files=False)
-    cells = {key: make_table.collect_cell(table, cell, runs_root, []) for key, cell in table.cells.items()}
+    table = load_table(table_file, check_files=False)
+    cells = {key: collect_cell(table, cell, runs_root, []) for key, cell in table.cells.items()}
     assert {key for key, runs in cells.items() if runs.learned_tau} == {(ROW, "ctkd")}
-    epochs, taus = make_table.mean_curve(cells[(ROW, "ctkd")], "tau_last")
+    epochs, taus = mean_curve(cells[(ROW, "ctkd")], "tau_last")
     assert epochs == [1, 2, 3] and taus == pytest.approx([2.1, 3.1, 4.1])  # mean of seeds 0, 1, 2
 
 

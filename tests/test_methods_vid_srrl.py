@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import ctkd.models as models
 from conftest import ctkd_config, load
-from ctkd.build import build_networks, build_split, build_split_loader
+from ctkd.build import build_split, build_split_loader
 from ctkd.config import ConfigError, LossConfig
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller, measure_setup
@@ -29,6 +29,7 @@ from ctkd.methods import MethodSetup, StepContext, TeacherOutput
 from ctkd.methods.base import StepInputs
 from ctkd.methods.srrl import SRRL
 from ctkd.methods.vid import VID
+from ctkd.networks import build_networks
 from ctkd.temperatures import FixedTemperature, GlobalTemperature
 from ctkd.trainer import run
 

@@ -18,7 +18,7 @@ from torch import nn
 import ctkd.models as models
 from conftest import ctkd_config, load, tiny_run_config
 from ctkd.__main__ import main as ctkd_main
-from ctkd.build import build_student, check_inputs, check_model_names, identify_architectures, load_teacher
+from ctkd.build import check_inputs
 from ctkd.config import Config, ConfigError
 from ctkd.integrity import CheckpointError
 from ctkd.models import (
@@ -29,6 +29,7 @@ from ctkd.models import (
     build_model,
     list_models,
 )
+from ctkd.networks import build_student, check_model_names, identify_architectures, load_teacher
 from ctkd.registry import UnknownNameError
 
 # The paper's ImageNet names and the torchvision architectures they are.

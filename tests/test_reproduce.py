@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, load_script, tiny_run_config, write_yaml
-from ctkd.tables import (
-    Cell,
-    TableError,
-    inspect_run,
-    load_table,
-    lock_holder,
-    paper_value,
-    run_dir,
-    teacher_run_dir,
-)
+from ctkd.locks import lock_holder
+from ctkd.runs import inspect_run
+from ctkd.scheduler import try_lock
+from ctkd.tables import Cell, TableError, load_table, paper_value, run_dir, teacher_run_dir
 
 SEEDS = (0, 1)
 CELLS = (("pair", "vanilla"), ("pair", "kd"))
@@ -152,11 +146,10 @@ def test_real_tables_load() -> None:
 
 
 def test_a_locked_run_is_running_and_not_claimed_twice(tmp_path: Path) -> None:
-    script = load_script("reproduce")
     directory = tmp_path / "run"
-    fd = script.try_lock(directory)
+    fd = try_lock(directory)
     assert fd is not None and inspect_run(directory).state == "running"
-    assert script.try_lock(directory) is None  # a second claim (another runner) fails while the first holds it
+    assert try_lock(directory) is None  # a second claim (another runner) fails while the first holds it
     assert lock_holder(directory).startswith(f"pid {os.getpid()} on ")
     os.close(fd)  # what the kernel does when the holder dies
     assert inspect_run(directory).state == "not started"

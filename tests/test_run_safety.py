@@ -28,7 +28,8 @@ import ctkd.trainer
 from conftest import REPO_ROOT, tiny_run_config, write_yaml
 from ctkd.config import load_config
 from ctkd.datasets import build_dataset, build_loader
-from ctkd.datasets.folder import ImageDecodeError, crop_draws
+from ctkd.datasets.crops import crop_draws
+from ctkd.datasets.folder import ImageDecodeError
 from ctkd.datasets.transforms import normalize
 from ctkd.distributed import DistributedContext, init_distributed, seed_rank, shutdown_distributed
 from ctkd.integrity import verify_checksum

@@ -175,6 +175,10 @@ class Method(nn.Module):
         self.ce_weight = loss.ce_weight
         self.kd_weight = loss.kd_weight
         self.runtime = NetworkRuntime()  # set for the run by Distiller.set_runtime
+        self.build_heads(setup)
+
+    def build_heads(self, setup: MethodSetup) -> None:
+        """Create the method's trainable heads (embeddings, connectors, regressors) from the networks' shapes."""
 
     @classmethod
     def create_state(cls, options: MethodOptions, setup: MethodSetup) -> nn.Module | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +24,6 @@ from ctkd.datasets.hashing import seed_for
 from ctkd.distributed import gather_batch
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepContext, StepInputs
 from ctkd.options import MethodOptions, spec
-
-if TYPE_CHECKING:
-    from ctkd.schema import LossConfig
 
 NCE_EPS = 1e-7  # the authors' epsilon in both NCE log terms
 Z_UNSET = -1.0  # a normalisation constant below 0 means "not estimated yet"
@@ -148,19 +144,10 @@ class CRD(Method):
         nce_m: float = spec(0.5, ge=0, lt=1)  # momentum of the bank update
         sampling: str = spec("exact", choices=("exact",))  # positive = the sample itself ("relax" not implemented)
 
-    def __init__(
-        self,
-        student: nn.Module,
-        temperature: nn.Module | None,
-        *,
-        options: MethodOptions,
-        loss: LossConfig,
-        setup: MethodSetup,
-    ) -> None:
-        super().__init__(student, temperature, options=options, loss=loss, setup=setup)
+    def build_heads(self, setup: MethodSetup) -> None:
+        """The two embeddings, each flattening its network's pooled features (any feature shape works)."""
+        options = self.options
         assert isinstance(options, CRD.Options)
-        self.options: CRD.Options = options
-        # the authors' embeddings flatten their input, so any feature shape works
         self.embed_s = nn.Linear(math.prod(setup.student_feature_shapes[-1]), options.feat_dim)
         self.embed_t = nn.Linear(math.prod(setup.teacher_feature_shapes[-1]), options.feat_dim)
         self.seed = setup.seed

@@ -7,7 +7,6 @@ teacher's classifier applied to the connected features and the teacher's logits 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,9 +14,6 @@ from torch.func import functional_call
 
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
 from ctkd.options import MethodOptions, spec
-
-if TYPE_CHECKING:
-    from ctkd.schema import LossConfig
 
 
 @METHODS.register("srrl")
@@ -34,16 +30,8 @@ class SRRL(Method):
     features = True
     min_samples_per_rank = 2  # the connector's BatchNorm cannot normalise a single sample in training mode
 
-    def __init__(
-        self,
-        student: nn.Module,
-        temperature: nn.Module | None,
-        *,
-        options: SRRL.Options,
-        loss: LossConfig,
-        setup: MethodSetup,
-    ) -> None:
-        super().__init__(student, temperature, options=options, loss=loss, setup=setup)
+    def build_heads(self, setup: MethodSetup) -> None:
+        """The connector c: 1×1 conv, BN and ReLU from the student's pooled width to the teacher's."""
         (student_dim,), (teacher_dim,) = setup.student_feature_shapes[-1], setup.teacher_feature_shapes[-1]
         self.connector = nn.Sequential(
             nn.Conv2d(student_dim, teacher_dim, 1, bias=False),

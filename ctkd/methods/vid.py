@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +18,6 @@ from torch import Tensor, nn
 from ctkd.errors import ConfigError
 from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
 from ctkd.options import MethodOptions, spec
-
-if TYPE_CHECKING:
-    from ctkd.schema import LossConfig
 
 
 def _inverse_softplus(y: float) -> float:
@@ -52,20 +48,12 @@ class VID(Method):
 
     features = True
 
-    def __init__(
-        self,
-        student: nn.Module,
-        temperature: nn.Module | None,
-        *,
-        options: VID.Options,
-        loss: LossConfig,
-        setup: MethodSetup,
-    ) -> None:
-        super().__init__(student, temperature, options=options, loss=loss, setup=setup)
+    def build_heads(self, setup: MethodSetup) -> None:
+        """Per pair of stage outputs a regressor (student → teacher channels) and the per-channel variances."""
         pairs = self.channel_pairs(setup)
         self.regressors = nn.ModuleList(self._regressor(s, t) for s, t in pairs)
         # log_scale such that softplus(log_scale) + ε = init_pred_var, per teacher channel
-        start = _inverse_softplus(options.init_pred_var - options.eps)
+        start = _inverse_softplus(self.options.init_pred_var - self.options.eps)
         self.log_scales = nn.ParameterList(nn.Parameter(torch.full((t,), start)) for _, t in pairs)
 
     @staticmethod
