@@ -31,8 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     listing = commands.add_parser("list", help="list the registered names of a component kind")
     listing.add_argument("kind", choices=sorted(REGISTRIES), help="what to list")
     args = parser.parse_args(argv)
-    print("\n".join(registry(args.kind).names()))
+    print("\n".join(described(args.kind)))
     return 0
+
+
+def described(kind: str) -> list[str]:
+    """The registered names of `kind`, one per line; a method's line adds its paper and what it needs."""
+    names = registry(kind).names()
+    if kind != "methods":
+        return names
+    width = max(len(name) for name in names) + 2
+    lines = []
+    for name in names:
+        method = registry(kind).get(name)
+        lines.append(f"{name:<{width}}{method.paper or '-':<36}needs {method.needs()}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -22,13 +22,10 @@ _NEVER = 1 << 40  # more steps than any epoch has
 class NonFiniteGuard:
     """Skips non-finite steps on the device and reports them when its flags are read.
 
-    Each step's flag is 1 when this rank's loss or the (already all-reduced, so on every rank equal) gradients are not
-    finite; it goes to the fused SGD as `found_inf`, which then leaves weights and momentum untouched, so no rank
-    updates and none waits for the host. The trainable module's floating-point buffers (BatchNorm's running
-    statistics, which a diverging forward can blow up before the loss does) are checked at the same point; they are
-    per rank, so they do not skip the step (the ranks would part ways) but count as a bad step all the same. The first
-    bad step, the ranks whose loss or buffers were bad and their loss terms are kept on the device; `check` reads them
-    (one all-reduce) and raises, and every checkpoint is preceded by a check, so none holds a non-finite value.
+    A step's flag (non-finite loss or all-reduced gradients) goes to the fused SGD as `found_inf`, so no rank updates
+    and none waits for the host; non-finite buffers (BatchNorm statistics, per rank) count as bad without skipping.
+    `check` reads the flags in one all-reduce and raises; every checkpoint is preceded by a check
+    (docs/differences.md, Optimizer kernel and non-finite steps).
     """
 
     def __init__(self, device: torch.device, epoch: int, buffers: list[Tensor] | None = None) -> None:

@@ -21,8 +21,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor 
         temperature: a float or a 0-d tensor (one τ for the batch), or a (B,) tensor (one τ per sample); a learnable
             τ receives its gradient through both the softmaxes and the τ² factor.
 
-    The per-sample form is the vectorised version of the authors' README loop, without its 1e-7 on the teacher's
-    probabilities (docs/differences.md, Per-sample KD). Returns a float32 0-d tensor.
+    Computed in float64, returned as a float32 0-d tensor (docs/differences.md, Per-sample KD; Losses in float64).
     """
     student = student_logits.double()
     teacher = teacher_logits.double()

@@ -40,10 +40,25 @@ def build_sgd(
                 "weight_decay": weight_decay if temperature_weight_decay is None else temperature_weight_decay,
             }
         )
-    # fused: one kernel per device for all parameters, and the only implementation that takes `found_inf`, with which
-    # a non-finite step is skipped on the device (ctkd.guard.NonFiniteGuard); loop: torch's default on CPU
-    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[implementation]
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                **SGD_KERNELS[implementation])
+    zero_momentum(optimizer)
+    return optimizer
+
+
+# fused: one kernel per device for all parameters, and the only implementation that takes `found_inf`, with which a
+# non-finite step is skipped on the device (ctkd.guard.NonFiniteGuard); loop: torch's default on CPU
+SGD_KERNELS: dict[str, dict[str, bool]] = {"fused": {"fused": True}, "foreach": {"foreach": True},
+                                           "loop": {"foreach": False}}
+
+
+def build_stage_sgd(
+    params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float, implementation: str = "fused"
+) -> torch.optim.SGD:
+    """An initialisation stage's own SGD (ctkd.stages): one group at a constant LR over the stage's parameters,
+    with its own (zero) momentum buffers, as RepDistiller's `init` builds a fresh optim.SGD per stage."""
+    optimizer = torch.optim.SGD([{"params": params, "name": "stage"}], lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, **SGD_KERNELS[implementation])
     zero_momentum(optimizer)
     return optimizer
 
@@ -126,12 +141,9 @@ class LRMultiplier:
 class StepLRSchedule:
     """LR = base·rate^(number of milestones < epoch), epochs counted from 1, set at the start of each epoch.
 
-    With milestones 150, 180, 210: epochs 1-150 at the base LR, 151-180 ×0.1, 181-210 ×0.01, 211- ×0.001, exactly as
-    the authors', CRD's and mdistiller's `adjust_learning_rate`. Stateless apart from the base LRs,
-    so a resumed run only needs the epoch.
-
-    An optional per-iteration `multiplier` (warm-up, cosine) multiplies every group's LR: `step()` after each
-    optimizer step advances it. Without one, `step()` does nothing and the LRs are exactly the step schedule's.
+    Milestones 150, 180, 210: epochs 1-150 at the base LR, 151-180 ×0.1, 181-210 ×0.01, 211- ×0.001 (§4 settings).
+    Stateless apart from the base LRs, so a resumed run needs only the epoch; an optional per-iteration
+    `multiplier` (warm-up, cosine) scales every group's LR, advanced by `step()` after each optimizer step.
     """
 
     def __init__(

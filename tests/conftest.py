@@ -93,6 +93,16 @@ def collect_epochs(loader, epochs: int) -> list:
     return out
 
 
+def seeded_experiment(cfg: Config) -> Experiment:
+    """The run's objects on one process, with the weights a run of `cfg` would start from."""
+    from ctkd.build import build_experiment
+    from ctkd.distributed import DistributedContext
+    from ctkd.system import seed_everything
+
+    seed_everything(cfg.seed)
+    return build_experiment(cfg, DistributedContext())
+
+
 def first_batch_step(exp: Experiment, grl_lambda: float = 1.0) -> tuple[Tensors, Tensors]:
     """One training step of `exp` on its first batch of epoch 1: (the loss terms, the trainable state after it)."""
     exp.train_loader.sampler.set_epoch(1)
@@ -195,3 +205,17 @@ def ctkd_config(tmp_path: Path, teacher_file: Path, name: str = "run", **section
 def load(data: dict, tmp_path: Path, file: str = "cfg.yaml") -> Config:
     """Write `data` as tmp_path/file and load it as a config."""
     return load_config(write_yaml(tmp_path / file, data))
+
+
+@pytest.fixture(scope="module")
+def straight_in_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run in this process: its fingerprint and the indices of every step."""
+    from resume_tools import Steps, dropout_config, fingerprint
+
+    from ctkd.trainer import run
+
+    root = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        steps = Steps(monkeypatch)
+        run(load(dropout_config(root, "run"), root))
+    return {"fingerprint": fingerprint(root / "run"), "seen": steps.seen}

@@ -1,6 +1,6 @@
 """Resume checks that need a CUDA device, run on a GPU machine by hand (not collected by the CPU test suite: the file
 name does not start with test_): the CUDA RNG (dropout) and fp16's GradScaler round-trip through a checkpoint taken
-inside an epoch, in process and after `kill -9`. The CPU versions are in test_checkpoint_reliability.py."""
+inside an epoch, in process and after `kill -9`. The CPU versions are in test_resume.py."""
 from __future__ import annotations
 
 import signal
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint_reliability import Steps, _train_py, dropout_config, fingerprint
+from resume_tools import Steps, _train_py, dropout_config, fingerprint
 
 from conftest import load, write_yaml
 from ctkd import trainer

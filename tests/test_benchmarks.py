@@ -59,6 +59,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list
     return done.stdout, appended, argv
 
 
+@pytest.mark.slow
 def test_table_has_a_row_per_variant_with_positive_numbers(quick_run: tuple[str, Path, list[str]]) -> None:
     stdout, _, _ = quick_run
     rows = table_rows(stdout, "pair")
@@ -119,6 +120,7 @@ def test_options_are_checked_and_defaults_follow_quick() -> None:
         bench.parse_pairs("resnet56:resnet2O")
 
 
+@pytest.mark.slow
 def test_rounds_alternate_the_variants_and_report_the_median() -> None:
     """--rounds: each round measures every variant once, in turn; a row is the median round with the range."""
     calls: list[str] = []
@@ -159,3 +161,21 @@ def test_a_failing_round_is_reported_and_the_others_still_count() -> None:
     assert [t.images_per_s for t in entry.timings] == [100, 300]
     assert entry.errors == ["RuntimeError: CUDA out of memory. Tried to allocate"]
     assert entry.median().peak_bytes == 300  # the largest peak of the rounds
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/method_steps
+@pytest.mark.slow
+def test_method_steps_times_each_method_beside_kd(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One row per method, KD first with ratio 1, positive times and FLOPs, head parameters only where heads exist."""
+    from benchmarks import method_steps
+
+    out = tmp_path / "bench.md"
+    assert method_steps.main(["--pair", "resnet14:resnet8", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                              "--rounds", "1", "--methods", "vid", "pkt", "--append", str(out)]) == 0
+    rows = table_rows(out.read_text(), "method")
+    assert [row[0] for row in rows] == ["kd", "vid", "pkt"]
+    assert rows[0][2] == "1.00" and rows[0][4] == "1.00"
+    assert all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows)
+    heads = {row[0]: int(row[5].replace(",", "")) for row in rows}
+    assert heads["kd"] == heads["pkt"] == 0 < heads["vid"]
+    assert "resnet14 → resnet8, batch 4" in capsys.readouterr().out

@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from resume_tools import dropout_config
 
 import ctkd.models as models
+import tiny_models  # noqa: F401  (registers tiny_dropout_mlp: dropout makes the RNG state matter)
+from conftest import REPO_ROOT, load, tiny_run_config
 from ctkd import fileio
-from ctkd.checkpoint import capture_rng_state, restore_rng_state
-from ctkd.integrity import CheckpointError, atomic_save, load_file
+from ctkd.checkpoint import capture_rng_state, load_run_checkpoint, restore_rng_state
+from ctkd.integrity import CheckpointError, atomic_save, load_file, stored_checksum
 from ctkd.networks import identify_architectures
+from ctkd.provenance import file_sha256
+from ctkd.trainer import run
 from ctkd.weights import load_weights_strict
 
 
@@ -131,6 +138,7 @@ def test_rng_state_round_trip_is_plain_and_exact(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(100), expected[2])
 
 
+@pytest.mark.slow
 def test_file_for_another_class_count_is_still_identified(tmp_path: Path) -> None:
     path = tmp_path / "wrn.pth"
     torch.save({"model": models.build_model("wrn_40_2", num_classes=100).state_dict()}, path)
@@ -150,3 +158,94 @@ def test_a_file_that_is_no_checkpoint_says_so_without_torchs_advice(tmp_path: Pa
     message = str(info.value)
     assert message.startswith(f"not a checkpoint (or damaged): {path}") and "weights_only" not in message
     assert "\n" not in message
+
+
+V2_FIXTURE = REPO_ROOT / "tests" / "data" / "v2_last.pth"
+
+
+DAMAGE = ("half", "empty", "flip")
+
+
+def damage(path: Path, kind: str) -> None:
+    """Truncate `path` to half, empty it, or flip one bit in the middle of its bytes (tensor data)."""
+    data = bytearray(path.read_bytes())
+    if kind == "half":
+        data = data[: len(data) // 2]
+    elif kind == "empty":
+        data = bytearray()
+    else:
+        data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------------------------ verified files
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_loading_verifies_the_checksum(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "state.pth"
+    atomic_save({"weights": torch.linspace(0, 1, 4096), "epoch": 3}, path)
+    assert stored_checksum(path) is not None and torch.load(path, weights_only=True)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pth"]  # no temporary file left
+    damage(path, kind)
+    if kind == "flip":  # what the checksum is for: torch.load alone reads the flipped byte silently
+        assert not torch.equal(torch.load(path, weights_only=True)["weights"], torch.linspace(0, 1, 4096))
+    reason = {"half": "truncated", "empty": "truncated", "flip": "checksum mismatch"}[kind]
+    with pytest.raises(CheckpointError, match=reason) as info:
+        load_file(path)
+    assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ teacher file
+def test_teacher_file_is_identified_by_its_content(tmp_path: Path) -> None:
+    """Item 5: the checkpoint records the teacher file's SHA-256; the same file moved elsewhere resumes, a file
+    with other content is refused."""
+    torch.manual_seed(1)
+    first = tmp_path / "a" / "teacher.pth"
+    first.parent.mkdir()
+    torch.save({"model": models.build_model("tiny_mlp", num_classes=10).state_dict()}, first)
+
+    def config(teacher: Path, epochs: int) -> Any:
+        data = dropout_config(tmp_path, "kd", epochs=epochs, method="kd", temperature={"name": "fixed"},
+                              teacher={"name": "tiny_mlp", "checkpoint": str(teacher)})
+        return load(data, tmp_path, f"kd{epochs}.yaml")
+
+    run(config(first, 1))
+    saved = torch.load(tmp_path / "kd" / "last.pth", weights_only=True)
+    assert saved["teacher_sha256"] == file_sha256(first)
+    moved = tmp_path / "b" / "renamed.pth"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    assert run(config(moved, 2), resume="auto")["epochs"] == 2
+    torch.manual_seed(2)
+    other = tmp_path / "c" / "teacher.pth"
+    other.parent.mkdir()
+    torch.save({"model": models.build_model("tiny_mlp", num_classes=10).state_dict()}, other)
+    with pytest.raises(CheckpointError, match=r"teacher file .*teacher\.pth .* is not the one this run was trained"):
+        run(config(other, 3), resume="auto")
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def test_version_2_checkpoint_still_loads_and_resumes(tmp_path: Path) -> None:
+    """A7: tests/data/v2_last.pth (one epoch of tiny_dropout_mlp written before checksums and mid-epoch state)
+    loads with weights_only, resumes with --resume auto, and continues as an uninterrupted run."""
+    raw = torch.load(V2_FIXTURE, weights_only=True)
+    assert raw["version"] == 2 and raw["epoch"] == 1 and stored_checksum(V2_FIXTURE) is None
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(V2_FIXTURE, old / "last.pth")
+    sections = {"student": {"name": "tiny_dropout_mlp"}, "logging": {"tensorboard": False, "progress_bar": False}}
+    run(load(tiny_run_config(tmp_path, "old", epochs=2, **sections), tmp_path, "old.yaml"), resume="auto")
+    run(load(tiny_run_config(tmp_path, "new", epochs=2, **sections), tmp_path, "new.yaml"))
+    a, b = (torch.load(tmp_path / name / "last.pth", weights_only=True) for name in ("old", "new"))
+    assert a["version"] == 3 and a["epoch"] == 2
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in b["trainable"])
+    assert (old / "ckpt-e0001-s000005.pth").read_bytes() == V2_FIXTURE.read_bytes()  # kept in the series
+
+
+def test_unknown_version_and_missing_checksum_are_refused(tmp_path: Path) -> None:
+    state = load_run_checkpoint(V2_FIXTURE)
+    atomic_save({**state, "version": 4}, tmp_path / "v4.pth")
+    with pytest.raises(CheckpointError, match=r"unsupported checkpoint version 4 \(supported: 1, 2, 3\)"):
+        load_run_checkpoint(tmp_path / "v4.pth")
+    torch.save(state, tmp_path / "unchecked.pth")  # version 3 written without the checksum
+    with pytest.raises(CheckpointError, match="unchecked.pth is truncated or corrupted: its SHA-256 checksum is"):
+        load_run_checkpoint(tmp_path / "unchecked.pth")

@@ -155,6 +155,7 @@ def test_temperature_grid_and_ablation_configs() -> None:
             assert cfg.method.name == "kd" and (cfg.loss.ce_weight, cfg.loss.kd_weight) == (0.1, 0.9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_every_config_takes_a_training_step(path: Path) -> None:
     """One optimizer step of the config's method, models, temperature and heads, on random CIFAR-shaped data
@@ -175,7 +176,7 @@ def test_every_config_takes_a_training_step(path: Path) -> None:
     teacher = models.build_model(cfg.teacher.name, num_classes=classes) if method.uses_teacher else None
     temperature = build_temperature(cfg.temperature, num_classes=classes) if method.uses_teacher else None
     setup = measure_setup(student, teacher, image_shape=(3, 32, 32), num_classes=classes,
-                          train_targets=train_targets, seed=0, features=method.features)
+                          train_targets=train_targets, seed=0, features=method.features, preact=method.preact)
     distiller = build_distiller(cfg.method, student=student, teacher=teacher, temperature=temperature,
                                 loss=cfg.loss, setup=setup)
     optimizer = build_sgd(distiller.unwrapped, lr=cfg.optimizer.lr, momentum=0.9, weight_decay=5e-4)

@@ -35,6 +35,7 @@ def test_in_process_batches_equal_the_worker_batches(tmp_path: Path) -> None:
         assert torch.equal(x.indices, y.indices) and x.global_size == y.global_size
 
 
+@pytest.mark.slow
 def test_a_run_is_unchanged_by_making_batches_in_process(tmp_path: Path) -> None:
     results = []
     for name, data, runtime in (("w", {"num_workers": 2}, "off"), ("p", {"num_workers": 2}, "on")):

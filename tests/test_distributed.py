@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
-from conftest import REPO_ROOT, tiny_run_config, write_yaml
+from conftest import REPO_ROOT, ctkd_config, tiny_run_config, write_yaml
 from ctkd.build import build_experiment, build_split, build_split_loader, check_inputs
 from ctkd.config import ConfigError, load_config
 from ctkd.datasets.loader import Batch
@@ -28,6 +28,8 @@ from ctkd.integrity import verify_checksum
 from ctkd.methods import StepContext
 from ctkd.system import seed_everything
 from ctkd.trainer import RunInterrupted, run
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains whole runs
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 
@@ -58,15 +60,11 @@ def spawn(fn_name: str, *args: object, world: int = WORLD) -> None:
     mp.spawn(_entry, args=(world, _free_port(), fn_name, args), nprocs=world, join=True)
 
 
-def ctkd_config(tmp_path: Path, teacher_file: Path, name: str, **sections: dict) -> Path:
-    """A tiny global-CTKD config file (global batch 32, 160 training images: 5 steps per epoch)."""
-    data = tiny_run_config(
-        tmp_path, name, method="kd", teacher={"name": "resnet14", "checkpoint": str(teacher_file)},
-        temperature={"name": "global"}, curriculum={"name": "cosine", "loops": 2},
-        distributed={"timeout_s": 30.0}, logging={"tensorboard": True, "progress_bar": False},
-    )
-    for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+def ddp_config_file(tmp_path: Path, teacher_file: Path, name: str, **sections: dict) -> Path:
+    """conftest's tiny global-CTKD config, with a short DDP timeout and TensorBoard on, written to a file."""
+    logging = {"tensorboard": True, "progress_bar": False, **sections.pop("logging", {})}
+    distributed = {"timeout_s": 30.0, **sections.pop("distributed", {})}
+    data = ctkd_config(tmp_path, teacher_file, name, logging=logging, distributed=distributed, **sections)
     return write_yaml(tmp_path / f"{name}.yaml", data)
 
 
@@ -147,7 +145,7 @@ def _worker_evaluate(rank: int, config: str, weights: str, out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_student_and_temperature_stay_identical_on_every_rank(tmp_path: Path, teacher_file: Path) -> None:
-    config = ctkd_config(tmp_path, teacher_file, "sync")
+    config = ddp_config_file(tmp_path, teacher_file, "sync")
     spawn("_worker_train_steps", str(config), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # Hashes all-gathered on the ranks themselves: every parameter (student and τ) is identical ...
@@ -161,7 +159,7 @@ def test_student_and_temperature_stay_identical_on_every_rank(tmp_path: Path, te
 
 def test_ddp_equals_per_rank_half_batches_bit_for_bit(tmp_path: Path, teacher_file: Path) -> None:
     """DDP with plain BN = one process running each rank's half batch and averaging."""
-    config = ctkd_config(tmp_path, teacher_file, "parity")
+    config = ddp_config_file(tmp_path, teacher_file, "parity")
     spawn("_worker_train_steps", str(config), str(tmp_path))
     ddp_state = torch.load(tmp_path / "rank0.pt", weights_only=True)["state"]
 
@@ -205,7 +203,7 @@ UNEVEN = {"num_classes": 10, "train_size": 163, "test_size": 71, "seed": 0}
 
 
 def _nobn_config(tmp_path: Path, teacher_file: Path, name: str, epochs: int) -> Path:
-    return ctkd_config(tmp_path, teacher_file, name, student={"name": "tiny_mlp"}, epochs=epochs, data=UNEVEN)
+    return ddp_config_file(tmp_path, teacher_file, name, student={"name": "tiny_mlp"}, epochs=epochs, data=UNEVEN)
 
 
 def _assert_same_run(a: Path, b: Path, atol: float = 1e-6) -> None:
@@ -237,7 +235,7 @@ def test_methods_on_two_processes_equal_one(tmp_path: Path, teacher_file: Path, 
     global batch (gathered with gradient), so the run equals the 1-process run, uneven last batch included. DKD (per
     sample, τ inside the method) likewise. CRD has its own test (tests/test_method_crd.py)."""
     def config(name: str) -> Path:
-        return ctkd_config(tmp_path, teacher_file, name, student={"name": "tiny_mlp"}, epochs=1, data=UNEVEN,
+        return ddp_config_file(tmp_path, teacher_file, name, student={"name": "tiny_mlp"}, epochs=1, data=UNEVEN,
                            method={"name": method})
 
     spawn("_worker_run", str(config("two")), None, None)
@@ -298,10 +296,10 @@ def test_distributed_evaluation_counts_each_image_once(tmp_path: Path) -> None:
 
 
 def test_two_process_run_resumed_after_a_crash_is_bit_identical(tmp_path: Path, teacher_file: Path) -> None:
-    straight = ctkd_config(tmp_path, teacher_file, "straight")
+    straight = ddp_config_file(tmp_path, teacher_file, "straight")
     spawn("_worker_run", str(straight), None, None)
 
-    crashed = ctkd_config(tmp_path, teacher_file, "crashed")
+    crashed = ddp_config_file(tmp_path, teacher_file, "crashed")
     # Rank 1 raises in epoch 3; whichever rank's error mp.spawn reports first (the injected fault, or rank 0's
     # gloo error as its peer vanished: "closed" or "reset" by peer, by timing), the job dies after epoch 2's checkpoint.
     with pytest.raises(mp.ProcessRaisedException, match="fault injected|Connection (closed|reset) by peer"):
@@ -318,7 +316,7 @@ def test_two_process_run_resumed_after_a_crash_is_bit_identical(tmp_path: Path, 
 def test_no_rank_leaves_a_stopped_run_before_the_stop_checkpoint_is_written(tmp_path: Path, teacher_file: Path) -> None:
     """SIGTERM reaches rank 1 during epoch 2; rank 0 writes the stop checkpoint slowly. A rank that returned (and,
     under torchrun, exited: torchrun then stops the others) before the write ended would let it be killed half done."""
-    config = ctkd_config(tmp_path, teacher_file, "stopped", logging={"interval": 2})
+    config = ddp_config_file(tmp_path, teacher_file, "stopped", logging={"interval": 2})
     spawn("_worker_stopped_run", str(config), "signal:2:1:SIGTERM:1,slow_save:ckpt-e0002-s000002.pth:3:0",
           str(tmp_path))
     assert [json.loads((tmp_path / f"left{r}.json").read_text())["complete"] for r in range(WORLD)] == [True, True]
@@ -332,7 +330,7 @@ def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with cuda, device auto picks the GPU, where SyncBN is allowed")
 def test_sync_bn_is_refused_on_cpu(tmp_path: Path, teacher_file: Path) -> None:
-    config = ctkd_config(tmp_path, teacher_file, "syncbn", device="auto", distributed={"sync_bn": True})
+    config = ddp_config_file(tmp_path, teacher_file, "syncbn", device="auto", distributed={"sync_bn": True})
     with pytest.raises(ValueError, match="'distributed.sync_bn' needs CUDA devices"):
         check_inputs(load_config(config))
 
@@ -382,7 +380,7 @@ def _assert_one_writer(out: Path, output: str, epochs: int) -> None:
 
 
 def test_single_node_launcher(tmp_path: Path, teacher_file: Path) -> None:
-    config = ctkd_config(tmp_path, teacher_file, "one_node", epochs=2)
+    config = ddp_config_file(tmp_path, teacher_file, "one_node", epochs=2)
     code, output, _ = _launch(["bash", "scripts/dist_train.sh", "2", "--config", str(config)])
     assert code == 0, output
     _assert_one_writer(tmp_path / "one_node", output, 2)
@@ -390,7 +388,7 @@ def test_single_node_launcher(tmp_path: Path, teacher_file: Path) -> None:
 
 def test_multi_node_launcher_with_c10d_rendezvous(tmp_path: Path, teacher_file: Path) -> None:
     """One node of the multi-node launcher: rendezvous through c10d at HOST:PORT."""
-    config = ctkd_config(tmp_path, teacher_file, "multi_node", epochs=1)
+    config = ddp_config_file(tmp_path, teacher_file, "multi_node", epochs=1)
     endpoint = f"127.0.0.1:{_free_port()}"
     code, output, _ = _launch(["bash", "scripts/dist_train_multinode.sh", "1", "2", endpoint, "--config", str(config)])
     assert code == 0, output
@@ -407,7 +405,7 @@ def test_slurm_launcher_runs_torchrun_with_sigusr1_forwarded(tmp_path: Path, tea
     (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho 127.0.0.1\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    config = ctkd_config(tmp_path, teacher_file, "slurm", epochs=1)
+    config = ddp_config_file(tmp_path, teacher_file, "slurm", epochs=1)
     env = {"PATH": _bare_path(bin_dir), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
            "SLURM_JOB_ID": "42", "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": str(_free_port()),
            "SLURM_SUBMIT_DIR": str(REPO_ROOT)}
@@ -418,7 +416,7 @@ def test_slurm_launcher_runs_torchrun_with_sigusr1_forwarded(tmp_path: Path, tea
 
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_failing_rank_ends_the_job_naming_it(tmp_path: Path, teacher_file: Path, kind: str) -> None:
-    config = ctkd_config(tmp_path, teacher_file, f"fail_{kind}", epochs=3)
+    config = ddp_config_file(tmp_path, teacher_file, f"fail_{kind}", epochs=3)
     code, output, seconds = _launch(["bash", "scripts/dist_train.sh", "2", "--config", str(config)],
                                     fault=f"1:2:{kind}", timeout=90)
     assert code != 0 and seconds < 60, output
@@ -438,6 +436,6 @@ def test_last_batch_too_small_to_share_is_refused(tmp_path: Path) -> None:
 
 
 def test_sync_bn_with_device_cpu_is_refused_by_the_config(tmp_path: Path, teacher_file: Path) -> None:
-    config = ctkd_config(tmp_path, teacher_file, "syncbn_cpu", distributed={"sync_bn": True})  # device: cpu
+    config = ddp_config_file(tmp_path, teacher_file, "syncbn_cpu", distributed={"sync_bn": True})  # device: cpu
     with pytest.raises(ConfigError, match=r"syncbn_cpu\.yaml: 'distributed\.sync_bn' needs CUDA devices"):
         load_config(config)

@@ -1,10 +1,13 @@
 """docs/: the paper's numbers are consistent data that match the shipped configs, and the repository stands alone."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import types
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,8 @@ def _typos() -> set[tuple[str, str, str, str | None]]:
 # ---------------------------------------------------------------------------------------------- paper_results.yaml
 def test_paper_results_has_the_documented_tables() -> None:
     assert set(paper()) == {
-        "teachers", "students", "cifar_kd", "cifar_plugin", "imagenet", "temperature_grid", "known_typos"
+        "teachers", "students", "cifar_kd", "cifar_plugin", "imagenet", "temperature_grid", "known_typos",
+        "repdistiller_same_arch", "repdistiller_cross_arch", "mdistiller_dkd",
     }  # fmt: skip
     assert len(paper()["cifar_kd"]) == 11
     assert len(paper()["cifar_plugin"]) == 7
@@ -63,6 +67,30 @@ def test_cifar_kd_rows_name_registered_models_and_consistent_numbers() -> None:
         assert r["delta"] == pytest.approx(r["ctkd"] - r["kd"], abs=TOLERANCE), row
         assert r["architecture"] == ("same" if r["student"] in {"resnet20", "resnet32", "wrn_16_2", "wrn_40_1", "vgg8"}
                                      else "cross"), row  # fmt: skip
+
+
+REPDISTILLER_METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
+
+
+def test_benchmark_tables_name_registered_models_and_agree_with_the_ctkd_paper() -> None:
+    """RepDistiller's and mdistiller's rows: our model names, every method column, and the KD numbers the CTKD paper
+    and mdistiller copied from RepDistiller equal RepDistiller's."""
+    registered = set(models.list_models())
+    repdistiller = {**paper()["repdistiller_same_arch"], **paper()["repdistiller_cross_arch"]}
+    assert (len(paper()["repdistiller_same_arch"]), len(paper()["repdistiller_cross_arch"])) == (7, 6)
+    for table in ("repdistiller_same_arch", "repdistiller_cross_arch", "mdistiller_dkd"):
+        for row, r in paper()[table].items():
+            assert row == f"{r['teacher']}_{r['student']}" and {r["teacher"], r["student"]} <= registered, row
+    for row, r in repdistiller.items():
+        expected = set(REPDISTILLER_METHODS) - ({"fsp"} if row in paper()["repdistiller_cross_arch"] else set())
+        assert set(r) == {"teacher", "student", "teacher_acc", "student_acc"} | expected, row
+        assert r["teacher_acc"] == paper()["teachers"][r["teacher"]]["top1"], row
+        if row in paper()["cifar_kd"] and row != "resnet110_resnet20":  # the CTKD paper prints 70.66, CRD 70.67
+            assert r["kd"] == paper()["cifar_kd"][row]["kd"], row
+    assert (repdistiller["resnet110_resnet20"]["kd"], paper()["cifar_kd"]["resnet110_resnet20"]["kd"]) == (70.67, 70.66)
+    assert len(paper()["mdistiller_dkd"]) == 11
+    for row, r in paper()["mdistiller_dkd"].items():
+        assert r["kd"] == repdistiller[row]["kd"] and r["dkd"] > r["kd"], row
 
 
 def test_cifar_teachers_and_students_are_registered_models() -> None:
@@ -257,3 +285,58 @@ def test_pytest_approx_refuses_tensors_on_every_pytest_version() -> None:
     with pytest.raises(TypeError, match="tensor"):
         pytest.approx([1.0, torch.tensor(2.0)])
     assert 1.0 == pytest.approx(torch.tensor(1.0).item())
+
+
+# ------------------------------------------------------------------------------------------ README, Components
+def _components_table() -> dict[str, str]:
+    """kind → the 'registered names' cell of README's Components table."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Components\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): cells[3] for cells in rows[1:]}
+
+
+_REGISTERED = """
+import json
+from ctkd.curricula import CURRICULA
+from ctkd.datasets import DATASETS
+from ctkd.methods import METHODS
+from ctkd.models import MODELS
+from ctkd.temperatures import TEMPERATURES
+registries = {"model": MODELS, "dataset": DATASETS, "method": METHODS, "temperature": TEMPERATURES,
+              "curriculum": CURRICULA}
+print(json.dumps({kind: registry.explicit_names() for kind, registry in registries.items()}))
+"""
+
+
+def test_readme_lists_every_registered_component_and_only_those() -> None:
+    """A fresh interpreter sees what a user sees: no test-only model registered by another test module."""
+    done = subprocess.run([sys.executable, "-c", _REGISTERED], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True)
+    registered = json.loads(done.stdout)
+    table = _components_table()
+    assert set(table) == set(registered)
+    for kind, names in registered.items():
+        listed = set(re.findall(r"`([A-Za-z0-9_]+)`", table[kind]))
+        assert listed == set(names), kind
+
+
+def test_readme_component_example_registers_a_working_curriculum() -> None:
+    """The walked-through file, run as written, adds a curriculum that a config can select."""
+    from ctkd.curricula import CURRICULA
+    from ctkd.curricula import base as curricula_base
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    code = text.split("\n## Components\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("from .base import", "from ctkd.curricula.base import")
+    module = types.ModuleType("readme_step")  # dataclasses resolve annotations through sys.modules
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(code, "README.md (Components)", "exec"), module.__dict__)
+        step = curricula_base.build_curriculum(curricula_base.curriculum_options("step", hold=2, lambda_max=0.5))
+        assert [step(e) for e in (1, 2, 3, 10)] == [0.0, 0.0, 0.5, 0.5]
+        with pytest.raises(ValueError, match="hold"):
+            curricula_base.curriculum_options("step", hold=-1)
+    finally:
+        CURRICULA._builders.pop("step", None)
+        del sys.modules[module.__name__]

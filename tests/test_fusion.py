@@ -27,6 +27,7 @@ def _batchnorms(model: nn.Module) -> int:
     return sum(type(m) is nn.BatchNorm2d for m in model.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_folded_zoo_model_computes_the_authors_function(name: str, golden: ModuleType) -> None:
     """The golden weights' logits and every feature survive folding up to float rounding; every BatchNorm fed by a

@@ -13,7 +13,7 @@ from test_distributed import _assert_same_run, spawn
 import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp)
 import train as train_cli
-from conftest import load, write_yaml
+from conftest import write_yaml
 from ctkd.config import load_config
 from ctkd.trainer import run
 
@@ -51,6 +51,7 @@ def _config(tmp_path: Path, root: Path, student: str, teacher: str, name: str = 
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student, workers", [("torchvision.resnet18", 2), ("timm.mobilenetv3_small_050", 0)])
 def test_kd_ctkd_epoch_with_library_students(tmp_path: Path, image_root: Path, student: str, workers: int) -> None:
     path = write_yaml(tmp_path / "c.yaml", _config(tmp_path, image_root, student, "ResNet18", workers=workers))
@@ -63,20 +64,7 @@ def test_kd_ctkd_epoch_with_library_students(tmp_path: Path, image_root: Path, s
     assert record["lambda"] == pytest.approx(0.0955, abs=1e-4)  # epoch 1 of the cosine curriculum with E_loops 5
 
 
-def test_resume_is_bit_identical_on_an_image_folder(tmp_path: Path, image_root: Path) -> None:
-    """2 epochs straight = 1 epoch, then --resume auto for the second (decoding in 2 workers each time)."""
-    straight = _config(tmp_path, image_root, "torchvision.resnet18", "ResNet18", "straight", epochs=2, workers=2)
-    run(load(straight, tmp_path, "straight.yaml"))
-    first = _config(tmp_path, image_root, "torchvision.resnet18", "ResNet18", "resumed", epochs=1, workers=2)
-    run(load(first, tmp_path, "first.yaml"))
-    run(load({**first, "epochs": 2}, tmp_path, "first.yaml"), resume="auto")
-    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["trainable"]
-    b = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["trainable"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "resumed")]
-    assert [json.loads(x)["train_loss"] for x in lines[0]] == [json.loads(x)["train_loss"] for x in lines[1]]
-
-
+@pytest.mark.slow
 def test_two_processes_equal_one_on_an_image_folder(tmp_path: Path, image_root: Path) -> None:
     """BN-free student and teacher: the same weights, τ and metrics on 2 processes as on 1 (uneven last batch)."""
     def config(name: str) -> Path:

@@ -247,6 +247,7 @@ def test_bad_table_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str], c
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_command_line(table_file: Path, runs_root: Path) -> None:
     """As a user runs it: `python scripts/make_table.py` from the repository root, the repo not on the path."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

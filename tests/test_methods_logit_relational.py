@@ -18,13 +18,14 @@ from ctkd import trainer
 from ctkd.config import ConfigError, LossConfig, load_config, method_class
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import build_distiller
+from ctkd.losses import kd_loss
 from ctkd.methods import MethodSetup, StepContext, TeacherOutput
 from ctkd.methods.base import StepInputs
 from ctkd.methods.dkd import DKD, dkd_loss
 from ctkd.methods.pkt import pkt_loss
 from ctkd.methods.rkd import rkd_loss
 from ctkd.methods.sp import sp_loss
-from ctkd.temperatures import FixedTemperature
+from ctkd.temperatures import FixedTemperature, GlobalTemperature
 
 REL = 1e-5
 
@@ -118,6 +119,75 @@ def test_dkd_warmup_scales_the_term_linearly_over_warmup_epochs(epoch: int, fact
     full = dkd_loss(logits, teacher_logits, batch.targets, 4.0).item()
     assert term(_dkd_method(0)) == pytest.approx(full, rel=REL)  # no warm-up: the CTKD scripts' setting
     assert term(_dkd_method(20)) == pytest.approx(factor * full, rel=REL)
+
+
+def _zscore(x: Tensor) -> Tensor:
+    """The LS repo's normalize (Sun et al., CVPR 2024), in float64 loops: (z − mean) / (1e-7 + std), the std
+    unbiased (C − 1) as torch's default."""
+    rows = []
+    for row in x.double().tolist():
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        rows.append([(v - mean) / (1e-7 + std) for v in row])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _dkd_standardized(standardize: bool, temperature: torch.nn.Module, kd_weight: float = 0.0) -> DKD:
+    setup = MethodSetup([], [], 7, torch.zeros(0, dtype=torch.long), seed=0)
+    return DKD(torch.nn.Linear(3, 7), temperature, options=DKD.Options(standardize=standardize),
+               loss=LossConfig(ce_weight=1.0, kd_weight=kd_weight), setup=setup)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.usefixtures("single_thread")
+def test_dkd_standardize_is_dkd_of_the_z_scored_logits(per_sample: bool) -> None:
+    """The LS repo's DKD+Ours: DKD's terms on standardised logits; value against the authors' DKD formula applied to
+    independently z-scored logits, and the student gradient against finite differences of that reference."""
+    g = torch.Generator().manual_seed(23)
+    student, teacher = (torch.randn(6, 7, generator=g) * 3).requires_grad_(True), torch.randn(6, 7, generator=g) * 5
+    targets = torch.randint(0, 7, (6,), generator=g)
+    tau = 1 + 5 * torch.rand(6, generator=g) if per_sample else torch.tensor(2.0)
+    batch = Batch(torch.zeros(6, 3), targets, torch.arange(6), 6)
+    step = StepInputs(batch, student, [], TeacherOutput(teacher), tau, StepContext(epoch=1, step=0, grl_lambda=1.0))
+    term = _dkd_standardized(True, FixedTemperature(2.0)).loss_terms(step)["loss_dkd"]
+
+    def reference(s: Tensor) -> Tensor:
+        return authors_dkd(_zscore(s), _zscore(teacher), targets, tau.double(), 1.0, 2.0)
+
+    expected = reference(student.detach())
+    assert term.item() == pytest.approx(expected.item(), rel=REL)
+    assert term.item() != pytest.approx(dkd_loss(student, teacher, targets, tau).item(), rel=1e-2)
+    term.backward()
+    numeric = torch.zeros(6, 7, dtype=torch.float64)
+    for index in range(numeric.numel()):
+        delta = torch.zeros(42, dtype=torch.float64)
+        delta[index] = 1e-6
+        numeric.view(-1)[index] = (reference(student.detach().double() + delta.view(6, 7))
+                                   - reference(student.detach().double() - delta.view(6, 7))) / 2e-6
+    assert (student.grad.double() - numeric).abs().max() <= 1e-5 * numeric.abs().max()
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_dkd_standardize_ignores_each_sample_s_scale_and_shift_and_trains_a_learned_tau() -> None:
+    """A student with logits a·z_t + b (a > 0 per sample) matches the teacher once both are standardised; a learned τ
+    still gets its gradient, and an α·KD term beside DKD sees the standardised logits too."""
+    g = torch.Generator().manual_seed(24)
+    teacher, targets = torch.randn(5, 7, generator=g) * 4, torch.randint(0, 7, (5,), generator=g)
+    student = 0.25 * teacher + torch.randn(5, 1, generator=g)
+    ctx = StepContext(epoch=1, step=0, grl_lambda=1.0)
+    step = StepInputs(Batch(torch.zeros(5, 3), targets, torch.arange(5), 5), student, [], TeacherOutput(teacher),
+                      torch.tensor(2.0), ctx)
+    assert _dkd_standardized(True, FixedTemperature(2.0)).loss_terms(step)["loss_dkd"].item() == pytest.approx(
+        0.0, abs=1e-9)
+    assert _dkd_standardized(False, FixedTemperature(2.0)).loss_terms(step)["loss_dkd"].item() > 0.1
+    method = _dkd_standardized(True, GlobalTemperature(), kd_weight=1.0)
+    out = method(Batch(torch.randn(5, 3, generator=g), targets, torch.arange(5), 5), TeacherOutput(teacher), ctx)
+    logits = out.logits.detach()
+    tau = out.stats["tau"]
+    assert out.losses["loss_kd"].item() == pytest.approx(kd_loss(_zscore(logits), _zscore(teacher), tau).item(),
+                                                         rel=REL)
+    out.losses["loss_dkd"].backward()
+    assert torch.isfinite(method.temperature.raw.grad) and method.temperature.raw.grad.abs() > 0
 
 
 # ------------------------------------------------------------------------------------------------ PKT and SP
@@ -227,7 +297,8 @@ def test_negative_weight_is_rejected_naming_the_key(tmp_path: Path, name: str) -
 
 
 def test_option_defaults_follow_the_ctkd_scripts() -> None:
-    defaults = {"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 2.0, "warmup_epochs": 0}, "pkt": {"weight": 30000.0},
+    defaults = {"dkd": {"weight": 1.0, "alpha": 1.0, "beta": 2.0, "warmup_epochs": 0, "standardize": False},
+                "pkt": {"weight": 30000.0},
                 "sp": {"weight": 3000.0}, "rkd": {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}}
     for name, expected in defaults.items():
         options = method_class(name).Options()

@@ -104,6 +104,7 @@ def test_resnet18_feature_shapes_at_224_match_the_authors(zoo: dict) -> None:
     assert list(logits.shape) == zoo["ResNet18"]["logits_shape"]
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict_file_loads_strictly_into_resnet34_teacher(tmp_path: Path, teacher_file: Path) -> None:
     # The authors' ImageNet teacher is a bare torchvision state_dict of 1000 classes; the config names ResNet34.
     torch.manual_seed(0)
@@ -371,6 +372,7 @@ def test_student_weights_file_loads_strictly(tmp_path: Path) -> None:
     assert all(torch.equal(student.state_dict()[k], v) for k, v in source.items())
 
 
+@pytest.mark.slow
 def test_student_weights_of_another_architecture_name_it(tmp_path: Path) -> None:
     path = tmp_path / "resnet14.pth"
     torch.save({"model": build_model("resnet14", num_classes=10).state_dict()}, path)
@@ -419,6 +421,7 @@ def test_identification_of_a_zoo_name_searches_the_zoo_only(built_names: list[st
     assert set(built_names) == set(list_models())
 
 
+@pytest.mark.slow
 def test_identification_of_a_timm_name_searches_its_family_only(built_names: list[str]) -> None:
     # timm holds over a thousand models; a resnet18 config with a resnet34 file builds at most 50 resnet* ones.
     state = _meta_state(lambda: timm.create_model("resnet34", num_classes=10))

@@ -86,6 +86,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_the_install_adds_no_top_level_package_but_ctkd(installed: Path) -> None:
     top = {p.name for p in installed.iterdir() if not p.name.endswith((".dist-info", ".egg-info"))} - {"__pycache__"}
     assert top == {"ctkd"}
@@ -93,6 +94,7 @@ def test_the_install_adds_no_top_level_package_but_ctkd(installed: Path) -> None
     assert (installed / "ctkd" / "datasets" / "folder.py").is_file()
 
 
+@pytest.mark.slow
 def test_another_datasets_package_keeps_its_meaning_beside_the_install(installed: Path, tmp_path: Path) -> None:
     """A Hugging Face-style `datasets` in the same environment is the one `import datasets` gives, and ctkd (its
     models and datasets included) still works, from a folder outside the repository."""
@@ -121,6 +123,7 @@ def test_python_requirement_matches_ruff_target() -> None:
     assert _pyproject()["tool"]["ruff"]["target-version"] == "py310"
 
 
+@pytest.mark.slow
 def test_timm_data_imports_beside_our_datasets_package() -> None:
     """From the repository root the code imports ctkd.datasets, never a top-level `datasets`: timm.data (which
     imports the Hugging Face `datasets` lazily, for its hf readers) imports and builds models beside it."""

@@ -11,10 +11,12 @@ from pathlib import Path
 import fault_hooks
 import pytest
 import torch
-from test_checkpoint_reliability import _train_py, dropout_config, fingerprint
+from resume_tools import _train_py, dropout_config, fingerprint
 
 from conftest import REPO_ROOT, write_yaml
 from ctkd.integrity import verify_checksum
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains whole runs
 
 
 def _config(root: Path, name: str, **sections) -> Path:

@@ -17,6 +17,8 @@ from ctkd.runs import inspect_run
 from ctkd.scheduler import try_lock
 from ctkd.tables import Cell, TableError, load_table, paper_value, run_dir, teacher_run_dir
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains whole runs
+
 SEEDS = (0, 1)
 CELLS = (("pair", "vanilla"), ("pair", "kd"))
 TINY = {

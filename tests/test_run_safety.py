@@ -95,6 +95,7 @@ def test_second_run_into_a_locked_directory_stops_before_any_work(tmp_path: Path
         holder.release()
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_locked_directory_with_status_1(tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
     holder = lock_run(tmp_path / "run")
@@ -128,6 +129,7 @@ def test_a_dead_holders_lock_is_taken_over_and_reported(tmp_path: Path, messages
     assert (Path(cfg.output_dir) / ".lock").read_text() == "" and not is_locked(cfg.output_dir)  # a clean end
 
 
+@pytest.mark.slow
 def test_a_lock_passed_by_the_parent_is_adopted_not_refused(tmp_path: Path) -> None:
     """scripts/reproduce.py holds the run's lock and passes it to train.py, which adopts it."""
     config = tiny_config(tmp_path)
@@ -152,6 +154,7 @@ def test_a_lock_fd_of_another_directory_is_not_adopted(tmp_path: Path) -> None:
         other.release()
 
 
+@pytest.mark.slow
 def test_students_started_together_wait_for_the_teacher_being_trained(tmp_path: Path, teacher_file: Path,
                                                                       messages: list[str], monkeypatch) -> None:
     """The second student finds the teacher's run directory locked, waits, then uses the file the first wrote."""
@@ -163,7 +166,9 @@ def test_students_started_together_wait_for_the_teacher_being_trained(tmp_path: 
     first = lock_run(tmp_path / "teacher")  # the other student's teacher run
 
     def finish_teacher() -> None:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60.0  # finish once the student says it waits (however slow the machine)
+        while not any(m.startswith("waiting for teacher checkpoint") for m in messages) and time.monotonic() < deadline:
+            time.sleep(0.05)
         shutil.copy(teacher_file, wanted)
         first.release()
 
@@ -396,6 +401,7 @@ def _budget_run(rank: int, world: int, port: int, config: str, out: str) -> None
     Path(out, f"rank{rank}.txt").write_text(result)
 
 
+@pytest.mark.slow
 def test_the_bad_image_budget_is_for_all_processes_together(tree: Path, tmp_path: Path) -> None:
     """data.max_bad_images 1 and two unreadable files, one in each rank's share of epoch 1: each rank alone meets
     one (within the budget), together they meet two, so both ranks stop naming both files."""
@@ -426,6 +432,7 @@ def test_the_bad_image_budget_is_for_all_processes_together(tree: Path, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ stop signals
+@pytest.mark.slow
 def test_loader_workers_ignore_the_stop_signals(tmp_path: Path) -> None:
     source = build_dataset("synthetic", root=str(tmp_path), train=True, num_classes=4, train_size=48, test_size=8)
     loader = build_loader(source, batch_size=8, train=True, seed=0, num_workers=2, persistent_workers=True)
@@ -540,6 +547,7 @@ def _rank_masks(rank: int, world: int, port: int, out: str) -> None:
         shutdown_distributed(True)
 
 
+@pytest.mark.slow
 def test_two_ranks_draw_different_dropout_masks_after_alike_initialisation(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -137,20 +137,37 @@ class MethodSetup:
 class Stage:
     """A stage a method trains before distillation, as RepDistiller's `init` does for AB, FT and FSP: which
     submodules of the trainable module train (by attribute name), for how many epochs, with which SGD settings
-    (a constant LR); its loss terms are the method's `stage_loss_terms(stage, step)`."""
+    (a constant LR); its loss terms are the method's `stage_loss_terms(stage, step)`.
 
-    name: str
+    How a run trains it (ctkd.stages): before distillation epoch 1, for `epochs` epochs of the run's loader, with
+    its own SGD over the parameters of `trains` (the only ones that require gradients, and the only modules in
+    train mode: the rest of the trainable module is in eval mode, as RepDistiller's `init` sets it); the student's
+    and the teacher's features (pre-activation if the method's `preact`) reach `stage_loss_terms` whatever the
+    method's `features`, and its terms alone make the loss (no CE or KD unless the method returns them). The
+    StepContext of a stage step carries the stage's epoch (1-based). A stage of 0 epochs is skipped.
+    """
+
+    name: str  # letters, digits and "_": it names TensorBoard tags (stage/<name>/...) and metrics records
     epochs: int
-    trains: tuple[str, ...]  # attribute names of the method's submodules, e.g. ("student", "connectors")
+    # attribute names of the method's submodules, e.g. ("student", "connectors"); dotted paths ("student.fc") too
+    trains: tuple[str, ...]
     lr: float
     momentum: float = 0.9
     weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        """A name fit for tags and file records, something to train, a non-negative length and a positive LR."""
+        if not (self.name and self.name.isascii() and self.name.replace("_", "").isalnum()):
+            raise ValueError(f"stage name {self.name!r}: use letters, digits and '_' only")
+        if not self.trains or self.epochs < 0 or self.lr <= 0:
+            raise ValueError(f"stage {self.name}: needs modules to train, epochs >= 0 and lr > 0 (got {self})")
 
 
 class Method(nn.Module):
     """Base class: the student and the temperature module; subclasses add heads and define `loss_terms`."""
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    paper: ClassVar[str] = ""  # "Authors, Venue Year" of the method, shown by `python -m ctkd list methods`
     uses_teacher: ClassVar[bool] = True  # needs teacher.name/teacher.checkpoint and a temperature module
     features: ClassVar[bool] = False  # whether student and teacher features are computed (forward_with_features)
     min_samples_per_rank: ClassVar[int] = 1  # a method with BatchNorm in its heads needs ≥ 2
@@ -204,7 +221,7 @@ class Method(nn.Module):
         assert self.temperature is not None
         tau = self.temperature(logits, teacher.logits, ctx.grl_lambda)
         if self.kd_weight > 0:  # α = 0 (DKD's setting) skips the term instead of computing it times zero
-            losses["loss_kd"] = self.kd_weight * kd_loss(logits, teacher.logits, tau)
+            losses["loss_kd"] = self.kd_weight * kd_loss(*self.kd_inputs(logits, teacher.logits), tau)
         losses.update(self.loss_terms(StepInputs(batch, logits, student_features, teacher, tau, ctx, state)))
         return StepOutput(logits, losses, {"tau": tau.detach()})
 
@@ -212,13 +229,34 @@ class Method(nn.Module):
         """The method's own weighted terms beside γ·CE and α·KD(τ); none for plain KD."""
         return {}
 
+    def kd_inputs(self, logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The student and teacher logits the α·KD(τ) term softens: the logits themselves, unless a method
+        transforms them first (logit standardisation z-scores them)."""
+        return logits, teacher_logits
+
     def stages(self) -> list[Stage]:
-        """The stages this run trains before distillation, in order; none for most methods."""
+        """The stages this run trains before distillation, in order (distinct names); none for most methods. Asked
+        once per run, after `build_heads`; a method with stages needs a teacher."""
         return []
 
     def stage_loss_terms(self, stage: Stage, step: StepInputs) -> dict[str, Tensor]:
-        """The weighted loss terms of one step of `stage` (its parameters alone are trained)."""
+        """The weighted loss terms ("loss_<x>") of one step of `stage` (its parameters alone are trained); `step`
+        holds both networks' features and τ, computed as `Stage` describes."""
         raise NotImplementedError(f"method {self.options.name} declares stage {stage.name} but no loss for it")
+
+    @classmethod
+    def needs(cls) -> str:
+        """What the method asks of a run, for `python -m ctkd list methods`."""
+        if not cls.uses_teacher:
+            return "no teacher"
+        parts = ["teacher logits"]
+        if cls.features:
+            parts.append("pre-activation features" if cls.preact else "features")
+        if cls.uses_tau:
+            parts.append("τ inside its loss")
+        if cls.stages is not Method.stages:
+            parts.append("an initialisation stage")
+        return ", ".join(parts)
 
     def extra_repr(self) -> str:
         """The options in module printouts."""

@@ -130,6 +130,8 @@ def normalized_scores(scores: Tensor, z: Tensor, n_data: int, *, store: bool) ->
 class CRD(Method):
     """CRD's embedding heads (trainable) and its NCE loss against two memory banks (the state)."""
 
+    paper = "Tian et al., ICLR 2020"
+
     features = True
 
     @dataclass(frozen=True)

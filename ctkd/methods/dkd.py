@@ -4,6 +4,12 @@ DKD splits KD into a target-class term (TCKD: KL of the binary target / non-targ
 term (NCKD: KL of the distributions over the other C−1 classes), weighted α and β. The τ of both terms is the
 temperature module's, so CTKD learns DKD's temperature (docs/settings.md, CTKD as a plug-in). The CTKD scripts use
 γ = 1, α_KD = 0 (the config's loss section), DKD α = 1, β = 2 and no warm-up.
+
+`standardize` (off by default) z-scores both logits per sample first, as logit standardisation does (Sun et al.,
+CVPR 2024; ctkd/methods/ls.py): DKD's terms, and an α·KD term if the config keeps one, then see standardised logits.
+The LS repo's DKD+Ours recipe is ``--logit-stand --base-temp 2 --kd-weight 9``, which their tools/train.py turns into
+DKD's α and β times 9 at τ = 2: here ``standardize: true, weight: 9`` with a fixed τ of 2 (an earlier version of that
+script set β = 9·α after scaling α and left DKD's τ at 4; docs/differences.md).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from torch import Tensor
 
 from ctkd.losses import temperature_column
 from ctkd.methods.base import METHODS, Method, StepInputs
+from ctkd.methods.ls import standardize
 from ctkd.options import MethodOptions, spec
 
 
@@ -61,9 +68,8 @@ def dkd_loss(
         alpha: weight of the target-class term TCKD.
         beta: weight of the non-target term NCKD.
 
-    Equals the authors' value (which masks the target by subtracting 1000 from its scaled logit) but computes both
-    terms from log-sum-exps over exactly the classes involved, so every gradient stays finite; in float64 like
-    `ctkd.losses.kd_loss` (returned as float32).
+    Both terms come from log-sum-exps over exactly the classes involved, so every gradient stays finite, and are
+    computed in float64 (docs/differences.md, DKD with a learnable temperature; Losses in float64).
     """
     with torch.autocast(student_logits.device.type, enabled=False):  # float64, as KD (ctkd/losses.py says why)
         tau = temperature_column(temperature, student_logits.double())  # (1, 1) or (B, 1)
@@ -81,6 +87,8 @@ def dkd_loss(
 class DKD(Method):
     """β·DKD(τ) beside γ·CE (and α·KD, which DKD configs switch off with loss.kd_weight 0)."""
 
+    paper = "Zhao et al., CVPR 2022"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """DKD's weights; the temperature comes from the temperature section."""
@@ -90,6 +98,7 @@ class DKD(Method):
         alpha: float = spec(1.0, ge=0)  # weight of the target-class term TCKD
         beta: float = spec(2.0, ge=0)  # weight of the non-target term NCKD (2 in the CTKD scripts)
         warmup_epochs: int = spec(0, ge=0)  # > 0: the term grows linearly over these epochs (DKD's own recipe)
+        standardize: bool = False  # z-score both logits first (logit standardisation, Sun et al.); off: as published
 
     uses_tau = True  # the CTKD temperature is DKD's own (its configs switch the KD term off)
 
@@ -100,7 +109,13 @@ class DKD(Method):
 
     def loss_terms(self, step: StepInputs) -> dict[str, Tensor]:
         """The weighted DKD term."""
-        batch, logits, teacher, tau, ctx = step.batch, step.logits, step.teacher, step.tau, step.ctx
         opts = self.options
-        loss = dkd_loss(logits, teacher.logits, batch.targets, tau, alpha=opts.alpha, beta=opts.beta)
-        return {"loss_dkd": opts.weight * self.warmup_factor(ctx.epoch) * loss}
+        logits, teacher_logits = self.kd_inputs(step.logits, step.teacher.logits)
+        loss = dkd_loss(logits, teacher_logits, step.batch.targets, step.tau, alpha=opts.alpha, beta=opts.beta)
+        return {"loss_dkd": opts.weight * self.warmup_factor(step.ctx.epoch) * loss}
+
+    def kd_inputs(self, logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits DKD's terms (and an α·KD term) see: z-scored with `standardize`, else as they are."""
+        if not self.options.standardize:
+            return logits, teacher_logits
+        return standardize(logits), standardize(teacher_logits)

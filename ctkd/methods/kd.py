@@ -14,6 +14,8 @@ from ctkd.options import MethodOptions
 class KD(Method):
     """The CE and KD terms of the base class, nothing else."""
 
+    paper = "Hinton et al., NeurIPS-W 2015"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """KD's weights are loss.ce_weight (γ) and loss.kd_weight (α)."""

@@ -43,6 +43,8 @@ def pkt_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 class PKT(Method):
     """β·PKT on the pooled features of the whole (global) batch, beside γ·CE and α·KD(τ)."""
 
+    paper = "Passalis & Tefas, ECCV 2018"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """PKT's weight in the total loss."""

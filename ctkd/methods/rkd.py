@@ -57,6 +57,8 @@ def rkd_loss(
 class RKD(Method):
     """β·RKD on the pooled features of the whole (global) batch, beside γ·CE and α·KD(τ)."""
 
+    paper = "Park et al., CVPR 2019"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """RKD's weight in the total loss and the weights of its distance and angle terms."""

@@ -37,6 +37,8 @@ def sp_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 class SP(Method):
     """β·SP on the last spatial maps of the whole (global) batch, beside γ·CE and α·KD(τ)."""
 
+    paper = "Tung & Mori, ICCV 2019"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """SP's weight in the total loss."""

@@ -20,6 +20,8 @@ from ctkd.options import MethodOptions, spec
 class SRRL(Method):
     """γ·CE + α·KD(τ) + β·(MSE(c(f_s), f_t) + MSE(W_t·c(f_s), z_t)), c the connector, W_t the teacher's classifier."""
 
+    paper = "Yang et al., ICLR 2021"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """β, the weight of the SRRL term."""

@@ -29,6 +29,8 @@ def _inverse_softplus(y: float) -> float:
 class VID(Method):
     """γ·CE + α·KD(τ) + β·Σ_pairs NLL of the teacher's stage output under the student's Gaussian prediction."""
 
+    paper = "Ahn et al., CVPR 2019"
+
     @dataclass(frozen=True)
     class Options(MethodOptions):
         """β, the initial variance σ² and the variance floor ε."""

@@ -39,9 +39,8 @@ class _ScaleGradient(torch.autograd.Function):
 def gradient_reversal(x: Tensor, grl_lambda: float | Tensor) -> Tensor:
     """Gradient-reversal layer (Eq. 8 of the paper): forward is the identity, backward multiplies the gradient by −λ.
 
-    ``grl_lambda`` is the non-negative magnitude of the curriculum (Eq. 11); the minus sign lives here, in code. The
-    authors' code instead multiplies by +λ and feeds a negative λ from the config (decay_max 0, decay_min −1), a trap
-    that silently turns the adversary into a helper if a positive λ is passed.
+    ``grl_lambda`` is the non-negative magnitude of the curriculum (Eq. 11); the minus sign lives here
+    (docs/differences.md, Sign of λ).
     """
     _check_magnitude(grl_lambda)
     return _ScaleGradient.apply(x, -grl_lambda)

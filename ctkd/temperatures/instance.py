@@ -16,10 +16,8 @@ from .base import TEMPERATURES, BoundedTemperature, LearnedTemperatureOptions
 class InstanceTemperature(BoundedTemperature):
     """Instance-T (Fig. 2b of the paper): a 2-layer MLP maps [softmax(z_t), softmax(z_s)] ([B, 2C]) to one τ each.
 
-    The authors never released this module; the layout is our assumption (docs/differences.md, Instance-T
-    architecture): Linear(2C, hidden) → ReLU → Linear(hidden, 1). The inputs are detached so the reversed gradient
-    reaches only the MLP, never the student through its logits (otherwise the student would be pushed to *raise* the
-    KD loss).
+    Linear(2C, hidden) → ReLU → Linear(hidden, 1) (docs/differences.md, Instance-T architecture). The inputs are
+    detached so the reversed gradient reaches only the MLP, never the student through its logits.
     """
 
     @dataclass(frozen=True)

@@ -261,6 +261,7 @@ def test_plot_leaves_vanilla_out_of_tau_and_lambda(
     assert sorted(p.name for p in alone.iterdir()) == ["accuracy.png", "loss.png"]
 
 
+@pytest.mark.slow
 def test_plot_script_writes_into_the_single_run_directory(tmp_path: Path, runs_root: Path) -> None:
     run = shutil.copytree(runs_root / CTKD, tmp_path / "ctkd_run")
     done = subprocess.run(
