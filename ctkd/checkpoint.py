@@ -4,7 +4,9 @@ A run checkpoint holds the trainable module (student, temperature module, method
 optimizer, LR schedule (and the position of a per-iteration warm-up/cosine schedule, ``lr_scheduler``), fp16's
 GradScaler state (``grad_scaler``; None without fp16), epoch, best accuracy, RNG states, the resolved config, the
 SHA-256 of the teacher file (``teacher_sha256``) and, for a checkpoint taken inside an epoch, the state that lets the
-epoch continue exactly (``epoch_state``: the epoch, its steps done, its LR, every rank's running sums and flags).
+epoch continue exactly (``epoch_state``: the epoch, its steps done, its LR, every rank's running sums and flags) and,
+for a method with initialisation stages, their progress (``stages``: ctkd.stages; None otherwise, and absent from
+files written before stages existed).
 Files of earlier versions are upgraded on load. Integrity: ctkd/integrity.py; the series of a run: ctkd/series.py.
 """
 from __future__ import annotations

@@ -96,7 +96,7 @@ class Distiller:
         autocast as the student; they leave the teacher as float32."""
         if self.teacher is None:
             return None
-        with_features, preact = self.unwrapped.features, self.unwrapped.preact
+        with_features, preact = self.unwrapped.features, self.unwrapped.preact_of("teacher")
         with self.runtime.autocast():
             features, logits = (
                 self.teacher.forward_with_features(images, preact=preact) if with_features
@@ -128,11 +128,12 @@ class Distiller:
 @torch.no_grad()
 def measure_setup(
     student: nn.Module, teacher: nn.Module | None, *, image_shape: tuple[int, ...], num_classes: int,
-    train_targets: Tensor, seed: int, features: bool, preact: bool = False,
+    train_targets: Tensor, seed: int, features: bool, preact: bool = False, teacher_preact: bool | None = None,
 ) -> MethodSetup:
-    """Feature shapes of student and teacher, from one forward of a 2-image batch in eval mode (no state changes)."""
+    """Feature shapes of student and teacher, from one forward of a 2-image batch in eval mode (no state changes);
+    `teacher_preact` None: the teacher's features are taken like the student's (`preact`)."""
 
-    def shapes(model: nn.Module | None) -> list[tuple[int, ...]]:
+    def shapes(model: nn.Module | None, preact: bool) -> list[tuple[int, ...]]:
         if model is None or not features:
             return []
         was_training = model.training
@@ -142,7 +143,8 @@ def measure_setup(
         model.train(was_training)
         return [tuple(f.shape[1:]) for f in out]
 
-    return MethodSetup(shapes(student), shapes(teacher), num_classes, train_targets, seed, teacher)
+    teacher_shapes = shapes(teacher, preact if teacher_preact is None else teacher_preact)
+    return MethodSetup(shapes(student, preact), teacher_shapes, num_classes, train_targets, seed, teacher)
 
 
 def build_distiller(

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +65,10 @@ class MetricsLog:
     (written after that checkpoint, before the crash) are dropped from `metrics.jsonl`, and TensorBoard events from
     step k+1 on are purged (also for k = 0: a run that died before its first checkpoint), so every epoch appears
     exactly once with the values of the run that produced the checkpoint.
+
+    Records of a method's initialisation stages (ctkd.stages) carry the run epoch (1−S … 0: before distillation
+    epoch 1, so the same truncation and purge apply), ``"stage"`` (its name) and ``"stage_epoch"`` (1-based within
+    the stage); their scalars go to TensorBoard as 'stage/<name>/<key>' at the run epoch.
     """
 
     def __init__(self, output_dir: str | Path, *, start_epoch: int, tensorboard: bool, enabled: bool = True) -> None:
@@ -74,6 +80,8 @@ class MetricsLog:
         self._truncate_after(start_epoch - 1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
+            _after_existing_event_files(Path(output_dir))
 
             self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=start_epoch)
 
@@ -117,10 +125,10 @@ class MetricsLog:
             os.fsync(handle.fileno())
         if self.writer is None:
             return
-        epoch = record["epoch"]
+        epoch, stage = record["epoch"], record.get("stage")
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(_tensorboard_tag(key), value, epoch)
+            if key not in ("epoch", "stage_epoch", "stage_epochs") and isinstance(value, (int, float)):
+                self.writer.add_scalar(_tensorboard_tag(key) if stage is None else _stage_tag(stage, key), value, epoch)
         for name, values in (per_sample or {}).items():
             self.writer.add_histogram(f"params/{name}", values.float().cpu(), epoch)
         self.writer.flush()
@@ -129,6 +137,20 @@ class MetricsLog:
         """Flush and close TensorBoard."""
         if self.writer is not None:
             self.writer.close()
+
+
+_EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def _after_existing_event_files(directory: Path) -> None:
+    """Wait (under a second) until a new TensorBoard event file, named by the second it is opened in, sorts after
+    every earlier one: TensorBoard reads them in name order, and within one second the names order by a process
+    counter as text ('…9' after '…10'), which would replay an earlier session's purge over this one's events."""
+    names = [_EVENT_FILE.match(path.name) for path in directory.glob("events.out.tfevents.*")]
+    newest = max((int(name.group(1)) for name in names if name), default=None)
+    deadline = time.monotonic() + 1.1  # a file stamped in the future (another clock) is not waited for
+    while newest is not None and time.time() < newest + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _tensorboard_tag(key: str) -> str:
@@ -140,3 +162,11 @@ def _tensorboard_tag(key: str) -> str:
         if key.startswith(group + "_"):
             return f"{group}/{key[len(group) + 1:]}"
     return f"params/{key}"
+
+
+def _stage_tag(stage: str, key: str) -> str:
+    """A stage epoch's scalar: 'train_loss_fsp' → 'stage/<stage>/loss_fsp', 'epoch_time' → 'stage/<stage>/epoch_s',
+    'lr' → 'stage/<stage>/lr'."""
+    if key == "epoch_time":
+        return f"stage/{stage}/epoch_s"
+    return f"stage/{stage}/{key.removeprefix('train_')}"

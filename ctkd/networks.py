@@ -245,14 +245,12 @@ def check_student_weights(cfg: Config) -> None:
 
 def check_preact_features(cfg: Config, method: Any, student: nn.Module, teacher: nn.Module | None) -> None:
     """A method that distils pre-activation features needs networks that provide them; else an error naming both."""
-    if not method.preact:
-        return
     for section, name, net in (("student", cfg.student.name, student), ("teacher", cfg.teacher.name, teacher)):
-        if net is not None and not getattr(net, "supports_preact", False):
+        if method.preact_of(section) and net is not None and not getattr(net, "supports_preact", False):
             raise ConfigError(
                 f"method {cfg.method.name} distils pre-activation features (before each stage's final ReLU), which "
-                f"{section}.name {name} does not provide; use a model of the CIFAR zoo that does (resnet*, wrn_*, "
-                "vgg*, MobileNetV2, ShuffleV1, ShuffleV2), or another method"
+                f"{section}.name {name} does not provide; use a model of the CIFAR zoo (every one does: resnet*, "
+                "wrn_*, vgg*, MobileNetV2, ShuffleV1, ShuffleV2, ResNet50), or another method"
             )
 
 
@@ -283,12 +281,13 @@ def build_networks(cfg: Config, train_set: datasets.DataSource, ctx: Distributed
     setup = measure_setup(
         student, teacher, image_shape=train_set.image_shape, num_classes=num_classes,
         train_targets=train_set.targets, seed=cfg.seed, features=method.features, preact=method.preact,
+        teacher_preact=method.preact_of("teacher"),
     )
     distiller = build_distiller(
         cfg.method, student=student, teacher=teacher, temperature=temperature, loss=cfg.loss, setup=setup
     ).to(ctx.device)
     if teacher is not None and cfg.runtime.fold_teacher_bn:  # after the heads were built from the unfolded teacher
-        fold_teacher_batchnorm(teacher, train_set.image_shape, preact=method.preact)
+        fold_teacher_batchnorm(teacher, train_set.image_shape, preact=method.preact_of("teacher"))
     if cfg.distributed.sync_bn and ctx.enabled:  # the teacher keeps plain BN: it only runs in eval mode
         # the whole trainable module: the student and the method's heads (SRRL's connector has BatchNorm too)
         distiller.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.unwrapped)

@@ -29,7 +29,8 @@ class StopRequested(Exception):
     """Every rank agreed to stop after `steps` steps of `epoch` (a checkpoint of that point was saved)."""
 
     def __init__(self, epoch: int, steps: int, signal_name: str) -> None:
-        super().__init__(f"stopped by {signal_name} after step {steps} of epoch {epoch}")
+        where = f"epoch {epoch}" if epoch > 0 else f"run epoch {epoch} (an initialisation stage's epochs are ≤ 0)"
+        super().__init__(f"stopped by {signal_name} after step {steps} of {where}")
         self.epoch, self.steps, self.signal_name = epoch, steps, signal_name
 
 

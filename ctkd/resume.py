@@ -33,6 +33,7 @@ from ctkd.series import (
 
 if TYPE_CHECKING:
     from ctkd.build import Experiment
+    from ctkd.stages import StagePlan
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "results.json")
 
@@ -124,13 +125,15 @@ def _occupied_message(cfg: Config, existing: list[str]) -> str:
 def checkpoint_state(
     exp: Experiment, cfg: Config, progress: Progress, teacher_sha256: str | None = None,
     epoch_state: dict[str, Any] | None = None, rng: list[dict[str, Any]] | None = None,
+    stages: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to continue the run, as plain types (loadable with weights_only=True).
 
     Module states come from the unwrapped modules, so a checkpoint written by N processes resumes on M.
     `epoch_state` (a checkpoint inside an epoch): the epoch, its steps done, its LR and time so far, and every
     rank's running sums and flags (`ranks`); None at epoch ends. `rng`: every rank's RNG states (default: this
-    process's); rank 0's are stored as "rng", the others' as "rng_ranks".
+    process's); rank 0's are stored as "rng", the others' as "rng_ranks". `stages`: the initialisation stages'
+    progress (ctkd.stages.StagePlan.state_dict; None for a method without stages).
     """
     rng = rng if rng is not None else [capture_rng_state()]
     return {
@@ -154,6 +157,7 @@ def checkpoint_state(
         "config": config_to_dict(cfg),
         "teacher_sha256": teacher_sha256,  # of the teacher file: a resume with another file is refused
         "epoch_state": epoch_state,
+        "stages": stages,  # stage epochs done (of "total") and the running stage's optimizer and scaler states
     }
 
 
@@ -185,10 +189,12 @@ def _check_teacher_file(state: dict[str, Any], cfg: Config, path: Path, teacher_
 
 
 def restore(
-    exp: Experiment, cfg: Config, path: Path, progress: Progress, teacher_sha256: str | None = None
+    exp: Experiment, cfg: Config, path: Path, progress: Progress, teacher_sha256: str | None = None,
+    plan: StagePlan | None = None,
 ) -> tuple[Position, dict[str, Any] | None]:
-    """Load a run checkpoint into `exp` and `progress` (after checking that `cfg` continues the same experiment
-    with the same teacher file); returns its position and, for one taken inside an epoch, its epoch_state."""
+    """Load a run checkpoint into `exp`, `progress` and the stage `plan` (after checking that `cfg` continues the
+    same experiment with the same teacher file); returns its position and, for one taken inside an epoch (or a
+    stage epoch), its epoch_state."""
     state = load_run_checkpoint(path)
     check_resume_config(config_from_dict(state["config"], source=f"{path} (saved config)"), cfg, path)
     _check_teacher_file(state, cfg, path, teacher_sha256)
@@ -205,7 +211,20 @@ def restore(
         restore_rng_state(state["rng"] if rank == 0 else others[rank - 1])
     for name in vars(progress):
         setattr(progress, name, state[name])
+    if plan is not None:
+        _restore_stages(state, plan, path)
     return state_position(state, len(exp.train_loader)), state["epoch_state"]
+
+
+def _restore_stages(state: dict[str, Any], plan: StagePlan, path: Path) -> None:
+    """How far the stages got, and the running stage's optimizer state (loaded when that stage continues)."""
+    if not plan.stages:
+        return
+    saved = state.get("stages")
+    if saved is None or int(saved["total"]) != plan.total:
+        raise CheckpointError(f"{path} holds no progress of the {plan.total} stage epochs this run trains first "
+                              "('stages'), which it needs to continue exactly")
+    plan.done, plan.saved = int(saved["done"]), saved
 
 
 def continue_series(writer: CheckpointSeries, resume_path: Path, position: Position, output_dir: Path) -> None:

@@ -73,8 +73,9 @@ def _read_text(path: Path) -> str:
         raise RunFileError(f"cannot read {path.name}: {err}") from err
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of `metrics.jsonl` ([] when absent).
+def read_metrics(run_dir: str | Path, stages: bool = False) -> list[dict[str, Any]]:
+    """The per-epoch records of `metrics.jsonl` ([] when absent): the distillation epochs, and the epochs of a method's
+    initialisation stages (records with a "stage" key, run epochs ≤ 0) only when `stages`.
 
     A last line that is not valid JSON was cut short by a crash mid-append and is ignored (train.py drops it too on
     resume); a damaged line elsewhere raises RunFileError.
@@ -93,7 +94,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             raise RunFileError(f"metrics.jsonl line {number} is not JSON") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
             raise RunFileError(f"metrics.jsonl line {number} is not an epoch record")
-        records.append(record)
+        if stages or "stage" not in record:
+            records.append(record)
     return records
 
 

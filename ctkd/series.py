@@ -1,5 +1,8 @@
 """The run directory's checkpoint series: ``ckpt-e<EEEE>-s<SSSSSS>.pth`` is the state after SSSSSS training steps of
-epoch EEEE (an epoch-end checkpoint has all of that epoch's steps and its evaluation); the newest `keep_last` are kept;
+epoch EEEE (an epoch-end checkpoint has all of that epoch's steps and its evaluation); a method's initialisation
+stages train the run epochs 1−S … 0 before distillation epoch 1 (ctkd.stages), so their checkpoints are
+``ckpt-e-<EEEE>-s<SSSSSS>.pth`` for epoch −EEEE and ``ckpt-e0000-…`` for the last stage epoch, sorted before every
+distillation checkpoint; the newest `keep_last` are kept;
 ``last.pth`` is the newest and ``best.pth`` the best-accuracy epoch's state: hard links to those series files (the
 same bytes, no second copy on disk; copies on a filesystem without hard links).
 """
@@ -17,13 +20,13 @@ from ctkd.checkpoint import load_run_checkpoint
 from ctkd.fileio import atomic_copy, atomic_link
 from ctkd.integrity import CheckpointError, atomic_save, verify_checksum
 
-_SERIES_NAME = re.compile(r"^ckpt-e(\d{4,})-s(\d{6,})\.pth$")
-_TEMP_NAME = re.compile(r"^\.(ckpt-e\d+-s\d+\.pth|last\.pth|best\.pth)\..+\.tmp$")
+_SERIES_NAME = re.compile(r"^ckpt-e(-?\d{4,})-s(\d{6,})\.pth$")
+_TEMP_NAME = re.compile(r"^\.(ckpt-e-?\d+-s\d+\.pth|last\.pth|best\.pth)\..+\.tmp$")
 
 
 @dataclass(frozen=True, order=True)
 class Position:
-    """Where a checkpoint stands: after `step` training steps of epoch `epoch` (1-based)."""
+    """Where a checkpoint stands: after `step` training steps of epoch `epoch` (1-based; ≤ 0: a stage epoch)."""
 
     epoch: int
     step: int
@@ -31,18 +34,23 @@ class Position:
     @property
     def name(self) -> str:
         """The file name of the series checkpoint at this position."""
-        return f"ckpt-e{self.epoch:04d}-s{self.step:06d}.pth"
+        sign = "-" if self.epoch < 0 else ""  # a stage epoch before the last one: ckpt-e-0002-s000003.pth
+        return f"ckpt-e{sign}{abs(self.epoch):04d}-s{self.step:06d}.pth"
 
     def __str__(self) -> str:
         return f"epoch {self.epoch}, step {self.step}"
 
 
 def state_position(state: Mapping[str, Any], steps_per_epoch: int) -> Position:
-    """The position of a loaded run checkpoint: inside its epoch_state's epoch, or at the end of epoch `epoch`."""
+    """The position of a loaded run checkpoint: inside its epoch_state's epoch, or at the end of epoch `epoch`, or,
+    before any distillation epoch, at the end of the last stage epoch done (run epoch done − total ≤ 0)."""
     inside = state.get("epoch_state")
     if inside is not None:
         return Position(int(inside["epoch"]), int(inside["step"]))
-    return Position(int(state["epoch"]), steps_per_epoch)
+    epoch, stages = int(state["epoch"]), state.get("stages")
+    if epoch == 0 and stages:
+        epoch = int(stages["done"]) - int(stages["total"])
+    return Position(epoch, steps_per_epoch)
 
 
 def series(directory: str | Path) -> list[tuple[Position, Path]]:

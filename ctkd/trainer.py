@@ -1,4 +1,5 @@
-"""A training run: the output directory, the teacher, resume, and the epoch loop whose decisions `Trainer` owns."""
+"""A training run: the output directory, the teacher, resume, and the epoch loop whose decisions `Trainer` owns,
+with a method's initialisation stages before distillation epoch 1 (ctkd.stages)."""
 from __future__ import annotations
 
 import sys
@@ -14,17 +15,16 @@ from ctkd.checkpoint import capture_rng_state
 from ctkd.config import Config, save_config
 from ctkd.distributed import (
     DistributedContext,
-    any_rank,
     barrier,
     broadcast_buffers,
     broadcast_object,
     claim_run_directory,
     decide_on_main,
     gather_objects,
-    get_world_size,
     init_distributed,
     seed_rank,
 )
+from ctkd.epoch_checks import bad_image_record, bad_images, stop_agreed
 from ctkd.errors import UserError
 from ctkd.evaluation import evaluate
 from ctkd.fileio import supports_hard_links
@@ -38,6 +38,7 @@ from ctkd.report import epoch_line, newest_checkpoint_note, record_failure, resu
 from ctkd.resume import Progress, checkpoint_state, continue_series, resolve_resume, restore, resumable, saved_epoch
 from ctkd.runs import FAILED_FILE
 from ctkd.series import CheckpointSeries, Position
+from ctkd.stages import ActiveStage, StagePlan, stage_parameters, train_stages
 from ctkd.step import EpochRun, on_device, train_step
 from ctkd.system import resolve_compile_mode, seed_everything, set_cublas_workspace, set_determinism
 from ctkd.teacher import ensure_teacher_checkpoint, evaluate_teacher, teacher_sha256
@@ -60,7 +61,8 @@ class Trainer:
     evaluate and stop (`after_step`, `evaluates`, `checkpoints_after`, `epoch_end_checkpoint`).
 
     `writer` is rank 0's checkpoint series (None on the other ranks, and in tests that save nothing); `metrics`
-    writes metrics.jsonl (None: no log).
+    writes metrics.jsonl (None: no log); `plan` the method's initialisation stages and how far they got, `active`
+    the stage being trained (ctkd.stages).
     """
 
     exp: Experiment
@@ -69,6 +71,12 @@ class Trainer:
     writer: CheckpointSeries | None = None
     metrics: MetricsLog | None = None
     teacher_sha256: str | None = None
+    plan: StagePlan = field(init=False)
+    active: ActiveStage | None = None
+
+    def __post_init__(self) -> None:
+        """The method's stages, none done yet (a resume loads how far they got)."""
+        self.plan = StagePlan.of(self.exp.distiller.unwrapped)
 
     @property
     def steps(self) -> int:
@@ -76,7 +84,9 @@ class Trainer:
         return len(self.exp.train_loader)
 
     def fit(self, inside: dict[str, Any] | None = None) -> None:
-        """Train the epochs after `progress.epoch`, the first continuing `inside` (a checkpoint's epoch_state)."""
+        """Train the stage epochs not done yet, then the epochs after `progress.epoch`; the first of them continues
+        `inside` (a checkpoint's epoch_state)."""
+        inside = train_stages(self, inside)
         first = self.progress.epoch + 1
         for epoch in range(first, self.cfg.epochs + 1):
             record, stopping = self.run_epoch(epoch, inside if epoch == first else None)
@@ -116,15 +126,19 @@ class Trainer:
     def train_epoch(self, run: EpochRun, batches: Any = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """The steps of one epoch (Algorithm 1's inner loop), from `run.start_step`; returns the epoch summary
         (weighted loss terms, train top-1/top-5, statistics such as τ) and this rank's per-sample statistics."""
-        self.exp.distiller.train()
+        if run.stage is None:
+            self.exp.distiller.train()
+        else:
+            run.stage.set_modes()
         source = self.batches(run) if batches is None else batches
         progress_bar = self.cfg.logging.progress_bar and self.exp.ctx.is_main and sys.stderr.isatty()
-        with tqdm(source, desc=f"epoch {run.epoch}", leave=False, disable=not progress_bar, dynamic_ncols=True,
+        desc = f"epoch {run.epoch}" if run.stage is None else run.stage.label
+        with tqdm(source, desc=desc, leave=False, disable=not progress_bar, dynamic_ncols=True,
                   initial=run.start_step) as bar:
             for step, batch in enumerate(bar, start=run.start_step):
                 batch = on_device(self.exp, batch)
-                context = StepContext(epoch=run.epoch, step=step, grl_lambda=run.grl_lambda)
-                out = train_step(self.exp, batch, context, run.guard)
+                context = StepContext(epoch=run.step_epoch, step=step, grl_lambda=run.grl_lambda)
+                out = train_step(self.exp, batch, context, run.guard, run.recipe)
                 run.add(batch, out)
                 self.after_step(run, step + 1)
         run.guard.check()
@@ -157,7 +171,8 @@ class Trainer:
         return ((epoch - 1) * self.steps + done) % every == 0
 
     def epoch_end_checkpoint(self, epoch: int) -> bool:
-        """Whether `epoch` ends with a checkpoint: every `logging.checkpoint_every` epochs and the last."""
+        """Whether `epoch` ends with a checkpoint: every `logging.checkpoint_every` epochs and the last (stage
+        epochs ≤ 0 alike, counted back from distillation: run epoch 0, the end of the stages, always)."""
         return epoch == self.cfg.epochs or epoch % self.cfg.logging.checkpoint_every == 0
 
     def evaluates(self, epoch: int) -> bool:
@@ -184,10 +199,14 @@ class Trainer:
         parts = gather_objects({"rng": capture_rng_state(), "epoch_state": run.state_dict()})
         if self.writer is not None:
             inside = {"epoch": run.epoch, "step": done, "lr": run.lr, "elapsed_s": run.seconds(),
-                      "ranks": [part["epoch_state"] for part in parts]}
-            state = checkpoint_state(self.exp, self.cfg, self.progress, self.teacher_sha256, inside,
-                                     [part["rng"] for part in parts])
-            self.writer.save(state, Position(run.epoch, done))
+                      "ranks": [part["epoch_state"] for part in parts],
+                      **({"stage": run.stage.name} if run.stage is not None else {})}
+            self.writer.save(self.checkpoint(inside, [part["rng"] for part in parts]), Position(run.epoch, done))
+
+    def checkpoint(self, inside: dict[str, Any] | None, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint state now: inside an epoch (`inside`) or at an epoch end, with the stages' progress."""
+        return checkpoint_state(self.exp, self.cfg, self.progress, self.teacher_sha256, inside, rng,
+                                stages=self.plan.state_dict(self.active))
 
     def save_epoch_end(self, epoch: int, improved: bool, stopping: bool) -> None:
         """The epoch-end checkpoint (when due or stopping) and best.pth (when improved); every rank calls it."""
@@ -195,7 +214,7 @@ class Trainer:
         if improved or due:  # every rank (all agree): each rank's RNG states go into it
             rng = gather_objects(capture_rng_state())
             if self.writer is not None:
-                state = checkpoint_state(self.exp, self.cfg, self.progress, self.teacher_sha256, rng=rng)
+                state = self.checkpoint(None, rng)
                 with STOP.deferred():  # a stop checkpoint is finished whatever signal comes next
                     if due:
                         self.writer.save(state, Position(epoch, self.steps), best=improved)
@@ -203,42 +222,6 @@ class Trainer:
                         self.writer.save_best(state)
         if stopping:
             barrier()  # no rank leaves (and makes torchrun stop the others) before rank 0 has written it
-
-
-def stop_agreed(step_count: int, interval: int, device: torch.device) -> bool:
-    """Whether every rank stops now, after `step_count` steps of the epoch (ctkd.preemption).
-
-    One process reads its flag at every step boundary. Several agree once per `interval` steps (and at the epoch's
-    end, `interval` = 1) with one all-reduce of their flags, so they stop at the same step; between those points
-    they never read each other's flags.
-    """
-    if get_world_size() == 1:
-        return STOP.received is not None
-    return step_count % interval == 0 and any_rank(STOP.received is not None, device)
-
-
-def bad_images(exp: Experiment, epoch: int) -> dict[str, int]:
-    """`bad_images`: the unreadable training images replaced in `epoch`, over all ranks, for a dataset with a
-    budget for them (data.max_bad_images > 0); else nothing. One collective per epoch, on every rank: the files met
-    by all ranks together must stay within the budget (each rank alone stops at once past it)."""
-    merged = bad_image_record(exp)
-    if merged is None:
-        return {}
-    return {"bad_images": sum(1 for last in merged.values() if last == epoch + 1)}
-
-
-def bad_image_record(exp: Experiment) -> dict[int, int] | None:
-    """The unreadable training files met by every rank (index → 1 + last epoch), after checking them against
-    data.max_bad_images (a collective: every rank calls it); None for a dataset without that budget."""
-    source = getattr(exp.train_loader.dataset, "dataset", None)
-    if not getattr(source, "max_bad_images", 0):
-        return None
-    merged: dict[int, int] = {}
-    for record in gather_objects(source.bad_record()):
-        for index, last in record.items():
-            merged[index] = max(last, merged.get(index, 0))
-    source.check_budget(merged)
-    return merged
 
 
 def run(cfg: Config, resume: str | None = None, *, run_lock: RunLock | None = None) -> dict[str, Any]:
@@ -296,11 +279,16 @@ def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None) -> di
 
 
 def checkpoint_bytes(exp: Experiment) -> int:
-    """Estimated size of a checkpoint: the trainable module's and the method's state plus SGD's momentum buffers."""
+    """Estimated size of a checkpoint: the trainable module's and the method's state plus SGD's momentum buffers,
+    and those of the largest initialisation stage's SGD (a checkpoint inside a stage holds both)."""
     state = exp.distiller.state_dict()
     tensors = [*state["trainable"].values(), *state["method_state"].values()]
-    momentum = [p for p in exp.distiller.unwrapped.parameters() if p.requires_grad]
-    return sum(t.numel() * t.element_size() for t in [*tensors, *momentum] if isinstance(t, torch.Tensor))
+    method = exp.distiller.unwrapped
+    momentum = [p for p in method.parameters() if p.requires_grad]
+    stage_momentum = max((stage_parameters(method, stage) for stage in StagePlan.of(method).stages),
+                         key=lambda params: sum(p.numel() * p.element_size() for p in params), default=[])
+    tensors = [*tensors, *momentum, *stage_momentum]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _prepare(exp: Experiment, cfg: Config, resume_path: Path | None) -> tuple[Trainer, dict[str, Any] | None]:
@@ -310,9 +298,10 @@ def _prepare(exp: Experiment, cfg: Config, resume_path: Path | None) -> tuple[Tr
     trainer = Trainer(exp, cfg, teacher_sha256=teacher_sha256(exp, cfg, ctx))
     position, inside = None, None
     if resume_path is not None:
-        position, inside = restore(exp, cfg, resume_path, trainer.progress, trainer.teacher_sha256)
-        where = (f"after epoch {trainer.progress.epoch}" if inside is None
-                 else f"inside epoch {position.epoch}, after step {position.step} of {len(exp.train_loader)}")
+        position, inside = restore(exp, cfg, resume_path, trainer.progress, trainer.teacher_sha256, trainer.plan)
+        where = trainer.plan.where(position, inside is not None, len(exp.train_loader)) or (
+            f"after epoch {trainer.progress.epoch}" if inside is None
+            else f"inside epoch {position.epoch}, after step {position.step} of {len(exp.train_loader)}")
         get_logger().info(f"resumed from {resume_path} {where}")
     if ctx.enabled:
         exp.distiller.wrap_ddp([ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -336,12 +325,14 @@ def _train_prepared(trainer: Trainer, inside: dict[str, Any] | None, resume_path
     """Announce the run, train its remaining epochs (a failure leaves a FAILED marker) and write results.json."""
     exp, cfg, ctx, output_dir = trainer.exp, trainer.cfg, trainer.exp.ctx, Path(trainer.cfg.output_dir)
     teacher = evaluate_teacher(exp, cfg, trainer.teacher_sha256)
-    get_logger().info(startup_block(exp, cfg, teacher, trainer.teacher_sha256, resume_path))
+    plan = trainer.plan
+    stages = f"\n{plan.describe(cfg.epochs)}" if plan.stages else ""
+    get_logger().info(startup_block(exp, cfg, teacher, trainer.teacher_sha256, resume_path) + stages)
     origin = None
     if ctx.is_main:  # hashed at start-up: the file this run was built from (a resume may point at a moved copy)
         origin = provenance(cfg, varies_freely=resumable, device=ctx.device, world_size=ctx.world_size,
                             teacher_sha256=trainer.teacher_sha256)
-    trainer.metrics = MetricsLog(output_dir, start_epoch=trainer.progress.epoch + 1,
+    trainer.metrics = MetricsLog(output_dir, start_epoch=plan.next_run_epoch(trainer.progress.epoch),
                                  tensorboard=cfg.logging.tensorboard, enabled=ctx.is_main)
     try:
         trainer.fit(inside)
@@ -356,9 +347,10 @@ def _train_prepared(trainer: Trainer, inside: dict[str, Any] | None, resume_path
         raise
     finally:
         trainer.metrics.close()
+    stage_epochs = {"stage_epochs": {stage.name: stage.epochs for stage in plan.stages}} if plan.stages else {}
     results = broadcast_object(
-        {**results_summary(cfg, trainer.progress, trainer.metrics.records(), teacher), **origin} if ctx.is_main
-        else None)
+        {**results_summary(cfg, trainer.progress, trainer.metrics.records(), teacher), **stage_epochs, **origin}
+        if ctx.is_main else None)
     if ctx.is_main:
         write_json_atomic(results, output_dir / "results.json")
     get_logger().info(

@@ -36,6 +36,8 @@ from .transforms import normalize
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+NEVER = torch.iinfo(torch.int32).min  # a bad-image mark for a file that was always read (epochs can be ≤ 0)
+
 
 class ImageDecodeError(DatasetError):
     """An image file of a folder dataset cannot be decoded; the message names the file and its sample index.
@@ -106,7 +108,8 @@ class ImageFolderSource:
         self.training = training
         # per sample: 1 + the last epoch its file was found unreadable (0: never). In shared memory, so that what
         # the loader's worker processes find is seen by the training process (and by the other workers).
-        self._bad = torch.zeros(len(files), dtype=torch.int32).share_memory_() if max_bad_images > 0 else None
+        # 1 + the last training epoch each file was found unreadable in, NEVER if it never was (stage epochs are ≤ 0)
+        self._bad = torch.full((len(files),), NEVER, dtype=torch.int32).share_memory_() if max_bad_images > 0 else None
 
     @property
     def num_classes(self) -> int:
@@ -193,7 +196,7 @@ class ImageFolderSource:
         """The unreadable files this process's loader met: sample index → 1 + the last epoch it was met in."""
         if self._bad is None:
             return {}
-        found = self._bad.nonzero().flatten().tolist()
+        found = (self._bad != NEVER).nonzero().flatten().tolist()
         return {index: int(self._bad[index]) for index in found}
 
     def check_budget(self, record: dict[int, int]) -> None:
@@ -227,9 +230,9 @@ class ImageFolderSource:
     def _count_bad(self, index: int, epoch: int, err: ImageDecodeError) -> None:
         """Record that sample `index`'s file is unreadable; stop (naming the files) past data.max_bad_images."""
         assert self._bad is not None
-        first = int(self._bad[index]) == 0
+        first = int(self._bad[index]) == NEVER
         self._bad[index] = epoch + 1
-        bad = self._bad.nonzero().flatten().tolist()
+        bad = (self._bad != NEVER).nonzero().flatten().tolist()
         if len(bad) > self.max_bad_images:
             raise ImageDecodeError(
                 f"{len(bad)} training image files cannot be read, more than data.max_bad_images = "

@@ -14,7 +14,7 @@ MODELS = Registry("model", with_options=False)  # a model's options are its buil
 class FeatureClassifier(nn.Module, ABC):
     """A classifier that can also return its intermediate features (stem, each stage, pooled vector)."""
 
-    # Whether `forward_with_features(x, preact=True)` is meaningful; the authors' CIFAR ResNet50 has no preact.
+    # Whether `forward_with_features(x, preact=True)` is meaningful: every CIFAR model, no library model.
     supports_preact: ClassVar[bool] = True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -27,7 +27,7 @@ class FeatureClassifier(nn.Module, ABC):
         if preact and not self.supports_preact:
             raise ValueError(
                 f"{type(self).__name__} has no pre-activation features: call forward_with_features with "
-                "preact=False, or pick a model that supports them (resnet*, wrn_*, vgg*, MobileNetV2, ShuffleV1/V2)."
+                "preact=False, or pick a model of the CIFAR zoo (all of them have them)."
             )
         return self._forward_features(x, preact)
 

@@ -103,6 +103,29 @@ def seeded_experiment(cfg: Config) -> Experiment:
     return build_experiment(cfg, DistributedContext())
 
 
+def zoo_distiller(options: object, student: str = "resnet8", teacher: str = "resnet14", *, batch: int = 4,
+                  temperature: torch.nn.Module | None = None) -> tuple:
+    """(Distiller, Batch): teacher → student of the zoo with 10 classes, measured as a run measures them (features,
+    pre-activation as the method asks), a learned global τ unless given, default γ·CE + α·KD, in train mode; and
+    one batch of random 32×32 images (generator seed 1)."""
+    from ctkd.datasets.loader import Batch
+    from ctkd.distiller import build_distiller, measure_setup
+    from ctkd.methods import METHODS
+    from ctkd.options import LossConfig
+    from ctkd.temperatures import GlobalTemperature
+
+    method = METHODS.get(options.name)
+    torch.manual_seed(0)
+    nets = [models.build_model(name, num_classes=10) for name in (student, teacher)]
+    setup = measure_setup(*nets, image_shape=(3, 32, 32), num_classes=10, seed=0,
+                          train_targets=torch.zeros(0, dtype=torch.long), features=method.features,
+                          preact=method.preact, teacher_preact=method.preact_of("teacher"))
+    distiller = build_distiller(options, student=nets[0], teacher=nets[1], loss=LossConfig(), setup=setup,
+                                temperature=GlobalTemperature() if temperature is None else temperature)
+    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return distiller.train(), Batch(images, torch.arange(batch) % 10, torch.arange(batch), batch)
+
+
 def first_batch_step(exp: Experiment, grl_lambda: float = 1.0) -> tuple[Tensors, Tensors]:
     """One training step of `exp` on its first batch of epoch 1: (the loss terms, the trainable state after it)."""
     exp.train_loader.sampler.set_epoch(1)

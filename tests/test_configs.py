@@ -11,6 +11,11 @@ from conftest import REPO_ROOT, load_script
 from ctkd.config import load_config
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"_base_", "tables"} & set(p.parts))
+# The benchmark tables' 346 configs repeat each (method, variant) over 13 pairs: a step is taken on one pair of one
+# family and one cross-family pair (MobileNetV2 student) of each, plus every other config; all of them load.
+BENCHMARK_STEP_PAIRS = ("resnet56_resnet20", "vgg13_MobileNetV2")
+STEP_CONFIGS = [p for p in CONFIGS
+                if p.stem in BENCHMARK_STEP_PAIRS or not {"repdistiller", "dkd_recipe"} & set(p.parts)]
 # The 11 (teacher, student) pairs of the paper's CIFAR-100 table (docs/paper_results.yaml: cifar_kd).
 PAIRS = [
     ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet110", "resnet20"), ("wrn_40_2", "wrn_16_2"),
@@ -156,7 +161,7 @@ def test_temperature_grid_and_ablation_configs() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+@pytest.mark.parametrize("path", STEP_CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_every_config_takes_a_training_step(path: Path) -> None:
     """One optimizer step of the config's method, models, temperature and heads, on random CIFAR-shaped data
     (the teacher with random weights: the step, not the teacher file, is under test)."""
@@ -230,3 +235,80 @@ def test_imagenet_table_configs_follow_the_paper() -> None:
         cfg = load_config(REPO_ROOT / "configs/imagenet" / path)
         assert (cfg.method.name, cfg.student.name, cfg.epochs, cfg.optimizer.lr) == ("vanilla", name, 100, 0.1)
     assert table.teachers == {"ResNet34": "configs/imagenet/teachers/ResNet34.yaml"}
+
+
+# ------------------------------------------------------------------------------ RepDistiller's and mdistiller's tables
+# RepDistiller's scripts/run_cifar_distill.sh: KD -r 0.1 -a 0.9; every other method -r 1 -a 0 -b β. AB and FSP act only
+# in their init stage (its train_distill zeroes their term); CC runs its own formula.
+REPDISTILLER_BETA = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0,
+                     "ab": 0.0, "ft": 200.0, "fsp": 0.0, "nst": 50.0, "crd": 0.8}
+# mdistiller's configs/cifar100/dkd/*.yaml: β per pair (engine/cfg.py's default 8 where a file sets none)
+MDISTILLER_DKD_BETA = {"resnet56_resnet20": 2.0, "resnet110_resnet32": 2.0, "resnet32x4_resnet8x4": 8.0,
+                       "wrn_40_2_wrn_16_2": 6.0, "wrn_40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0,
+                       "resnet32x4_ShuffleV1": 8.0, "wrn_40_2_ShuffleV1": 8.0, "vgg13_MobileNetV2": 6.0,
+                       "ResNet50_MobileNetV2": 8.0, "resnet32x4_ShuffleV2": 8.0}
+
+
+def _check_temperature(cfg, variant: str) -> None:
+    if variant == "base":
+        assert (cfg.temperature.name, cfg.temperature.value) == ("fixed", 4.0)
+    else:
+        assert (cfg.temperature.name, cfg.curriculum.name, cfg.curriculum.loops) == ("global", "cosine", 10)
+
+
+@pytest.mark.parametrize("method", ["kd", *sorted(REPDISTILLER_BETA)])
+def test_repdistiller_configs_use_its_weights_and_ctkd_adds_the_papers_kd_term(method: str) -> None:
+    from ctkd.tables import load_table
+
+    tables = [load_table(REPO_ROOT / f"configs/tables/repdistiller_{kind}_arch.yaml") for kind in ("same", "cross")]
+    cells = [(table, cell) for table in tables for cell in table.ordered_cells() if cell.column.startswith(method + "_")
+             or cell.column == method]
+    expected_pairs = 12 if method == "fsp" else 26  # 13 pairs; FSP: 6 of the same-family table (one has no number)
+    assert len(cells) == expected_pairs
+    for _, cell in cells:
+        variant = "ctkd" if cell.column.endswith("_ctkd") else "base"
+        cfg = load_config(REPO_ROOT / cell.config)
+        assert f"{cfg.teacher.name}_{cfg.student.name}" == cell.row and cfg.method.name == method
+        assert cfg.optimizer.lr == (0.01 if cfg.student.name in LOW_LR_STUDENTS else 0.05) and cfg.epochs == 240
+        _check_temperature(cfg, variant)
+        if method == "kd":
+            assert (cfg.loss.ce_weight, cfg.loss.kd_weight) == (0.1, 0.9)
+            continue
+        assert cfg.method.weight == REPDISTILLER_BETA[method]
+        assert (cfg.loss.ce_weight, cfg.loss.kd_weight) == ((1.0, 0.0) if variant == "base" else (0.1, 0.9))
+        if method in {"ab", "fsp"}:
+            assert cfg.method.init_epochs == 30
+            assert cfg.method.init_lr == (0.01 if cfg.student.name in LOW_LR_STUDENTS else 0.05)
+        if method == "cc":
+            assert cfg.method.kernel == "repdistiller"
+
+
+def test_repdistiller_tables_put_the_published_numbers_beside_the_base_cells() -> None:
+    from ctkd.table_cells import cell_paper, load_paper_results
+    from ctkd.tables import load_table
+
+    paper = load_paper_results(REPO_ROOT / "docs" / "paper_results.yaml")
+    same = load_table(REPO_ROOT / "configs/tables/repdistiller_same_arch.yaml")
+    assert cell_paper(same, same.cells[("resnet56_resnet20", "crd")], paper).mean == 71.16
+    assert cell_paper(same, same.cells[("resnet56_resnet20", "crd_ctkd")], paper).mean is None
+    assert ("wrn_40_2_wrn_40_1", "fsp") not in same.cells  # no published number, no run
+    cross = load_table(REPO_ROOT / "configs/tables/repdistiller_cross_arch.yaml")
+    assert len(cross.rows) == 6 and not any(column.startswith("fsp") for column in cross.columns)
+    assert cell_paper(cross, cross.cells[("vgg13_MobileNetV2", "at")], paper).mean == 59.4
+
+
+def test_dkd_recipe_configs_follow_mdistiller() -> None:
+    from ctkd.tables import load_table
+
+    table = load_table(REPO_ROOT / "configs/tables/dkd_recipe.yaml")
+    assert sorted(table.rows) == sorted(MDISTILLER_DKD_BETA)
+    for pair, beta in MDISTILLER_DKD_BETA.items():
+        kd = load_config(REPO_ROOT / table.cells[(pair, "kd")].config)
+        assert kd.method.name == "kd" and (kd.loss.ce_weight, kd.loss.kd_weight) == (0.1, 0.9)
+        for column, variant in (("dkd", "base"), ("dkd_ctkd", "ctkd")):
+            cfg = load_config(REPO_ROOT / table.cells[(pair, column)].config)
+            assert f"{cfg.teacher.name}_{cfg.student.name}" == pair and cfg.method.name == "dkd"
+            assert (cfg.method.alpha, cfg.method.beta, cfg.method.warmup_epochs) == (1.0, beta, 20)
+            assert (cfg.loss.ce_weight, cfg.loss.kd_weight) == (1.0, 0.0)
+            assert cfg.optimizer.lr == (0.01 if cfg.student.name in LOW_LR_STUDENTS else 0.05)
+            _check_temperature(cfg, variant)

@@ -229,11 +229,12 @@ def test_ddp_without_batchnorm_matches_full_batch_single_process(tmp_path: Path,
     assert last_state(tmp_path / "nobn")["world_size"] == 2
 
 
-@pytest.mark.parametrize("method", ["pkt", "sp", "rkd", "dkd"])
+@pytest.mark.parametrize("method", ["pkt", "sp", "rkd", "dkd", "cc", "dist"])
 def test_methods_on_two_processes_equal_one(tmp_path: Path, teacher_file: Path, method: str) -> None:
-    """PKT, SP and RKD compare the samples of a batch with each other: on 2 processes they must still see the whole
-    global batch (gathered with gradient), so the run equals the 1-process run, uneven last batch included. DKD (per
-    sample, τ inside the method) likewise. CRD has its own test (tests/test_method_crd.py)."""
+    """PKT, SP, RKD, CC and DIST's intra-class term compare the samples of a batch with each other: on 2 processes
+    they must still see the whole global batch (gathered with gradient), so the run equals the 1-process run, uneven
+    last batch included. DKD (per sample, τ inside the method) likewise. CRD has its own test
+    (tests/test_method_crd.py)."""
     def config(name: str) -> Path:
         return ddp_config_file(tmp_path, teacher_file, name, student={"name": "tiny_mlp"}, epochs=1, data=UNEVEN,
                            method={"name": method})
@@ -241,8 +242,10 @@ def test_methods_on_two_processes_equal_one(tmp_path: Path, teacher_file: Path, 
     spawn("_worker_run", str(config("two")), None, None)
     run(load_config(config("one")))
     # SP's weight of 3000 scales the rounding of a differently ordered gradient sum: a few weights differ by ~2e-6
-    # (without the gather, weights differ by orders of magnitude more)
-    _assert_same_run(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    # (without the gather, weights differ by orders of magnitude more). DIST's Pearson correlations of near-uniform
+    # softened predictions amplify rounding more: one process run with 1 and with 2 threads already differs by
+    # 2.4e-4 after this epoch, so its tolerance is that sensitivity, not the method's.
+    _assert_same_run(tmp_path / "two", tmp_path / "one", atol=1e-3 if method == "dist" else 1e-5)
     assert f"train_loss_{method}" in json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
 
 

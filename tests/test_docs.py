@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 import ctkd.models as models
@@ -339,4 +340,37 @@ def test_readme_component_example_registers_a_working_curriculum() -> None:
             curricula_base.curriculum_options("step", hold=-1)
     finally:
         CURRICULA._builders.pop("step", None)
+        del sys.modules[module.__name__]
+
+
+def test_readme_add_your_own_method_example_trains_its_head() -> None:
+    """The walked-through method file, run as written: registered, configurable, its projection trained by a step."""
+    from ctkd.datasets.loader import Batch
+    from ctkd.distiller import build_distiller, measure_setup
+    from ctkd.methods import METHODS, StepContext
+    from ctkd.options import LossConfig
+    from ctkd.temperatures import FixedTemperature
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    code = text.split("\n### Add your own method\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    module = types.ModuleType("readme_pooled_mse")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(code, "README.md (Add your own method)", "exec"), module.__dict__)
+        method = METHODS.get("pooled_mse")
+        torch.manual_seed(0)
+        student, teacher = models.build_model("resnet8", num_classes=10), models.build_model("resnet14", num_classes=10)
+        setup = measure_setup(student, teacher, image_shape=(3, 32, 32), num_classes=10,
+                              train_targets=torch.zeros(0, dtype=torch.long), seed=0, features=method.features)
+        distiller = build_distiller(method.Options(weight=2.0), student=student, teacher=teacher,
+                                    temperature=FixedTemperature(4.0), loss=LossConfig(), setup=setup)
+        batch = Batch(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.arange(4), 4)
+        out = distiller(batch, StepContext(epoch=1, step=0, grl_lambda=1.0))
+        out.losses["loss_pooled_mse"].backward()
+        assert distiller.unwrapped.projection.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in teacher.parameters())
+        with pytest.raises(ValueError, match="weight"):
+            method.Options(weight=-1.0)
+    finally:
+        METHODS._builders.pop("pooled_mse", None)
         del sys.modules[module.__name__]

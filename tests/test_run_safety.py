@@ -356,6 +356,15 @@ def test_bad_training_image_is_replaced_by_the_next_of_its_class_and_counted(tre
     assert source.bad_images(2) == 1 and source.bad_images(1) == 0  # seen by this process, workers or not
 
 
+@pytest.mark.parametrize("epoch", [-1, 0])
+def test_bad_images_of_initialisation_stage_epochs_are_counted(tree: Path, epoch: int) -> None:
+    """Stage epochs are run epochs ≤ 0: a file first found unreadable in one is recorded and counted there."""
+    source = build_dataset("imagenet", root=str(tree), train=True, max_bad_images=1, **SMALL)
+    _truncate(source.path(5))
+    _batches(build_loader(source, batch_size=4, train=True, seed=0, num_workers=0), epoch=epoch)
+    assert source.bad_images(epoch) == 1 and source.bad_record() == {5: epoch + 1}
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_more_bad_images_than_the_budget_stop_naming_the_files(tree: Path, workers: int) -> None:
     source = build_dataset("imagenet", root=str(tree), train=True, max_bad_images=1, **SMALL)

@@ -309,3 +309,17 @@ def test_a_one_epoch_run_is_plotted_on_whole_epochs(tmp_path: Path) -> None:
     fig.canvas.draw()
     assert all(float(tick).is_integer() for tick in ax.get_xticks())
     plt.close(fig)
+
+
+def test_stage_records_are_left_out_of_summaries_unless_asked(tmp_path: Path, runs_root: Path) -> None:
+    """An initialisation stage's epochs (run epochs ≤ 0, a "stage" key) are not distillation epochs: a run in its
+    stage has done none, and its best and last accuracies come from distillation epochs only."""
+    run = shutil.copytree(runs_root / CRASHED, tmp_path / "run")
+    text = (run / "metrics.jsonl").read_text()
+    stage = [json.dumps({"epoch": e, "stage": "ab_init", "stage_epoch": e + 2, "train_loss_ab": 1.0}) for e in (-1, 0)]
+    (run / "metrics.jsonl").write_text("\n".join(stage) + "\n" + text)
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert [r["epoch"] for r in read_metrics(run, stages=True)] == [-1, 0, 1]
+    assert summarize_run(run).epochs_done == 1
+    (run / "metrics.jsonl").write_text("\n".join(stage) + "\n")
+    assert summarize_run(run).epochs_done == 0

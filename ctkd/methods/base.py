@@ -142,7 +142,7 @@ class Stage:
     How a run trains it (ctkd.stages): before distillation epoch 1, for `epochs` epochs of the run's loader, with
     its own SGD over the parameters of `trains` (the only ones that require gradients, and the only modules in
     train mode: the rest of the trainable module is in eval mode, as RepDistiller's `init` sets it); the student's
-    and the teacher's features (pre-activation if the method's `preact`) reach `stage_loss_terms` whatever the
+    and the teacher's features (pre-activation as `preact_of` says for each) reach `stage_loss_terms` whatever the
     method's `features`, and its terms alone make the loss (no CE or KD unless the method returns them). The
     StepContext of a stage step carries the stage's epoch (1-based). A stage of 0 epochs is skipped.
     """
@@ -173,6 +173,7 @@ class Method(nn.Module):
     min_samples_per_rank: ClassVar[int] = 1  # a method with BatchNorm in its heads needs ≥ 2
     uses_tau: ClassVar[bool] = False  # whether the method's own terms use τ (DKD), besides the KD term
     preact: ClassVar[bool] = False  # features taken before each stage's final ReLU (AB, OFD), for both networks
+    teacher_preact: ClassVar[bool | None] = None  # the teacher's own choice where it differs (ReviewKD); None: preact
 
     def __init__(
         self,
@@ -245,13 +246,23 @@ class Method(nn.Module):
         raise NotImplementedError(f"method {self.options.name} declares stage {stage.name} but no loss for it")
 
     @classmethod
+    def preact_of(cls, network: str) -> bool:
+        """Whether the "student" or the "teacher" gives this method its features before each stage's final ReLU."""
+        if network == "teacher" and cls.teacher_preact is not None:
+            return cls.teacher_preact
+        return cls.preact
+
+    @classmethod
     def needs(cls) -> str:
         """What the method asks of a run, for `python -m ctkd list methods`."""
         if not cls.uses_teacher:
             return "no teacher"
         parts = ["teacher logits"]
         if cls.features:
-            parts.append("pre-activation features" if cls.preact else "features")
+            student, teacher = cls.preact_of("student"), cls.preact_of("teacher")
+            parts.append("pre-activation features" if student and teacher else
+                         "features (the teacher's pre-activation)" if teacher else
+                         "features (the student's pre-activation)" if student else "features")
         if cls.uses_tau:
             parts.append("τ inside its loss")
         if cls.stages is not Method.stages:

@@ -5,7 +5,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import MODELS, FeatureClassifier
-from .layers import conv1x1, conv3x3, conv_bn_layers, global_avg_pool, init_weights_, make_blocks
+from .layers import (
+    PreactStage,
+    conv1x1,
+    conv3x3,
+    conv_bn_layers,
+    global_avg_pool,
+    init_weights_,
+    make_blocks,
+    run_stages,
+)
 
 
 class Bottleneck(nn.Module):
@@ -25,20 +34,17 @@ class Bottleneck(nn.Module):
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(*conv_bn_layers(in_channels, out_channels, 1, stride, relu=False))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """ReLU(residual(x) + shortcut(x))."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(ReLU(residual(x) + shortcut(x)), residual(x) + shortcut(x))."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+        preact = self.bn3(self.conv3(out)) + self.shortcut(x)
+        return F.relu(preact), preact
 
 
 class CifarBottleneckResNet(FeatureClassifier):
-    """3×3 stem (64 channels, stride 1), four bottleneck stages at strides 1, 2, 2, 2, global pooling, `linear`.
-
-    Like the authors' model it has no pre-activation features (forward_with_features(preact=True) raises).
-    """
-
-    supports_preact = False
+    """3×3 stem (64 channels, stride 1), four bottleneck stages at strides 1, 2, 2, 2, global pooling, `linear`;
+    pre-activation features are each stage's last block before its final ReLU (RepDistiller's `preact`)."""
 
     def __init__(self, stage_blocks: tuple[int, int, int, int], num_classes: int = 100) -> None:
         super().__init__()
@@ -47,20 +53,17 @@ class CifarBottleneckResNet(FeatureClassifier):
         self.bn1 = nn.BatchNorm2d(stem_width)
         in_widths = (stem_width, *stage_widths[:-1])
         self.layer1, self.layer2, self.layer3, self.layer4 = (
-            nn.Sequential(*make_blocks(Bottleneck, c_in, c_out, num_blocks, stride))
+            PreactStage(*make_blocks(Bottleneck, c_in, c_out, num_blocks, stride))
             for c_in, c_out, num_blocks, stride in zip(in_widths, stage_widths, stage_blocks, (1, 2, 2, 2))
         )
         self.linear = nn.Linear(stage_widths[-1], num_classes)
         init_weights_(self)
 
     def _forward_features(self, x: Tensor, preact: bool) -> tuple[list[Tensor], Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        features = [x]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
-            features.append(x)
+        stem = F.relu(self.bn1(self.conv1(x)))
+        stages, x = run_stages((self.layer1, self.layer2, self.layer3, self.layer4), stem, preact)
         pooled = global_avg_pool(x, adaptive=True)
-        return [*features, pooled], self.linear(pooled)
+        return [stem, *stages, pooled], self.linear(pooled)
 
     def get_classifier(self) -> nn.Linear:
         """The final `linear` layer."""
