@@ -163,8 +163,9 @@ def _repdistiller_body(method: str, variant: str, student: str) -> dict:
         return {"method": "kd", "loss": {"ce_weight": 0.1, "kd_weight": 0.9}}
     loss = {"ce_weight": 1.0, "kd_weight": 0.0} if variant == "base" else {"ce_weight": 0.1, "kd_weight": 0.9}
     options = {"name": method, "weight": beta, **REPDISTILLER_OPTIONS.get(method, {})}
-    if method in {"ab", "fsp"} and student in LOW_LR_STUDENTS:
-        options["init_lr"] = 0.01
+    run_lr = 0.01 if student in LOW_LR_STUDENTS else 0.05
+    if method in {"ab", "fsp"} and run_lr != 0.05 or method == "ft" and not student.startswith(("resnet", "wrn")):
+        options["init_lr"] = run_lr  # helper/pretrain.py: the run's LR (FT: 0.01 for resnet and wrn students)
     return {"method": options, "loss": loss}
 
 
@@ -176,10 +177,12 @@ def repdistiller_configs(table: dict) -> dict[Path, str]:
             if row.get(method, 0) is None or method not in row:
                 continue  # FSP needs equal channel counts: not in the cross table nor for wrn_40_2 → wrn_40_1
             for variant, (temperature, meaning) in VARIANTS.items():
-                beta = REPDISTILLER_OPTIONS.get(method, {}).get("weight", beta)
                 weights = "-r 0.1 -a 0.9" if method == "kd" else f"-r 1 -a 0 -b {beta}"
+                if method in {"ab", "fsp"}:
+                    weights += f" ({title} trains only in its init stage: weight 0 after it)"
                 if variant == "ctkd" and method != "kd":
-                    weights = f"0.1·CE + 0.9·KD(τ) + {beta}·{title}, the CTKD paper's plug-in KD term added"
+                    weights = ("its init stage, then 0.1·CE + 0.9·KD(τ)" if method in {"ab", "fsp"} else
+                               f"0.1·CE + 0.9·KD(τ) + {beta}·{title}") + ", the CTKD paper's KD term added"
                 comment = f"{row['teacher']} → {row['student']}, {title}, {meaning}, RepDistiller's table: {weights}."
                 bases = ["../../../_base_/cifar100.yaml", f"../../../_base_/temperature/{temperature}"]
                 body = {**_repdistiller_body(method, variant, row["student"]),

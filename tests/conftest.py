@@ -126,6 +126,115 @@ def zoo_distiller(options: object, student: str = "resnet8", teacher: str = "res
     return distiller.train(), Batch(images, torch.arange(batch) % 10, torch.arange(batch), batch)
 
 
+def one_epoch_record(tmp_path: Path, teacher_file: Path, method: dict, **sections: dict) -> dict:
+    """Train conftest's tiny CTKD run for one epoch with `method` (the `method:` section) and `sections` overriding
+    its sections; the one metrics.jsonl record it writes."""
+    import json
+
+    from ctkd.trainer import run
+
+    data = ctkd_config(tmp_path, teacher_file, epochs=1, **sections)
+    data["method"] = method
+    cfg = load(data, tmp_path)
+    run(cfg)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1
+    return records[0]
+
+
+def randn_seeded(seed: int, *shape: int) -> torch.Tensor:
+    """A standard-normal tensor from its own generator: the same values whatever ran before."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def random_maps(shapes: list[tuple[int, ...]], seed: int, batch: int = 3) -> list[torch.Tensor]:
+    """One seeded (batch, *shape) tensor per shape, seeds seed, seed + 1, ...: a network's feature list."""
+    return [randn_seeded(seed + i, batch, *shape) for i, shape in enumerate(shapes)]
+
+
+def block_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average of non-overlapping blocks down to size×size (written out, not adaptive_avg_pool2d)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, size, h // size, size, w // size).mean(dim=(3, 5))
+
+
+def assert_entrywise_close(got: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
+    """|got − expected| ≤ atol + rtol·|expected| entry-wise (torch.testing's rule, without its import cost)."""
+    got, expected = got.double(), expected.double()
+    assert got.shape == expected.shape
+    assert ((got - expected).abs() <= atol + rtol * expected.abs()).all(), (got, expected)
+
+
+def feature_setup(student: list[tuple[int, ...]], teacher: list[tuple[int, ...]]) -> object:
+    """A MethodSetup with the given per-sample feature shapes, 10 classes and no training labels."""
+    from ctkd.methods import MethodSetup
+
+    return MethodSetup(student, teacher, 10, torch.zeros(0, dtype=torch.long), seed=0)
+
+
+def standalone_method(cls: type, options: object, setup: object) -> torch.nn.Module:
+    """A method around a stand-in student, τ = 4 (its loss terms are called directly with given features)."""
+    from ctkd.options import LossConfig
+    from ctkd.temperatures import FixedTemperature
+
+    return cls(torch.nn.Linear(2, 10), FixedTemperature(4.0), options=options, loss=LossConfig(), setup=setup)
+
+
+def feature_step(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> object:
+    """The StepInputs of a step on these features (no logits), τ = 4, epoch 1, λ = 1."""
+    from ctkd.datasets.loader import Batch
+    from ctkd.methods import StepContext, TeacherOutput
+    from ctkd.methods.base import StepInputs
+
+    n = student[0].shape[0]
+    batch = Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), n)
+    return StepInputs(batch, None, student, TeacherOutput(None, teacher), torch.tensor(4.0),
+                      StepContext(epoch=1, step=0, grl_lambda=1.0), None)
+
+
+def numeric_gradient(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """Central differences of a function of a nested list, at the float64 tensor x."""
+    grad = torch.zeros_like(x, dtype=torch.float64)
+    for index in range(x.numel()):
+        plus, minus = x.double().clone(), x.double().clone()
+        plus.view(-1)[index] += h
+        minus.view(-1)[index] -= h
+        grad.view(-1)[index] = (f(plus.tolist()) - f(minus.tolist())) / (2 * h)
+    return grad
+
+
+DAMAGE = ("half", "empty", "flip")
+
+
+def damage(path: Path, kind: str) -> None:
+    """Truncate `path` to half, empty it, or flip one bit in the middle of its bytes (tensor data)."""
+    data = bytearray(path.read_bytes())
+    if kind == "half":
+        data = data[: len(data) // 2]
+    elif kind == "empty":
+        data = bytearray()
+    else:
+        data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def linear_net(classes: int = 5) -> torch.nn.Module:
+    """A 12-input linear classifier (flattened (B, 3, 2, 2) inputs)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, classes))
+
+
+def logit_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                    temperature: torch.nn.Module | None, loss: object) -> object:
+    """A distiller of logit-only `method` (no feature shapes needed) with its default options."""
+    from ctkd.config import method_class
+    from ctkd.distiller import build_distiller
+    from ctkd.methods import MethodSetup
+
+    setup = MethodSetup([], [], 5, torch.zeros(0, dtype=torch.long), seed=0)
+    return build_distiller(method_class(method).Options(), student=student, teacher=teacher, temperature=temperature,
+                           loss=loss, setup=setup)
+
+
 def first_batch_step(exp: Experiment, grl_lambda: float = 1.0) -> tuple[Tensors, Tensors]:
     """One training step of `exp` on its first batch of epoch 1: (the loss terms, the trainable state after it)."""
     exp.train_loader.sampler.set_epoch(1)

@@ -120,3 +120,45 @@ def _train_py(config: Path, *args: str, kill: str | None = None) -> subprocess.C
     env = fault_hooks.subprocess_env(kill)
     command = [sys.executable, "-c", "import fault_hooks; fault_hooks.main()", "--config", str(config), *args]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def run_crashing_in_epoch(cfg, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `cfg` in this process until a simulated kill at the start of `epoch` (the run is interrupted)."""
+    real_train = trainer.Trainer.train_epoch
+
+    def crash(self, epoch_run, *args, **kwargs):
+        if epoch_run.epoch == epoch:
+            raise KeyboardInterrupt(f"simulated kill during epoch {epoch}")
+        return real_train(self, epoch_run, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", crash)
+    with pytest.raises(trainer.RunInterrupted):
+        run(cfg)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", real_train)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawned_run(rank: int, world: int, port: int, config: str) -> None:
+    """Process entry for mp.spawn: the environment torchrun would set, then the whole run of `config`."""
+    import os
+
+    from ctkd.config import load_config
+    from ctkd.distributed import shutdown_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    clean = False
+    try:
+        run(load_config(config))
+        clean = True
+    finally:
+        shutdown_distributed(clean)

@@ -14,7 +14,7 @@ from resume_tools import dropout_config
 
 import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_dropout_mlp: dropout makes the RNG state matter)
-from conftest import REPO_ROOT, load, tiny_run_config
+from conftest import DAMAGE, REPO_ROOT, damage, load, tiny_run_config
 from ctkd import fileio
 from ctkd.checkpoint import capture_rng_state, load_run_checkpoint, restore_rng_state
 from ctkd.integrity import CheckpointError, atomic_save, load_file, stored_checksum
@@ -163,19 +163,6 @@ def test_a_file_that_is_no_checkpoint_says_so_without_torchs_advice(tmp_path: Pa
 V2_FIXTURE = REPO_ROOT / "tests" / "data" / "v2_last.pth"
 
 
-DAMAGE = ("half", "empty", "flip")
-
-
-def damage(path: Path, kind: str) -> None:
-    """Truncate `path` to half, empty it, or flip one bit in the middle of its bytes (tensor data)."""
-    data = bytearray(path.read_bytes())
-    if kind == "half":
-        data = data[: len(data) // 2]
-    elif kind == "empty":
-        data = bytearray()
-    else:
-        data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
 
 
 # ------------------------------------------------------------------------------------------------ verified files

@@ -279,6 +279,9 @@ def test_repdistiller_configs_use_its_weights_and_ctkd_adds_the_papers_kd_term(m
         if method in {"ab", "fsp"}:
             assert cfg.method.init_epochs == 30
             assert cfg.method.init_lr == (0.01 if cfg.student.name in LOW_LR_STUDENTS else 0.05)
+        if method == "ft":  # helper/pretrain.py: 0.01 for resnet and wrn students, else the run's LR
+            resnet_or_wrn = cfg.student.name.startswith(("resnet", "wrn"))
+            assert cfg.method.init_lr == (0.01 if resnet_or_wrn or cfg.student.name in LOW_LR_STUDENTS else 0.05)
         if method == "cc":
             assert cfg.method.kernel == "repdistiller"
 

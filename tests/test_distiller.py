@@ -6,26 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import linear_net, logit_distiller
 from ctkd.config import LossConfig, method_class
 from ctkd.datasets.loader import Batch
-from ctkd.distiller import Distiller, build_distiller
 from ctkd.losses import kd_loss
-from ctkd.methods import MethodSetup, StepContext
+from ctkd.methods import StepContext
 from ctkd.methods.kd import KD
 from ctkd.methods.vanilla import Vanilla
 from ctkd.temperatures import FixedTemperature, GlobalTemperature
-
-
-def _net(classes: int = 5) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
-
-
-def _distiller(method: str, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None,
-               loss: LossConfig) -> Distiller:
-    """A distiller of logit-only `method` (no feature shapes needed) with its default options."""
-    setup = MethodSetup([], [], 5, torch.zeros(0, dtype=torch.long), seed=0)
-    return build_distiller(method_class(method).Options(), student=student, teacher=teacher, temperature=temperature,
-                           loss=loss, setup=setup)
 
 
 def _batch(n: int) -> Batch:
@@ -37,8 +25,8 @@ STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 
 def test_kd_distiller_loss_is_weighted_ce_plus_kd() -> None:
     torch.manual_seed(0)
-    student, teacher = _net(), _net()
-    distiller = _distiller("kd", student, teacher, FixedTemperature(4.0), LossConfig(ce_weight=0.1, kd_weight=0.9))
+    student, teacher = linear_net(), linear_net()
+    distiller = logit_distiller("kd", student, teacher, FixedTemperature(4.0), LossConfig(ce_weight=0.1, kd_weight=0.9))
     assert isinstance(distiller.trainable, KD)
     batch = _batch(6)
     out = distiller(batch, STEP)
@@ -51,8 +39,8 @@ def test_kd_distiller_loss_is_weighted_ce_plus_kd() -> None:
 
 def test_vanilla_distiller_is_plain_cross_entropy_without_teacher() -> None:
     torch.manual_seed(0)
-    student = _net()
-    distiller = _distiller("vanilla", student, None, None, LossConfig(ce_weight=0.1))
+    student = linear_net()
+    distiller = logit_distiller("vanilla", student, None, None, LossConfig(ce_weight=0.1))
     assert isinstance(distiller.trainable, Vanilla) and distiller.teacher is None
     batch = _batch(4)
     out = distiller(batch, STEP)
@@ -62,7 +50,7 @@ def test_vanilla_distiller_is_plain_cross_entropy_without_teacher() -> None:
 
 def test_distiller_train_mode_keeps_teacher_in_eval() -> None:
     teacher = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12), nn.Linear(12, 5))
-    distiller = _distiller("kd", _net(), teacher, GlobalTemperature(), LossConfig())
+    distiller = logit_distiller("kd", linear_net(), teacher, GlobalTemperature(), LossConfig())
     distiller.train()
     assert distiller.trainable.training and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from resume_tools import free_port, spawned_run
 from torch import Tensor, nn
 
 import ctkd.models as models
@@ -29,7 +28,7 @@ from ctkd import trainer
 from ctkd.config import ConfigError, LossConfig, load_config
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller, measure_setup
-from ctkd.distributed import DistributedContext, shutdown_distributed
+from ctkd.distributed import DistributedContext
 from ctkd.methods import METHODS, MethodSetup, Stage, StepContext, TeacherOutput
 from ctkd.methods.ab import AB
 from ctkd.methods.base import StepInputs
@@ -372,28 +371,26 @@ def test_a_run_trains_the_init_stage_then_distils(tmp_path: Path, teacher_file: 
     assert (key in distil and math.isfinite(distil[key])) if key else not any(k.endswith("_ab") for k in distil)
 
 
-def _entry(rank: int, world: int, port: int, config: str) -> None:
-    """Process entry for mp.spawn: the environment torchrun would set, then the whole run."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    clean = False
-    try:
-        trainer.run(load_config(config))
-        clean = True
-    finally:
-        shutdown_distributed(clean)
-
-
 @pytest.mark.slow
 def test_ft_trains_its_stage_and_distils_under_two_processes(tmp_path: Path, teacher_file: Path) -> None:
     """The paraphraser, frozen in distillation, is no parameter DDP waits for (unfrozen, the second step fails with
     'Expected to have finished reduction in the prior iteration')."""
     config = _config(tmp_path, teacher_file, {"name": "ft", "init_epochs": 1}, distributed={"timeout_s": 60.0})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(2, port, str(config)), nprocs=2, join=True)
+    mp.spawn(spawned_run, args=(2, free_port(), str(config)), nprocs=2, join=True)
     records = _records(tmp_path)
     assert [r.get("stage") for r in records] == ["ft_init", None]
     assert math.isfinite(records[0]["train_loss_ft_rec"]) and math.isfinite(records[1]["train_loss_ft"])
+
+
+@pytest.mark.parametrize("name", ["ab", "fsp"])
+def test_at_weight_zero_distillation_computes_no_features(name: str) -> None:
+    """RepDistiller's AB and FSP act in their init stage only: a distillation step then needs no feature map of
+    either network (the stage asks for its own), and computes none."""
+    from conftest import zoo_distiller
+    from ctkd.methods import METHODS
+
+    method = METHODS.get(name)
+    idle, batch = zoo_distiller(method.Options(weight=0.0), "resnet8", "resnet14")
+    assert idle.teacher_output(batch.images).features == [] and not idle.unwrapped.features
+    active, _ = zoo_distiller(method.Options(weight=1.0), "resnet8", "resnet14")
+    assert len(active.teacher_output(batch.images).features) == 5 and active.unwrapped.features

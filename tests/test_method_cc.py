@@ -2,7 +2,6 @@
 real distillers (zoo and torchvision students), options and an end-to-end run."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,8 +11,7 @@ from torch import Tensor
 
 import ctkd.methods.base as methods_base
 import ctkd.models as models
-from conftest import ctkd_config, load, write_yaml
-from ctkd import trainer
+from conftest import assert_entrywise_close, numeric_gradient, one_epoch_record, randn_seeded, write_yaml
 from ctkd.config import ConfigError, LossConfig, load_config
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller, measure_setup
@@ -26,17 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forwards: one torc
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 REL = 1e-5
 GAMMA, ORDER = 0.4, 2  # the RBF settings of Knowledge-Distillation-Zoo's CC (--gamma 0.4 --P_order 2)
-
-
-def _randn(seed: int, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _assert_close(got: Tensor, expected: Tensor, rtol: float, atol: float) -> None:
-    """|got − expected| ≤ atol + rtol·|expected| entry-wise (torch.testing's rule, without its import cost)."""
-    got, expected = got.double(), expected.double()
-    assert got.shape == expected.shape
-    assert ((got - expected).abs() <= atol + rtol * expected.abs()).all(), (got, expected)
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -63,33 +50,22 @@ def repdistiller_reference(student: list[list[float]], teacher: list[list[float]
     return sum(sum(a * b for a, b in zip(delta[i], delta[i + 1])) for i in range(len(delta) - 1)) / (len(delta) - 1)
 
 
-def _numeric_gradient(f, x: Tensor, h: float = 1e-6) -> Tensor:
-    """Central differences of a function of a nested list, at the float64 tensor x."""
-    grad = torch.zeros_like(x, dtype=torch.float64)
-    for index in range(x.numel()):
-        plus, minus = x.double().clone(), x.double().clone()
-        plus.view(-1)[index] += h
-        minus.view(-1)[index] -= h
-        grad.view(-1)[index] = (f(plus.tolist()) - f(minus.tolist())) / (2 * h)
-    return grad
-
-
 # ------------------------------------------------------------------------------------------------ 1. values, gradients
 @pytest.mark.parametrize("gamma,order", [(GAMMA, ORDER), (1.0, 3), (0.2, 0)])
 def test_rbf_loss_and_gradient_match_an_independent_float64_formula(gamma: float, order: int) -> None:
-    student, teacher = _randn(1, 6, 5).double().requires_grad_(True), 3 * _randn(2, 6, 5)
+    student, teacher = randn_seeded(1, 6, 5).double().requires_grad_(True), 3 * randn_seeded(2, 6, 5)
     ours = cc_loss(student, teacher, "rbf", gamma, order)
     expected = rbf_reference(student.tolist(), teacher.tolist(), gamma, order)
     assert expected > 1e-4 or order == 0  # order 0: k = e^{−2γ} everywhere, so student and teacher always agree
     assert ours.dtype == torch.float32 and ours.item() == pytest.approx(expected, rel=REL, abs=1e-12)
     ours.backward()
-    numeric = _numeric_gradient(lambda s: rbf_reference(s, teacher.tolist(), gamma, order), student.detach())
+    numeric = numeric_gradient(lambda s: rbf_reference(s, teacher.tolist(), gamma, order), student.detach())
     assert (student.grad - numeric).abs().max() <= 1e-5 * numeric.abs().max() + 1e-12
 
 
 def test_rbf_correlation_converges_to_the_gaussian_kernel_with_the_taylor_order() -> None:
     """Order 30 is the Gaussian exp(−γ‖x̂ − ŷ‖²) of the normalised rows to float64 rounding; order 2 is not."""
-    x = _randn(3, 5, 7).double()
+    x = randn_seeded(3, 5, 7).double()
     unit = x / x.norm(dim=1, keepdim=True)
     exact = torch.exp(-GAMMA * torch.cdist(unit, unit) ** 2)
     assert (rbf_correlation(x, GAMMA, 30) - exact).abs().max() < 1e-12
@@ -97,11 +73,11 @@ def test_rbf_correlation_converges_to_the_gaussian_kernel_with_the_taylor_order(
 
 
 def test_repdistiller_kernel_matches_their_formula_and_its_gradient() -> None:
-    student, teacher = _randn(4, 5, 8).double().requires_grad_(True), _randn(5, 5, 8)
+    student, teacher = randn_seeded(4, 5, 8).double().requires_grad_(True), randn_seeded(5, 5, 8)
     ours = cc_loss(student, teacher, "repdistiller")
     assert ours.item() == pytest.approx(repdistiller_reference(student.tolist(), teacher.tolist()), rel=REL)
     ours.backward()
-    numeric = _numeric_gradient(lambda s: repdistiller_reference(s, teacher.tolist()), student.detach())
+    numeric = numeric_gradient(lambda s: repdistiller_reference(s, teacher.tolist()), student.detach())
     assert (student.grad - numeric).abs().max() <= 1e-5 * numeric.abs().max()
     # a one-sample batch has no consecutive pair: 0, not the mean of nothing
     assert cc_loss(student[:1], teacher[:1], "repdistiller").item() == 0.0
@@ -109,20 +85,20 @@ def test_repdistiller_kernel_matches_their_formula_and_its_gradient() -> None:
 
 # ------------------------------------------------------------------------------------------------ 2. invariants
 def test_cc_is_zero_when_the_student_embedding_equals_the_teacher_and_rbf_ignores_scale() -> None:
-    teacher = _randn(6, 8, 16)
+    teacher = randn_seeded(6, 8, 16)
     for kernel in ("rbf", "repdistiller"):
         assert cc_loss(teacher, teacher, kernel).item() == pytest.approx(0.0, abs=1e-12)
-        assert cc_loss(_randn(7, 8, 16), teacher, kernel).item() > 1e-4
+        assert cc_loss(randn_seeded(7, 8, 16), teacher, kernel).item() > 1e-4
     # the RBF correlations are of the L2-normalised embeddings: a scaled copy correlates exactly like the teacher
     assert cc_loss(5.0 * teacher, teacher, "rbf").item() == pytest.approx(0.0, abs=1e-12)
     assert cc_loss(5.0 * teacher, teacher, "repdistiller").item() > 1.0
 
 
 def test_an_all_zero_embedding_row_has_a_finite_gradient() -> None:
-    student = _randn(8, 4, 6)
+    student = randn_seeded(8, 4, 6)
     student[2] = 0.0
     student.requires_grad_(True)
-    cc_loss(student, _randn(9, 4, 6)).backward()
+    cc_loss(student, randn_seeded(9, 4, 6)).backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
@@ -150,7 +126,7 @@ def test_a_rank_computes_the_loss_and_gradient_of_the_whole_global_batch(kernel:
     local rows equals their gradient in the single-process loss (all_gather's backward then sums the ranks' equal
     shares and DDP averages them)."""
     method = _method(kernel)
-    student, teacher = _randn(10, 5, 6), _randn(11, 5, 9)
+    student, teacher = randn_seeded(10, 5, 6), randn_seeded(11, 5, 9)
     local_student, local_teacher = student[:3].clone().requires_grad_(True), teacher[:3].clone()
 
     def gather(x: Tensor, size: int) -> Tensor:
@@ -169,11 +145,11 @@ def test_a_rank_computes_the_loss_and_gradient_of_the_whole_global_batch(kernel:
                                         rel=1e-3)  # not the loss of the local shard alone
     term.backward()
     expected.backward()
-    _assert_close(local_student.grad.double(), whole.grad[:3], rtol=1e-4, atol=1e-9)
+    assert_entrywise_close(local_student.grad.double(), whole.grad[:3], rtol=1e-4, atol=1e-9)
 
 
 def test_the_loss_of_two_gathered_halves_is_the_loss_of_the_batch() -> None:
-    s, t = _randn(12, 8, 4), _randn(13, 8, 4)
+    s, t = randn_seeded(12, 8, 4), randn_seeded(13, 8, 4)
     for kernel in ("rbf", "repdistiller"):
         halves = cc_loss(torch.cat([s[:4], s[4:]]), torch.cat([t[:4], t[4:]]), kernel)
         assert halves.item() == cc_loss(s, t, kernel).item()
@@ -190,7 +166,7 @@ def _real_distiller(student_name: str = "resnet8", **options: object) -> tuple[D
     distiller = build_distiller(CC.Options(**options), student=student, teacher=teacher,
                                 temperature=FixedTemperature(4.0), loss=LossConfig(), setup=setup)
     distiller.train()
-    return distiller, Batch(_randn(14, 6, 3, 32, 32), torch.arange(6) % 10, torch.arange(6), 6)
+    return distiller, Batch(randn_seeded(14, 6, 3, 32, 32), torch.arange(6) % 10, torch.arange(6), 6)
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "repdistiller"])
@@ -236,10 +212,6 @@ def test_options_follow_repdistiller_and_the_rbf_settings_and_are_checked(tmp_pa
 
 @pytest.mark.slow
 def test_one_epoch_ctkd_run_logs_a_finite_cc_loss(tmp_path: Path, teacher_file: Path) -> None:
-    data = ctkd_config(tmp_path, teacher_file, epochs=1)
-    data["method"] = {"name": "cc", "weight": 1.0}  # RepDistiller -r 1 -a 0 with a weight for the RBF term's scale
-    cfg = load(data, tmp_path)
-    trainer.run(cfg)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and math.isfinite(records[0]["train_loss_cc"]) and records[0]["train_loss_cc"] > 0
-    assert math.isfinite(records[0]["train_loss_kd"]) and math.isfinite(records[0]["tau_mean"])
+    record = one_epoch_record(tmp_path, teacher_file, {"name": "cc", "weight": 1.0})  # a weight for the RBF's scale
+    assert math.isfinite(record["train_loss_cc"]) and record["train_loss_cc"] > 0
+    assert math.isfinite(record["train_loss_kd"]) and math.isfinite(record["tau_mean"])

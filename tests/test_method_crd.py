@@ -3,21 +3,19 @@ checkpointed state with a bit-identical resume, and 2 processes = 1 process."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from resume_tools import free_port, spawned_run
 from torch import Tensor, nn
 
 import tiny_models  # noqa: F401  (registers tiny_mlp, a BatchNorm-free model)
 from conftest import ctkd_config, load
-from ctkd.config import LossConfig, load_config
+from ctkd.config import LossConfig
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller
-from ctkd.distributed import shutdown_distributed
 from ctkd.evaluation import evaluate
 from ctkd.methods import MethodSetup, StepContext
 from ctkd.methods.crd import CRD, CRDState, nce_loss
@@ -257,25 +255,6 @@ def _saved(output_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ 7. DDP
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, config: str) -> None:
-    """Process entry for mp.spawn: the environment torchrun would set, then the whole run."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    clean = False
-    try:
-        run(load_config(config))
-        clean = True
-    finally:
-        shutdown_distributed(clean)
-
-
 @pytest.mark.slow
 def test_two_processes_train_the_same_heads_and_banks_as_one(tmp_path: Path, teacher_file: Path) -> None:
     """BN-free student, 99 samples (the last global batch of 3 splits 2 + 1): every rank scores the whole global
@@ -283,7 +262,7 @@ def test_two_processes_train_the_same_heads_and_banks_as_one(tmp_path: Path, tea
     uneven = {"num_classes": 10, "train_size": 99, "test_size": 32, "seed": 0}
     sections = {"student": {"name": "tiny_mlp"}, "data": uneven, "distributed": {"timeout_s": 30.0}}
     two = load(_crd_config(tmp_path, teacher_file, "two", 1, **sections), tmp_path, "two.yaml")
-    mp.spawn(_entry, args=(2, _free_port(), str(tmp_path / "two.yaml")), nprocs=2, join=True)
+    mp.spawn(spawned_run, args=(2, free_port(), str(tmp_path / "two.yaml")), nprocs=2, join=True)
     run(load(_crd_config(tmp_path, teacher_file, "one", 1, **sections), tmp_path, "one.yaml"))
     a, b = _saved(Path(two.output_dir)), _saved(tmp_path / "one")
     assert a["world_size"] == 2 and b["world_size"] == 1

@@ -2,7 +2,6 @@
 float64 formulas, invariants, τ (fixed, learned, per sample), the global batch, real distillers and end-to-end runs."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,8 +11,15 @@ from torch import Tensor, nn
 
 import ctkd.methods.dist as dist_module
 import ctkd.models as models
-from conftest import ctkd_config, load, write_yaml
-from ctkd import trainer
+from conftest import (
+    assert_entrywise_close,
+    ctkd_config,
+    load,
+    numeric_gradient,
+    one_epoch_record,
+    randn_seeded,
+    write_yaml,
+)
 from ctkd.config import ConfigError, LossConfig, load_config
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller, measure_setup
@@ -27,28 +33,6 @@ from ctkd.temperatures import FixedTemperature, GlobalTemperature, InstanceTempe
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny forwards: one torch thread
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 REL = 1e-5
-
-
-def _randn(seed: int, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _assert_close(got: Tensor, expected: Tensor, rtol: float, atol: float) -> None:
-    """|got − expected| ≤ atol + rtol·|expected| entry-wise (torch.testing's rule, without its import cost)."""
-    got, expected = got.double(), expected.double()
-    assert got.shape == expected.shape
-    assert ((got - expected).abs() <= atol + rtol * expected.abs()).all(), (got, expected)
-
-
-def _numeric_gradient(f, x: Tensor, h: float = 1e-6) -> Tensor:
-    """Central differences of a function of a nested list, at the float64 tensor x."""
-    grad = torch.zeros_like(x, dtype=torch.float64)
-    for index in range(x.numel()):
-        plus, minus = x.double().clone(), x.double().clone()
-        plus.view(-1)[index] += h
-        minus.view(-1)[index] -= h
-        grad.view(-1)[index] = (f(plus.tolist()) - f(minus.tolist())) / (2 * h)
-    return grad
 
 
 def _softmax(row: list[float], tau: float) -> list[float]:
@@ -85,7 +69,7 @@ def dist_reference(student: list, teacher: list, taus: list[float], beta: float,
                                                    (False, 0.0, 1.0)])
 def test_dist_loss_and_gradient_match_an_independent_float64_formula(per_sample: bool, beta: float,
                                                                      gamma: float) -> None:
-    student, teacher = (3 * _randn(1, 6, 5)).double().requires_grad_(True), 4 * _randn(2, 6, 5)
+    student, teacher = (3 * randn_seeded(1, 6, 5)).double().requires_grad_(True), 4 * randn_seeded(2, 6, 5)
     tau = 1 + 6 * torch.rand(6, generator=torch.Generator().manual_seed(3)) if per_sample else torch.tensor(4.0)
     taus = tau.tolist() if per_sample else [4.0] * 6
     ours = dist_loss(student, teacher, tau, beta=beta, gamma=gamma)
@@ -93,29 +77,29 @@ def test_dist_loss_and_gradient_match_an_independent_float64_formula(per_sample:
     assert expected > 0.05 and ours.dtype == torch.float32
     assert ours.item() == pytest.approx(expected, rel=REL)
     ours.backward()
-    numeric = _numeric_gradient(lambda s: dist_reference(s, teacher.tolist(), taus, beta, gamma), student.detach())
+    numeric = numeric_gradient(lambda s: dist_reference(s, teacher.tolist(), taus, beta, gamma), student.detach())
     assert (student.grad - numeric).abs().max() <= 1e-5 * numeric.abs().max()
 
 
 def test_dist_is_zero_for_a_copy_of_the_teacher_and_ignores_a_shift_of_each_sample() -> None:
-    teacher = 4 * _randn(4, 8, 10)
+    teacher = 4 * randn_seeded(4, 8, 10)
     assert dist_loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-4)  # ρ = ‖a‖²/(‖a‖² + ε): ε remains
-    student = _randn(5, 8, 10)
-    shifted = student + 7 * _randn(6, 8, 1)  # softmax ignores a per-sample constant, so does DIST
+    student = randn_seeded(5, 8, 10)
+    shifted = student + 7 * randn_seeded(6, 8, 1)  # softmax ignores a per-sample constant, so does DIST
     assert dist_loss(shifted, teacher, 4.0).item() == pytest.approx(dist_loss(student, teacher, 4.0).item(), rel=1e-6)
     assert dist_loss(student, teacher, 4.0).item() > 0.1
 
 
 def test_a_one_sample_batch_gives_a_finite_loss_and_gradient() -> None:
     """The intra-class correlation of one sample is 0/ε (no spread across the batch): finite, no 0/0 gradient."""
-    student = _randn(7, 1, 10).requires_grad_(True)
-    loss = dist_loss(student, _randn(8, 1, 10), torch.tensor(4.0, requires_grad=True))
+    student = randn_seeded(7, 1, 10).requires_grad_(True)
+    loss = dist_loss(student, randn_seeded(8, 1, 10), torch.tensor(4.0, requires_grad=True))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
 def test_dist_gives_a_learnable_tau_a_finite_gradient_per_sample_too() -> None:
-    student, teacher = _randn(9, 6, 10), 3 * _randn(10, 6, 10)
+    student, teacher = randn_seeded(9, 6, 10), 3 * randn_seeded(10, 6, 10)
     for raw in (torch.tensor(0.3, requires_grad=True), torch.linspace(-3, 3, 6).requires_grad_(True)):
         dist_loss(student, teacher, 1 + 20 * torch.sigmoid(raw)).backward()
         assert torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
@@ -126,7 +110,7 @@ def test_a_rank_computes_dist_on_the_whole_global_batch(monkeypatch) -> None:
     """Rank 0 of 2 holds samples 0-2 of a 5-sample global batch with a per-sample τ; the gather (a concatenation
     here) returns rank 1's rows after its own. The term equals the single-process loss of all 5 samples, and the
     gradients into the local logits and τ equal their single-process gradients."""
-    student, teacher, tau = _randn(11, 5, 7), 3 * _randn(12, 5, 7), 1 + 5 * torch.rand(5)
+    student, teacher, tau = randn_seeded(11, 5, 7), 3 * randn_seeded(12, 5, 7), 1 + 5 * torch.rand(5)
     local = {"s": student[:3].clone().requires_grad_(True), "t": teacher[:3].clone(),
              "tau": tau[:3].clone().requires_grad_(True)}
     rest = {"s": student[3:], "t": teacher[3:], "tau": tau[3:]}
@@ -147,8 +131,8 @@ def test_a_rank_computes_dist_on_the_whole_global_batch(monkeypatch) -> None:
     assert expected.item() != pytest.approx(dist_loss(student[:3], teacher[:3], tau[:3]).item(), rel=1e-3)
     term["loss_dist"].backward()
     expected.backward()
-    _assert_close(local["s"].grad, whole_s.grad[:3], rtol=1e-5, atol=1e-8)
-    _assert_close(local["tau"].grad, whole_tau.grad[:3], rtol=1e-5, atol=1e-8)
+    assert_entrywise_close(local["s"].grad, whole_s.grad[:3], rtol=1e-5, atol=1e-8)
+    assert_entrywise_close(local["tau"].grad, whole_tau.grad[:3], rtol=1e-5, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ LS reference
@@ -176,34 +160,34 @@ def _ls_method(temperature: nn.Module, kd_weight: float = 9.0) -> LS:
 
 # ------------------------------------------------------------------------------------------------ LS: values
 def test_standardize_is_the_authors_z_score_in_float64() -> None:
-    logits = 5 * _randn(13, 4, 9) + 2
+    logits = 5 * randn_seeded(13, 4, 9) + 2
     expected = torch.tensor([_zscore(row) for row in logits.double().tolist()], dtype=torch.float64)
     got = standardize(logits)
     assert got.dtype == torch.float64
-    _assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_entrywise_close(got, expected, rtol=1e-12, atol=1e-12)
     constant = torch.full((2, 5), 3.0, requires_grad=True)  # std 0: zeros, and a finite gradient
-    (standardize(constant) * _randn(14, 2, 5)).sum().backward()
+    (standardize(constant) * randn_seeded(14, 2, 5)).sum().backward()
     assert torch.isfinite(constant.grad).all()
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_ls_kd_term_and_gradient_match_an_independent_float64_formula(per_sample: bool) -> None:
     """The LS repo's recipe: KD weight 9 at base temperature 2 (README: --base-temp 2 --kd-weight 9)."""
-    student, teacher = _randn(15, 6, 7).requires_grad_(True), 4 * _randn(16, 6, 7)
+    student, teacher = randn_seeded(15, 6, 7).requires_grad_(True), 4 * randn_seeded(16, 6, 7)
     tau = 1 + 4 * torch.rand(6, generator=torch.Generator().manual_seed(17)) if per_sample else torch.tensor(2.0)
     taus = tau.tolist() if per_sample else [2.0] * 6
     term = 9.0 * kd_loss(*_ls_method(FixedTemperature(2.0)).kd_inputs(student, teacher), tau)
     expected = 9.0 * ls_kd_reference(student.tolist(), teacher.tolist(), taus)
     assert expected > 0.05 and term.item() == pytest.approx(expected, rel=REL)
     term.backward()
-    numeric = 9.0 * _numeric_gradient(lambda s: ls_kd_reference(s, teacher.tolist(), taus), student.detach())
+    numeric = 9.0 * numeric_gradient(lambda s: ls_kd_reference(s, teacher.tolist(), taus), student.detach())
     assert (student.grad.double() - numeric).abs().max() <= 1e-5 * numeric.abs().max()
 
 
 def test_ls_ignores_the_scale_and_shift_of_each_sample_where_plain_kd_does_not() -> None:
     """The point of logit standardisation: a student whose logits are a·z_t + b (a > 0) matches the teacher."""
-    teacher = 4 * _randn(18, 8, 10)
-    student = 0.3 * teacher + _randn(19, 8, 1)  # a smaller range per sample, shifted
+    teacher = 4 * randn_seeded(18, 8, 10)
+    student = 0.3 * teacher + randn_seeded(19, 8, 1)  # a smaller range per sample, shifted
     method = _ls_method(FixedTemperature(2.0))
     assert kd_loss(*method.kd_inputs(student, teacher), 2.0).item() == pytest.approx(0.0, abs=1e-9)
     assert kd_loss(student, teacher, 2.0).item() > 0.5
@@ -218,7 +202,7 @@ def test_ls_passes_raw_logits_to_the_temperature_and_a_learned_tau_gets_its_grad
             return super().forward(student_logits, teacher_logits, grl_lambda)
 
     method = _ls_method(Spy())
-    images, teacher_logits = _randn(20, 5, 3), 3 * _randn(21, 5, 7)
+    images, teacher_logits = randn_seeded(20, 5, 3), 3 * randn_seeded(21, 5, 7)
     out = method(Batch(images, torch.arange(5) % 7, torch.arange(5), 5), TeacherOutput(teacher_logits), STEP)
     assert torch.equal(seen["student"], out.logits) and torch.equal(seen["teacher"], teacher_logits)
     tau = out.stats["tau"]
@@ -239,7 +223,7 @@ def _real_distiller(options: object, loss: LossConfig, temperature: nn.Module,
     distiller = build_distiller(options, student=student, teacher=teacher, temperature=temperature, loss=loss,
                                 setup=setup)
     distiller.train()
-    return distiller, Batch(_randn(22, 6, 3, 32, 32), torch.arange(6) % 10, torch.arange(6), 6)
+    return distiller, Batch(randn_seeded(22, 6, 3, 32, 32), torch.arange(6) % 10, torch.arange(6), 6)
 
 
 CASES = {  # method → (options, loss weights of its recipe, the term it adds)
@@ -302,13 +286,8 @@ def test_a_learned_tau_needs_the_kd_term_for_ls_but_not_for_dist(tmp_path: Path,
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_epoch_ctkd_run_logs_a_finite_method_loss(tmp_path: Path, teacher_file: Path, name: str) -> None:
     options, loss, key = CASES[name]
-    data = ctkd_config(tmp_path, teacher_file, epochs=1, loss={"ce_weight": loss.ce_weight,
-                                                               "kd_weight": loss.kd_weight})
-    data["method"] = {"name": name}
-    cfg = load(data, tmp_path)
-    trainer.run(cfg)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1
-    assert math.isfinite(records[0][f"train_{key}"]) and records[0][f"train_{key}"] > 0
-    assert ("train_loss_kd" in records[0]) == (name == "ls")
-    assert math.isfinite(records[0]["tau_mean"]) and 1.0 < records[0]["tau_mean"] < 21.0
+    record = one_epoch_record(tmp_path, teacher_file, {"name": name},
+                              loss={"ce_weight": loss.ce_weight, "kd_weight": loss.kd_weight})
+    assert math.isfinite(record[f"train_{key}"]) and record[f"train_{key}"] > 0
+    assert ("train_loss_kd" in record) == (name == "ls")
+    assert math.isfinite(record["tau_mean"]) and 1.0 < record["tau_mean"] < 21.0

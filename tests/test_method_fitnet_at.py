@@ -9,7 +9,6 @@ stages; the larger map average-pooled to the smaller size first (RepDistiller).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,43 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from conftest import ctkd_config, load, zoo_distiller
-from ctkd import trainer
+from conftest import (
+    block_mean,
+    ctkd_config,
+    feature_setup,
+    feature_step,
+    load,
+    one_epoch_record,
+    randn_seeded,
+    random_maps,
+    standalone_method,
+    zoo_distiller,
+)
 from ctkd.build import build_split, build_split_loader
-from ctkd.config import ConfigError, LossConfig, method_class
+from ctkd.config import ConfigError, method_class
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller
 from ctkd.distributed import DistributedContext
-from ctkd.methods import MethodSetup, StepContext, TeacherOutput
+from ctkd.methods import StepContext
 from ctkd.methods.at import AT, at_loss
-from ctkd.methods.base import StepInputs
 from ctkd.methods.fitnet import FitNet
-from ctkd.temperatures import FixedTemperature
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 TAU = torch.tensor(4.0)
 BN_EPS = 1e-5  # nn.BatchNorm2d's default, which RepDistiller's ConvReg keeps
-
-
-def _randn(seed: int, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _setup(student: list[tuple[int, ...]], teacher: list[tuple[int, ...]]) -> MethodSetup:
-    return MethodSetup(student, teacher, 10, torch.zeros(0, dtype=torch.long), seed=0)
-
-
-def _method(cls: type, options: object, setup: MethodSetup) -> nn.Module:
-    """A method around a stand-in student (the loss terms are called directly with given features)."""
-    return cls(nn.Linear(2, 10), FixedTemperature(4.0), options=options, loss=LossConfig(), setup=setup)
-
-
-def _step(student: list[Tensor], teacher: list[Tensor]) -> StepInputs:
-    n = student[0].shape[0]
-    batch = Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), n)
-    return StepInputs(batch, None, student, TeacherOutput(None, teacher), TAU, STEP, None)
 
 
 # ------------------------------------------------------------------------------------------------ FitNet
@@ -69,8 +57,8 @@ HINT_CASES = [
 
 def _hint_features(shape: tuple[int, ...], seed: int, batch: int = 5) -> list[Tensor]:
     """[stem, stage 1, hint (index 2), pooled]: only features[2] matters for FitNet's default hint_layer."""
-    return [_randn(seed, batch, 3, 4, 4), _randn(seed + 1, batch, 3, 4, 4), _randn(seed + 2, batch, *shape),
-            _randn(seed + 3, batch, 7)]
+    return [randn_seeded(seed, batch, 3, 4, 4), randn_seeded(seed + 1, batch, 3, 4, 4),
+            randn_seeded(seed + 2, batch, *shape), randn_seeded(seed + 3, batch, 7)]
 
 
 def _fitnet_reference(method: FitNet, hint: Tensor, target: Tensor, kind: str) -> tuple[float, Tensor]:
@@ -96,16 +84,16 @@ def _fitnet_reference(method: FitNet, hint: Tensor, target: Tensor, kind: str) -
 def test_fitnet_loss_and_gradient_match_float64_convreg(student: tuple, teacher: tuple, kind: str,
                                                         kernel: tuple) -> None:
     torch.manual_seed(0)
-    method = _method(FitNet, FitNet.Options(weight=3.0), _setup(_shapes(student), _shapes(teacher)))
+    method = standalone_method(FitNet, FitNet.Options(weight=3.0), feature_setup(_shapes(student), _shapes(teacher)))
     conv = method.regressor[0]
     assert isinstance(conv, nn.ConvTranspose2d) == (kind == "transpose") and tuple(conv.kernel_size) == kernel
     with torch.no_grad():  # a non-trivial BN affine, so the formula's BN is really checked
-        method.regressor[1].weight.copy_(1 + 0.2 * _randn(30, teacher[0]))
-        method.regressor[1].bias.copy_(0.3 * _randn(31, teacher[0]))
+        method.regressor[1].weight.copy_(1 + 0.2 * randn_seeded(30, teacher[0]))
+        method.regressor[1].bias.copy_(0.3 * randn_seeded(31, teacher[0]))
     s_feats, t_feats = _hint_features(student, 0), _hint_features(teacher, 10)
     s_feats[2].requires_grad_()
     method.train()
-    got = method.loss_terms(_step(s_feats, t_feats))
+    got = method.loss_terms(feature_step(s_feats, t_feats))
     assert list(got) == ["loss_fitnet"] and got["loss_fitnet"].dtype == torch.float32
     expected, grad = _fitnet_reference(method, s_feats[2].detach(), t_feats[2], kind)
     assert got["loss_fitnet"].item() == pytest.approx(3.0 * expected, rel=1e-5)
@@ -120,8 +108,10 @@ def _shapes(hint: tuple[int, ...]) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("hint_layer,match", [(3, "hint_layer = 3 is out of range"), (9, "hint_layer = 9")])
 def test_fitnet_hint_layer_must_name_a_spatial_map(hint_layer: int, match: str) -> None:
     with pytest.raises(ConfigError, match=match):  # index 3 is the pooled vector, 9 is past the list
-        _method(FitNet, FitNet.Options(hint_layer=hint_layer), _setup(_shapes((4, 4, 4)), _shapes((6, 4, 4))))
-    method = _method(FitNet, FitNet.Options(hint_layer=1), _setup(_shapes((4, 4, 4)), _shapes((6, 4, 4))))
+        standalone_method(FitNet, FitNet.Options(hint_layer=hint_layer),
+                          feature_setup(_shapes((4, 4, 4)), _shapes((6, 4, 4))))
+    method = standalone_method(FitNet, FitNet.Options(hint_layer=1),
+                               feature_setup(_shapes((4, 4, 4)), _shapes((6, 4, 4))))
     assert method.regressor[0].in_channels == 3  # features[1] of the stand-in shapes
 
 
@@ -129,7 +119,7 @@ def test_fitnet_hint_layer_must_name_a_spatial_map(hint_layer: int, match: str) 
 def test_fitnet_rejects_maps_the_regressor_cannot_map(student: tuple, teacher: tuple) -> None:
     """A 4× smaller map, a width that does not halve with the height, a map narrower than the teacher's."""
     with pytest.raises(ConfigError, match=r"method fitnet.*ConvReg"):
-        _method(FitNet, FitNet.Options(), _setup(_shapes(student), _shapes(teacher)))
+        standalone_method(FitNet, FitNet.Options(), feature_setup(_shapes(student), _shapes(teacher)))
 
 
 def test_option_defaults_follow_repdistiller() -> None:
@@ -163,22 +153,12 @@ AT_STUDENT = [(3, 8, 8), (4, 8, 8), (5, 4, 4), (6, 4, 4), (6,)]
 AT_TEACHER = [(3, 8, 8), (7, 8, 8), (8, 8, 8), (9, 2, 2), (2, 2, 2), (9,)]
 
 
-def _maps(shapes: list[tuple[int, ...]], seed: int, batch: int = 3) -> list[Tensor]:
-    return [_randn(seed + i, batch, *shape) for i, shape in enumerate(shapes)]
-
-
-def _block_mean(x: Tensor, size: int) -> Tensor:
-    """Average of non-overlapping blocks down to size×size (written out, not adaptive_avg_pool2d)."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, size, h // size, size, w // size).mean(dim=(3, 5))
-
-
 def _at_reference(student: list[Tensor], teacher: list[Tensor], p: float) -> Tensor:
     """Σ_pairs mean over batch and positions of (Q_s/‖Q_s‖ − Q_t/‖Q_t‖)², Q = Σ_c |A_c|^p, in float64."""
     total = torch.zeros((), dtype=torch.float64)
     for s, t in zip(student[1:-1], teacher[1:-1]):
         size = min(s.shape[-1], t.shape[-1])
-        s, t = _block_mean(s.double(), size), _block_mean(t.double(), size)
+        s, t = block_mean(s.double(), size), block_mean(t.double(), size)
         q_s, q_t = (x.abs().pow(p).sum(dim=1).flatten(1) for x in (s, t))
         q_s, q_t = q_s / q_s.norm(dim=1, keepdim=True), q_t / q_t.norm(dim=1, keepdim=True)
         total = total + ((q_s - q_t) ** 2).mean()
@@ -188,12 +168,12 @@ def _at_reference(student: list[Tensor], teacher: list[Tensor], p: float) -> Ten
 @pytest.mark.parametrize("p", [2.0, 3.0])
 def test_at_loss_and_gradient_match_float64_formula(p: float) -> None:
     """Signed inputs: with p = 3 the paper's |A|^p differs from A^p, so the absolute value is checked too."""
-    method = _method(AT, AT.Options(weight=7.0, p=p), _setup(AT_STUDENT, AT_TEACHER))
-    student, teacher = _maps(AT_STUDENT, 0), _maps(AT_TEACHER, 10)
+    method = standalone_method(AT, AT.Options(weight=7.0, p=p), feature_setup(AT_STUDENT, AT_TEACHER))
+    student, teacher = random_maps(AT_STUDENT, 0), random_maps(AT_TEACHER, 10)
     leaves = [x.double().requires_grad_() for x in student]
     for x in student:
         x.requires_grad_()
-    got = method.loss_terms(_step(student, teacher))
+    got = method.loss_terms(feature_step(student, teacher))
     assert list(got) == ["loss_at"] and got["loss_at"].dtype == torch.float32
     expected = 7.0 * _at_reference(leaves, teacher, p)
     assert got["loss_at"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -205,7 +185,7 @@ def test_at_loss_and_gradient_match_float64_formula(p: float) -> None:
 
 
 def test_at_is_zero_for_equal_maps_and_ignores_their_scale() -> None:
-    maps = _maps(AT_STUDENT, 0)[1:-1]
+    maps = random_maps(AT_STUDENT, 0)[1:-1]
     assert at_loss(maps, maps, 2.0).item() == 0.0
     assert at_loss([5.0 * m for m in maps], maps, 2.0).item() == pytest.approx(0.0, abs=1e-12)
     assert at_loss([m.flip(-1) for m in maps], maps, 2.0).item() > 1e-3  # control: a moved attention does count
@@ -213,7 +193,7 @@ def test_at_is_zero_for_equal_maps_and_ignores_their_scale() -> None:
 
 def test_at_needs_spatial_stage_outputs() -> None:
     with pytest.raises(ConfigError, match="method at"):
-        _method(AT, AT.Options(), _setup([(3, 8, 8), (6,)], [(3, 8, 8), (4, 8, 8), (6,)]))
+        standalone_method(AT, AT.Options(), feature_setup([(3, 8, 8), (6,)], [(3, 8, 8), (4, 8, 8), (6,)]))
 
 
 # ------------------------------------------------------------------------------------------------ real networks
@@ -273,12 +253,6 @@ SMALL = {"num_classes": 10, "train_size": 96, "test_size": 32, "seed": 0}  # 3 s
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fitnet", "at"])
 def test_one_epoch_ctkd_run_logs_a_finite_method_loss(tmp_path: Path, teacher_file: Path, name: str) -> None:
-    data = ctkd_config(tmp_path, teacher_file, epochs=1, data=SMALL, logging={"tensorboard": False})
-    data["method"] = {"name": name}
-    cfg = load(data, tmp_path)
-    trainer.run(cfg)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1
-    record = records[0]
+    record = one_epoch_record(tmp_path, teacher_file, {"name": name}, data=SMALL, logging={"tensorboard": False})
     assert record[f"train_loss_{name}"] > 0 and math.isfinite(record[f"train_loss_{name}"])
     assert math.isfinite(record["train_loss_kd"]) and math.isfinite(record["tau_mean"])

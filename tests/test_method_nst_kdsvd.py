@@ -10,24 +10,20 @@ and RepDistiller's (H·W, C), or mdistiller's (C·H, W).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from conftest import ctkd_config, load, zoo_distiller
-from ctkd import trainer
-from ctkd.config import ConfigError, LossConfig, method_class
+from conftest import feature_setup, feature_step, one_epoch_record, standalone_method, zoo_distiller
+from ctkd.config import ConfigError, method_class
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller
-from ctkd.methods import MethodSetup, StepContext, TeacherOutput
-from ctkd.methods.base import StepInputs
+from ctkd.methods import StepContext
 from ctkd.methods.kdsvd import KDSVD, TopRightSingularVectors, kdsvd_loss
 from ctkd.methods.nst import NST, nst_loss
-from ctkd.temperatures import FixedTemperature
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -37,21 +33,6 @@ TAU = torch.tensor(4.0)
 
 def _randn(seed: int, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def _setup(student: list[tuple[int, ...]], teacher: list[tuple[int, ...]]) -> MethodSetup:
-    return MethodSetup(student, teacher, 10, torch.zeros(0, dtype=torch.long), seed=0)
-
-
-def _method(cls: type, options: object, setup: MethodSetup) -> nn.Module:
-    """A method around a stand-in student (the loss terms are called directly with given features)."""
-    return cls(nn.Linear(2, 10), FixedTemperature(4.0), options=options, loss=LossConfig(), setup=setup)
-
-
-def _step(student: list[Tensor], teacher: list[Tensor]) -> StepInputs:
-    n = student[0].shape[0]
-    batch = Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), n)
-    return StepInputs(batch, None, student, TeacherOutput(None, teacher), TAU, STEP, None)
 
 
 def _maps(shapes: list[tuple[int, ...]], seed: int, batch: int = 3) -> list[Tensor]:
@@ -85,12 +66,12 @@ def _nst_reference(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
 
 
 def test_nst_loss_and_gradient_match_the_kernel_mean_embedding() -> None:
-    method = _method(NST, NST.Options(weight=3.0), _setup(NST_STUDENT, NST_TEACHER))
+    method = standalone_method(NST, NST.Options(weight=3.0), feature_setup(NST_STUDENT, NST_TEACHER))
     student, teacher = _maps(NST_STUDENT, 0), _maps(NST_TEACHER, 10)
     leaves = [x.double().requires_grad_() for x in student]
     for x in student:
         x.requires_grad_()
-    got = method.loss_terms(_step(student, teacher))
+    got = method.loss_terms(feature_step(student, teacher))
     assert list(got) == ["loss_nst"] and got["loss_nst"].dtype == torch.float32
     expected = 3.0 * _nst_reference(leaves, teacher)
     assert got["loss_nst"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -111,7 +92,7 @@ def test_nst_is_zero_for_equal_maps_and_positive_otherwise() -> None:
 
 def test_nst_needs_spatial_stage_outputs() -> None:
     with pytest.raises(ConfigError, match="method nst"):
-        _method(NST, NST.Options(), _setup([(3, 8, 8), (6,)], [(3, 8, 8), (4, 8, 8), (6,)]))
+        standalone_method(NST, NST.Options(), feature_setup([(3, 8, 8), (6,)], [(3, 8, 8), (4, 8, 8), (6,)]))
 
 
 # ------------------------------------------------------------------------------------------------ KDSVD
@@ -161,14 +142,15 @@ KDSVD_SHAPES = {
 def test_kdsvd_loss_and_gradient_match_mdistillers_algorithm(vectors: str, k: int) -> None:
     s_shapes, t_shapes = KDSVD_SHAPES[vectors]
     options = KDSVD.Options(weight=2.0, k=k, vectors=vectors)
-    method = _method(KDSVD, options, _setup([(3, 4, 4), *s_shapes, (8,)], [(3, 4, 4), *t_shapes, (9,)]))
+    setup = feature_setup([(3, 4, 4), *s_shapes, (8,)], [(3, 4, 4), *t_shapes, (9,)])
+    method = standalone_method(KDSVD, options, setup)
     student = [_randn(10 + i, 4, *shape) for i, shape in enumerate(s_shapes)]
     teacher = [_randn(20 + i, 4, *shape) for i, shape in enumerate(t_shapes)]
     leaves = [x.double().requires_grad_() for x in student]
     for x in student:
         x.requires_grad_()
     stem, pooled = torch.zeros(4, 3, 4, 4), torch.zeros(4, 8)
-    got = method.loss_terms(_step([stem, *student, pooled], [stem, *teacher, pooled]))
+    got = method.loss_terms(feature_step([stem, *student, pooled], [stem, *teacher, pooled]))
     assert list(got) == ["loss_kdsvd"] and got["loss_kdsvd"].dtype == torch.float32
     expected = 2.0 * _kdsvd_reference(leaves, teacher, k, vectors)
     assert expected.item() > 1e-4  # a value that is not trivially zero
@@ -261,11 +243,12 @@ def test_kdsvd_option_defaults_and_shape_checks() -> None:
         KDSVD.Options(vectors="rows")
     student = [(3, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,)]  # resnet8
     wider = [(3, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8), (128,)]  # wrn_16_2
-    _method(KDSVD, KDSVD.Options(vectors="width"), _setup(student, wider))  # equal widths
+    standalone_method(KDSVD, KDSVD.Options(vectors="width"), feature_setup(student, wider))  # equal widths
     with pytest.raises(ConfigError, match=r"method kdsvd \(method.vectors = channels\).*channel counts"):
-        _method(KDSVD, KDSVD.Options(), _setup(student, wider))
+        standalone_method(KDSVD, KDSVD.Options(), feature_setup(student, wider))
     with pytest.raises(ConfigError, match="two or more paired stage outputs"):
-        _method(KDSVD, KDSVD.Options(), _setup([(3, 8, 8), (4, 8, 8), (4,)], [(3, 8, 8), (4, 8, 8), (4,)]))
+        one_stage = [(3, 8, 8), (4, 8, 8), (4,)]
+        standalone_method(KDSVD, KDSVD.Options(), feature_setup(one_stage, one_stage))
 
 
 # ------------------------------------------------------------------------------------------------ real networks
@@ -317,12 +300,6 @@ SMALL = {"num_classes": 10, "train_size": 96, "test_size": 32, "seed": 0}  # 3 s
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nst", "kdsvd"])
 def test_one_epoch_ctkd_run_logs_a_finite_method_loss(tmp_path: Path, teacher_file: Path, name: str) -> None:
-    data = ctkd_config(tmp_path, teacher_file, epochs=1, data=SMALL, logging={"tensorboard": False})
-    data["method"] = {"name": name}
-    cfg = load(data, tmp_path)
-    trainer.run(cfg)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1
-    record = records[0]
+    record = one_epoch_record(tmp_path, teacher_file, {"name": name}, data=SMALL, logging={"tensorboard": False})
     assert record[f"train_loss_{name}"] > 0 and math.isfinite(record[f"train_loss_{name}"])
     assert math.isfinite(record["train_loss_kd"]) and math.isfinite(record["tau_mean"])

@@ -8,7 +8,6 @@ conv, padding 1); HCL = (MSE + Σ 2^-k·MSE of average pools 4, 2, 1 below the m
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,8 +17,7 @@ from torch import Tensor, nn
 
 import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_mlp, a model without pre-activation features)
-from conftest import ctkd_config, load, zoo_distiller
-from ctkd import trainer
+from conftest import ctkd_config, load, one_epoch_record, zoo_distiller
 from ctkd.config import ConfigError, LossConfig
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, measure_setup
@@ -338,12 +336,7 @@ def test_the_teacher_gives_pre_activation_maps_and_a_teacher_without_them_is_ref
 
 @pytest.mark.slow
 def test_one_epoch_ctkd_run_logs_a_finite_reviewkd_loss(tmp_path: Path, teacher_file: Path) -> None:
-    data = ctkd_config(tmp_path, teacher_file, epochs=1)  # resnet14 → resnet8, learned global τ in the KD term
-    data["method"] = {"name": "reviewkd", "weight": 5.0}
-    cfg = load(data, tmp_path)
-    trainer.run(cfg)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1
-    record = records[0]
+    # resnet14 → resnet8, learned global τ in the KD term
+    record = one_epoch_record(tmp_path, teacher_file, {"name": "reviewkd", "weight": 5.0})
     assert record["train_loss_reviewkd"] > 0 and math.isfinite(record["train_loss_reviewkd"])
     assert all(math.isfinite(v) for k, v in record.items() if k.startswith("train_loss")), record

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import ctkd.models as models
-from conftest import ctkd_config, load
+from conftest import block_mean, ctkd_config, load, randn_seeded, random_maps
 from ctkd.build import build_split, build_split_loader
 from ctkd.config import ConfigError, LossConfig
 from ctkd.datasets.loader import Batch
@@ -30,10 +30,6 @@ from ctkd.temperatures import FixedTemperature, GlobalTemperature
 
 STEP = StepContext(epoch=1, step=0, grl_lambda=1.0)
 TAU = torch.tensor(4.0)
-
-
-def _randn(seed: int, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _setup(student: list[tuple[int, ...]], teacher: list[tuple[int, ...]]) -> MethodSetup:
@@ -56,23 +52,13 @@ VID_STUDENT = [(3, 8, 8), (4, 8, 8), (5, 8, 8), (6, 2, 2), (6,)]
 VID_TEACHER = [(3, 8, 8), (7, 8, 8), (8, 4, 4), (9, 4, 4), (2, 2, 2), (9,)]
 
 
-def _vid_features(shapes: list[tuple[int, ...]], seed: int, batch: int = 3) -> list[Tensor]:
-    return [_randn(seed + i, batch, *shape) for i, shape in enumerate(shapes)]
-
-
-def _block_mean(x: Tensor, size: int) -> Tensor:
-    """Average of non-overlapping blocks down to size×size (written out, not adaptive_avg_pool2d)."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, size, h // size, size, w // size).mean(dim=(3, 5))
-
-
 def _vid_reference(method: VID, student: list[Tensor], teacher: list[Tensor], eps: float) -> float:
     """Σ_pairs mean 0.5·((t − μ)²/σ² + log σ²) in float64, with μ the three 1×1 convs as channel matrix products."""
     total = 0.0
     for s, t, regressor, log_scale in zip(student[1:-1], teacher[1:-1], method.regressors, method.log_scales):
         s, t = s.double(), t.double()
         size = min(s.shape[-1], t.shape[-1])
-        s, t = _block_mean(s, size), _block_mean(t, size)
+        s, t = block_mean(s, size), block_mean(t, size)
         w1, w2, w3 = (conv.weight.detach().double()[:, :, 0, 0] for conv in (regressor[0], regressor[2], regressor[4]))
         mu = torch.einsum("oc,bchw->bohw", w1, s).clamp(min=0)
         mu = torch.einsum("oc,bchw->bohw", w2, mu).clamp(min=0)
@@ -102,8 +88,8 @@ def test_vid_loss_matches_float64_gaussian_nll() -> None:
     method = _method(VID, VID.Options(weight=0.7, eps=1e-3), _setup(VID_STUDENT, VID_TEACHER))
     with torch.no_grad():  # per-channel variances that differ, so a mix-up of channels or pairs shows
         for i, log_scale in enumerate(method.log_scales):
-            log_scale.copy_(_randn(20 + i, log_scale.shape[0]))
-    student, teacher = _vid_features(VID_STUDENT, 0), _vid_features(VID_TEACHER, 10)
+            log_scale.copy_(randn_seeded(20 + i, log_scale.shape[0]))
+    student, teacher = random_maps(VID_STUDENT, 0), random_maps(VID_TEACHER, 10)
     got = method.loss_terms(StepInputs(_batch(3), None, student, TeacherOutput(None, teacher), TAU, STEP, None))
     assert list(got) == ["loss_vid"] and got["loss_vid"].dtype == torch.float32
     expected = 0.7 * _vid_reference(method, student, teacher, eps=1e-3)
@@ -114,10 +100,10 @@ def test_vid_pools_the_larger_map_to_the_smaller_size() -> None:
     """Student 8×8 vs teacher 4×4 equals feeding the student pre-pooled; teacher 4×4 vs student 2×2 likewise."""
     torch.manual_seed(0)
     method = _method(VID, VID.Options(), _setup(VID_STUDENT, VID_TEACHER))
-    student, teacher = _vid_features(VID_STUDENT, 0), _vid_features(VID_TEACHER, 10)
+    student, teacher = random_maps(VID_STUDENT, 0), random_maps(VID_TEACHER, 10)
     pooled_student, pooled_teacher = list(student), list(teacher)
-    pooled_student[2] = _block_mean(student[2], 4)  # pair 2: the student's map is the larger
-    pooled_teacher[3] = _block_mean(teacher[3], 2)  # pair 3: the teacher's map is the larger
+    pooled_student[2] = block_mean(student[2], 4)  # pair 2: the student's map is the larger
+    pooled_teacher[3] = block_mean(teacher[3], 2)  # pair 3: the teacher's map is the larger
     terms = [method.loss_terms(StepInputs(_batch(3), None, s, TeacherOutput(None, t), TAU, STEP, None))["loss_vid"]
              for s, t in ((student, teacher), (pooled_student, pooled_teacher))]
     assert terms[0].item() == pytest.approx(terms[1].item(), rel=1e-6)
@@ -138,7 +124,7 @@ def _real_distiller(options: object, batch: int = 4) -> tuple[Distiller, Batch]:
     distiller = build_distiller(options, student=student, teacher=teacher, temperature=GlobalTemperature(),
                                 loss=LossConfig(), setup=setup)
     distiller.train()
-    images = _randn(1, batch, 3, 32, 32)
+    images = randn_seeded(1, batch, 3, 32, 32)
     return distiller, Batch(images, torch.arange(batch) % 10, torch.arange(batch), batch)
 
 
@@ -184,8 +170,8 @@ def test_srrl_loss_and_connector_gradient_match_float64_formula(golden) -> None:
     torch.manual_seed(0)
     method = _method(SRRL, SRRL.Options(weight=0.6), _setup([(64,)], [(256,)]))
     with torch.no_grad():  # a non-trivial BN affine, so the formula's BN is really checked
-        method.connector[1].weight.copy_(1 + 0.2 * _randn(30, 256))
-        method.connector[1].bias.copy_(0.3 * _randn(31, 256))
+        method.connector[1].weight.copy_(1 + 0.2 * randn_seeded(30, 256))
+        method.connector[1].bias.copy_(0.3 * randn_seeded(31, 256))
     classifier = _teacher_classifier().requires_grad_(False)
     method.train()
     got = method.loss_terms(StepInputs(_batch(16), None, [fs], TeacherOutput(zt, [ft], classifier), TAU, STEP, None))
@@ -203,7 +189,7 @@ def test_srrl_never_accumulates_gradient_in_the_teacher_classifier(frozen: bool)
     """Frozen (as the distiller leaves it) or not (the authors' teacher): its .grad stays None."""
     method = _method(SRRL, SRRL.Options(), _setup([(64,)], [(256,)]))
     classifier = _teacher_classifier().requires_grad_(not frozen)
-    fs, ft, zt = _randn(1, 8, 64).requires_grad_(), _randn(2, 8, 256), _randn(3, 8, 100)
+    fs, ft, zt = randn_seeded(1, 8, 64).requires_grad_(), randn_seeded(2, 8, 256), randn_seeded(3, 8, 100)
     method.train()
     step = StepInputs(_batch(8), None, [fs], TeacherOutput(zt, [ft], classifier), TAU, STEP, None)
     loss = method.loss_terms(step)["loss_srrl"]

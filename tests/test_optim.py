@@ -8,30 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from resume_tools import run_crashing_in_epoch
 from torch import nn
 
 import tiny_models  # noqa: F401  (registers tiny_mlp: fp16 convolutions are slow on CPU)
-from conftest import ctkd_config, load, seeded_experiment
-from ctkd import trainer
-from ctkd.config import LossConfig, method_class
-from ctkd.distiller import Distiller, build_distiller
+from conftest import ctkd_config, linear_net, load, logit_distiller, seeded_experiment
+from ctkd.config import LossConfig
 from ctkd.errors import ConfigError
-from ctkd.methods import MethodSetup
 from ctkd.optim import LRMultiplier, StepLRSchedule, build_lr_schedule, build_sgd, load_optimizer_state
 from ctkd.temperatures import GlobalTemperature
 from ctkd.trainer import run
-
-
-def _net(classes: int = 5) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
-
-
-def _distiller(method: str, student: nn.Module, teacher: nn.Module | None, temperature: nn.Module | None,
-               loss: LossConfig) -> Distiller:
-    """A distiller of logit-only `method` (no feature shapes needed) with its default options."""
-    setup = MethodSetup([], [], 5, torch.zeros(0, dtype=torch.long), seed=0)
-    return build_distiller(method_class(method).Options(), student=student, teacher=teacher, temperature=temperature,
-                           loss=loss, setup=setup)
 
 
 @pytest.mark.parametrize(
@@ -40,13 +26,13 @@ def _distiller(method: str, student: nn.Module, teacher: nn.Module | None, tempe
 )
 def test_step_schedule_matches_authors_adjust_learning_rate(epoch: int, factor: float) -> None:
     """epochs 1-150 base, 151-180 ×0.1, 181-210 ×0.01, 211-240 ×0.001 (1-based epochs)."""
-    optimizer = torch.optim.SGD(_net().parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(linear_net().parameters(), lr=0.05)
     schedule = StepLRSchedule(optimizer, [150, 180, 210], 0.1)
     assert schedule.set_epoch(epoch) == pytest.approx(0.05 * factor)
 
 
 def test_schedule_state_round_trip_keeps_base_lrs() -> None:
-    optimizer = torch.optim.SGD(_net().parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(linear_net().parameters(), lr=0.1)
     schedule = StepLRSchedule(optimizer, [30, 60], 0.1)
     schedule.set_epoch(61)
     other = StepLRSchedule(optimizer, [1], 0.5)  # built after the decay: its base LR would be wrong
@@ -55,7 +41,7 @@ def test_schedule_state_round_trip_keeps_base_lrs() -> None:
 
 
 def test_temperature_shares_the_student_optimizer_or_gets_its_own_settings() -> None:
-    trainable = _distiller("kd", _net(), _net(), GlobalTemperature(), LossConfig()).unwrapped
+    trainable = logit_distiller("kd", linear_net(), linear_net(), GlobalTemperature(), LossConfig()).unwrapped
     shared = build_sgd(trainable, lr=0.05, momentum=0.9, weight_decay=5e-4)
     assert [g["name"] for g in shared.param_groups] == ["student", "temperature"]
     assert all(g["lr"] == 0.05 and g["weight_decay"] == 5e-4 and g["momentum"] == 0.9 for g in shared.param_groups)
@@ -117,20 +103,6 @@ def _multiplier(t: int, *, warmup: int, total: int, start: float, min_factor: fl
     if t < warmup:
         return start + (1 - start) * t / warmup
     return min_factor + (1 - min_factor) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) / 2
-
-
-def _run_crashing_in_epoch(cfg, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_train = trainer.Trainer.train_epoch
-
-    def crash(self, epoch_run, *args, **kwargs):
-        if epoch_run.epoch == epoch:
-            raise KeyboardInterrupt(f"simulated kill during epoch {epoch}")
-        return real_train(self, epoch_run, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.Trainer, "train_epoch", crash)
-    with pytest.raises(trainer.RunInterrupted):
-        run(cfg)
-    monkeypatch.setattr(trainer.Trainer, "train_epoch", real_train)
 
 
 def test_cosine_with_warmup_follows_the_formula_in_every_group(tmp_path: Path, teacher_file: Path) -> None:
@@ -201,7 +173,7 @@ def test_cosine_run_refuses_to_resume_with_other_epochs(
 ) -> None:
     sections = {"epochs": 2, "optimizer": {"schedule": "cosine"}}
     cfg = load(ctkd_config(tmp_path, teacher_file, **sections), tmp_path, "a.yaml")
-    _run_crashing_in_epoch(cfg, 2, monkeypatch)
+    run_crashing_in_epoch(cfg, 2, monkeypatch)
     longer = load(ctkd_config(tmp_path, teacher_file, **{**sections, "epochs": 3}), tmp_path, "b.yaml")
     with pytest.raises(ConfigError, match="epochs"):
         run(longer, resume="auto")

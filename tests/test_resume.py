@@ -25,6 +25,7 @@ from resume_tools import (
     crash_then_resume,
     dropout_config,
     fingerprint,
+    run_crashing_in_epoch,
     tensorboard_scalars,
 )
 
@@ -366,20 +367,6 @@ def test_epoch_sums_continue_on_another_number_of_processes() -> None:
     assert EpochTotals.from_states(saved, 1, 2, device).state_dict()["losses"]["ce"].item() == 16.0
 
 
-def _run_crashing_in_epoch(cfg, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_train = trainer.Trainer.train_epoch
-
-    def crash(self, epoch_run, *args, **kwargs):
-        if epoch_run.epoch == epoch:
-            raise KeyboardInterrupt(f"simulated kill during epoch {epoch}")
-        return real_train(self, epoch_run, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.Trainer, "train_epoch", crash)
-    with pytest.raises(trainer.RunInterrupted):
-        run(cfg)
-    monkeypatch.setattr(trainer.Trainer, "train_epoch", real_train)
-
-
 def test_a_run_resumes_with_another_memory_format_and_teacher_folding(
     tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -390,7 +377,7 @@ def test_a_run_resumes_with_another_memory_format_and_teacher_folding(
     run(straight)
     expected = torch.load(Path(straight.output_dir) / "last.pth", weights_only=True)["trainable"]
     crashed = load(ctkd_config(tmp_path, teacher_file, "crashed", epochs=2, runtime=before), tmp_path, "b.yaml")
-    _run_crashing_in_epoch(crashed, 2, monkeypatch)
+    run_crashing_in_epoch(crashed, 2, monkeypatch)
     after = load(ctkd_config(tmp_path, teacher_file, "crashed", epochs=2,
                              runtime={"channels_last": "on", "fold_teacher_bn": True}), tmp_path, "c.yaml")
     run(after, resume="auto")

@@ -12,14 +12,12 @@ from resume_tools import checkpoint_names, crash_then_resume, dropout_config, fi
 import ctkd.models as models
 import tiny_models  # noqa: F401  (registers tiny_dropout_mlp: dropout makes the RNG state matter)
 import train as train_cli
-from conftest import load, write_yaml
+from conftest import DAMAGE, damage, load, write_yaml
 from ctkd import series
 from ctkd.config import ConfigError
 from ctkd.logging import get_logger
 from ctkd.series import CheckpointSeries
 from ctkd.trainer import run
-
-DAMAGE = ("half", "empty", "flip")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -43,18 +41,6 @@ def messages():
     yield handler.lines
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-def damage(path: Path, kind: str) -> None:
-    """Truncate `path` to half, empty it, or flip one bit in the middle of its bytes (tensor data)."""
-    data = bytearray(path.read_bytes())
-    if kind == "half":
-        data = data[: len(data) // 2]
-    elif kind == "empty":
-        data = bytearray()
-    else:
-        data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("kind", DAMAGE)

@@ -108,6 +108,8 @@ class AB(Method):
         # At β = 0 the connectors train in the init stage alone (the stage runner turns requires_grad on for what a
         # stage trains): frozen in distillation, where DDP allows no parameter without a gradient.
         self.connectors.requires_grad_(self.options.weight > 0)
+        # β = 0 (RepDistiller's setting): distillation reads no feature, none is computed (its stage asks its own)
+        self.features = self.options.weight > 0
 
     @staticmethod
     def _connector(index: int, student: tuple[int, ...], teacher: tuple[int, ...], names: tuple[str, str]) -> nn.Module:

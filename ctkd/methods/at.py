@@ -16,19 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctkd.errors import ConfigError
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
+from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs, same_spatial_size
 from ctkd.options import MethodOptions, spec
-
-
-def same_spatial_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool whichever (B, C, H, W) map is larger down to the other's height and width (RepDistiller pools the
-    larger to the smaller with adaptive_avg_pool2d; per dimension here, the same for the square maps it assumes)."""
-    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
-    if tuple(student.shape[-2:]) != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if tuple(teacher.shape[-2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher, size)
-    return student, teacher
 
 
 def attention_map(feature: Tensor, p: float) -> Tensor:

@@ -73,6 +73,17 @@ def to_float(logits: Tensor, features: list[Tensor]) -> tuple[Tensor, list[Tenso
     return logits.float(), [feature.float() for feature in features]
 
 
+def same_spatial_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool whichever (B, C, H, W) map is larger down to the other's height and width (RepDistiller pools the
+    larger to the smaller with adaptive_avg_pool2d; per dimension here, the same for the square maps it assumes)."""
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    if tuple(student.shape[-2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[-2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
 @dataclass(frozen=True)
 class StepContext:
     """Where a training step is: the epoch (1-based), the step within it, and the curriculum's λ."""

@@ -84,6 +84,8 @@ class FSP(Method):
                 f"has {_describe(student)}, teacher {names[1]} {_describe(teacher)}. Use a pair of one family and "
                 "width (resnet8 → resnet32, resnet8x4 → resnet32x4, wrn_16_2 → wrn_40_2), or another method"
             )
+        # β = 0 (RepDistiller's setting): distillation reads no feature, none is computed (its stage asks its own)
+        self.features = self.options.weight > 0
 
     def stages(self) -> list[Stage]:
         """RepDistiller's init: the student's feature modules on the FSP loss (its classifier gets no gradient)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.errors import ConfigError
-from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepInputs
+from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepInputs, same_spatial_size
 from ctkd.options import MethodOptions, spec
 
 LEAK = 0.1  # negative slope of every LeakyReLU (RepDistiller's Paraphraser/Translator, the FT authors' modules)
@@ -64,19 +64,9 @@ def factor_vector(factor: Tensor, mode: str) -> Tensor:
     return F.normalize(flat, dim=1)
 
 
-def same_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool whichever map is larger down to the other's spatial size (RepDistiller's factor_loss)."""
-    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
-    if tuple(student.shape[-2:]) != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if tuple(teacher.shape[-2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher, size)
-    return student, teacher
-
-
 def ft_loss(factor_s: Tensor, factor_t: Tensor, p: int, mode: str) -> Tensor:
     """The paper's L_FT = mean |φ(F_s) − φ(F_t)|^p over batch and entries (p = 1: L1, p = 2: squared)."""
-    factor_s, factor_t = same_size(factor_s, factor_t)
+    factor_s, factor_t = same_spatial_size(factor_s, factor_t)
     diff = factor_vector(factor_s, mode) - factor_vector(factor_t, mode)
     return diff.abs().mean() if p == 1 else diff.pow(2).mean()
 

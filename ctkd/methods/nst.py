@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctkd.methods.at import check_stage_maps, same_spatial_size
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
+from ctkd.methods.at import check_stage_maps
+from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs, same_spatial_size
 from ctkd.options import MethodOptions, spec
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.errors import ConfigError
-from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs
+from ctkd.methods.base import METHODS, Method, MethodSetup, StepInputs, same_spatial_size
 from ctkd.options import MethodOptions, spec
 
 
@@ -91,17 +91,8 @@ class VID(Method):
     @staticmethod
     def _pair_loss(student: Tensor, teacher: Tensor, regressor: nn.Module, variance: Tensor) -> Tensor:
         """One pair's Gaussian NLL (without the log 2π constant), averaged over batch, channels and positions."""
-        student, teacher = _same_size(student.float(), teacher.float())
+        student, teacher = same_spatial_size(student.float(), teacher.float())
         mean = regressor(student).float()
         var = variance.view(1, -1, 1, 1)
         return (0.5 * ((mean - teacher) ** 2 / var + torch.log(var))).mean()
 
-
-def _same_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool whichever map is larger down to the smaller spatial size (the regressor is 1×1: no resampling)."""
-    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
-    if tuple(student.shape[-2:]) != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if tuple(teacher.shape[-2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher, size)
-    return student, teacher
