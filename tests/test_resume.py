@@ -150,6 +150,10 @@ CASES = {
     "vid-heads": Case(_with_method({"name": "vid"}), _holds("regressors.", "log_scales."),
                       _forget_keys("regressors.", "log_scales.")),
     "srrl-heads": Case(_with_method({"name": "srrl"}), _holds("connector."), _forget_keys("connector.")),
+    # FT's paraphraser trains in a 1-epoch init stage (run epoch 0) and stays frozen after it; the translator trains
+    # in distillation: both must come back (mid-stage stops: tests/test_stages.py)
+    "ft-stage-heads": Case(_with_method({"name": "ft", "init_epochs": 1}), _holds("paraphraser.", "translator."),
+                           _forget_keys("paraphraser.", "translator.")),
     "image-folder": Case(_image_folder, files=("images", "resnet18")),
 }
 STOPS = {"epoch-end": (2, 0), "mid-epoch": (2, 2)}  # crash before this (epoch, step)

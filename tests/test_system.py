@@ -21,10 +21,12 @@ def step():
     net.zero_grad()
     net(x).logsumexp(1).mean().backward()
 step()  # the first step maps its memory either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faults = []
+for _ in range(4):  # the fewest faults of a step: steady state, whatever else the process maps once on the way
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
 """
 
 
@@ -48,4 +50,4 @@ def test_tune_malloc_keeps_freed_memory_for_reuse() -> None:
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True)
         faults[mode] = int(out.stdout.split()[-1])
-    assert faults["default"] > 1000 and faults["tuned"] * 3 < faults["default"], faults  # 7.6k vs 0.5k here
+    assert faults["default"] > 1000 and faults["tuned"] * 3 < faults["default"], faults  # 5.5k vs 0 here
