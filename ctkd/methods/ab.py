@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.errors import ConfigError
-from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepInputs
-from ctkd.options import MethodOptions, spec
+from ctkd.methods.base import METHODS, InitStageOptions, Method, MethodSetup, Stage, StepInputs, init_stage
+from ctkd.options import spec
 
 LOSS_SCALE = 3 / 1000  # the AB authors' multiplier of the summed loss (bhheo/AB_distillation, kept by RepDistiller)
 
@@ -75,7 +75,7 @@ class AB(Method):
     paper = "Heo et al., AAAI 2019"
 
     @dataclass(frozen=True)
-    class Options(MethodOptions):
+    class Options(InitStageOptions):
         """β in distillation, the margin μ and the initialisation stage's length and SGD settings."""
 
         name: str = "ab"
@@ -83,11 +83,7 @@ class AB(Method):
         # scripts/run_cifar_distill.sh passes -b 1, which therefore changes nothing); 0 skips the term
         weight: float = spec(0.0, ge=0)
         margin: float = spec(1.0, gt=0)  # μ: RepDistiller ABLoss(margin=1.0), the AB authors' margin = 1.0
-        init_epochs: int = spec(30, ge=0)  # RepDistiller --init_epochs 30; 0 skips the stage
-        # RepDistiller init(): opt.learning_rate, 0.05 (train_student.py sets 0.01 for MobileNetV2/ShuffleNet students)
-        init_lr: float = spec(0.05, gt=0)
-        init_momentum: float = spec(0.9, ge=0)  # RepDistiller --momentum 0.9
-        init_weight_decay: float = spec(5e-4, ge=0)  # RepDistiller --weight_decay 5e-4
+        # init_*: InitStageOptions (train_student.py sets the run's LR to 0.01 for MobileNetV2/ShuffleNet students)
 
     features = True
     preact = True  # the boundaries are those of the pre-ReLU responses, in both networks
@@ -125,13 +121,9 @@ class AB(Method):
 
     def stages(self) -> list[Stage]:
         """RepDistiller's init: the student's layers and the connectors, trained by the AB loss alone."""
-        opts = self.options
-        if opts.init_epochs == 0:
-            return []
         # the student's classifier gets no gradient from the AB loss (RepDistiller trains get_feat_modules(): every
         # layer but the classifier), so it is left as it is
-        return [Stage("ab_init", opts.init_epochs, ("student", "connectors"), opts.init_lr, opts.init_momentum,
-                      opts.init_weight_decay)]
+        return init_stage("ab_init", ("student", "connectors"), self.options)
 
     def stage_loss_terms(self, stage: Stage, step: StepInputs) -> dict[str, Tensor]:
         """The unweighted AB loss (RepDistiller's init sums the ABLoss terms without β)."""

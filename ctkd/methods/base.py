@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ctkd.datasets.loader import Batch
 from ctkd.distributed import gather_batch
 from ctkd.losses import kd_loss
-from ctkd.options import LossConfig, MethodOptions
+from ctkd.options import LossConfig, MethodOptions, spec
 from ctkd.registry import Registry
 
 METHODS = Registry("method")
@@ -172,6 +172,24 @@ class Stage:
             raise ValueError(f"stage name {self.name!r}: use letters, digits and '_' only")
         if not self.trains or self.epochs < 0 or self.lr <= 0:
             raise ValueError(f"stage {self.name}: needs modules to train, epochs >= 0 and lr > 0 (got {self})")
+
+
+@dataclass(frozen=True)
+class InitStageOptions(MethodOptions):
+    """The options of a method with RepDistiller's initialisation stage (AB, FT, FSP): its length and SGD."""
+
+    init_epochs: int = spec(30, ge=0)  # RepDistiller --init_epochs 30; 0 skips the stage
+    init_lr: float = spec(0.05, gt=0)  # RepDistiller init(): the run's --learning_rate, 0.05 for CIFAR-100
+    init_momentum: float = spec(0.9, ge=0)  # RepDistiller --momentum 0.9
+    init_weight_decay: float = spec(5e-4, ge=0)  # RepDistiller --weight_decay 5e-4
+
+
+def init_stage(name: str, trains: tuple[str, ...], options: InitStageOptions) -> list[Stage]:
+    """The one initialisation stage `options` describe, training the submodules `trains`; none at init_epochs 0."""
+    if options.init_epochs == 0:
+        return []
+    return [Stage(name, options.init_epochs, trains, options.init_lr, options.init_momentum,
+                  options.init_weight_decay)]
 
 
 class Method(nn.Module):

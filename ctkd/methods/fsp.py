@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctkd.errors import ConfigError
-from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepInputs
-from ctkd.options import MethodOptions, spec
+from ctkd.methods.base import METHODS, InitStageOptions, Method, MethodSetup, Stage, StepInputs, init_stage
+from ctkd.options import spec
 
 STAGE = "fsp_init"
 
@@ -59,16 +59,14 @@ class FSP(Method):
     paper = "Yim et al., CVPR 2017"
 
     @dataclass(frozen=True)
-    class Options(MethodOptions):
+    class Options(InitStageOptions):
         """β in distillation and the initialisation stage's length and LR."""
 
         name: str = "fsp"
         # β in distillation: RepDistiller's train_distill sets loss_kd = 0 for fsp whatever -b says (its scripts:
         # -b 50), so 0, and the FSP paper's second stage is the main task alone too
         weight: float = spec(0.0, ge=0)
-        init_epochs: int = spec(30, ge=0)  # RepDistiller --init_epochs 30; 0 skips the stage
-        init_lr: float = spec(0.05, gt=0)  # RepDistiller init(): the run's --learning_rate, 0.05 for CIFAR-100
-        # (momentum 0.9 and weight decay 5e-4, RepDistiller's --momentum and --weight_decay: Stage's defaults)
+        # init_*: InitStageOptions
 
     features = True
 
@@ -89,9 +87,7 @@ class FSP(Method):
 
     def stages(self) -> list[Stage]:
         """RepDistiller's init: the student's feature modules on the FSP loss (its classifier gets no gradient)."""
-        if self.options.init_epochs == 0:
-            return []
-        return [Stage(STAGE, self.options.init_epochs, ("student",), self.options.init_lr)]
+        return init_stage(STAGE, ("student",), self.options)
 
     def stage_loss_terms(self, stage: Stage, step: StepInputs) -> dict[str, Tensor]:
         """The unweighted FSP loss (RepDistiller's init: loss = sum(loss_group))."""

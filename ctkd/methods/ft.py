@@ -20,8 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctkd.errors import ConfigError
-from ctkd.methods.base import METHODS, Method, MethodSetup, Stage, StepInputs, same_spatial_size
-from ctkd.options import MethodOptions, spec
+from ctkd.methods.base import (
+    METHODS,
+    InitStageOptions,
+    Method,
+    MethodSetup,
+    Stage,
+    StepInputs,
+    init_stage,
+    same_spatial_size,
+)
+from ctkd.options import spec
 
 LEAK = 0.1  # negative slope of every LeakyReLU (RepDistiller's Paraphraser/Translator, the FT authors' modules)
 
@@ -78,7 +87,7 @@ class FT(Method):
     paper = "Kim et al., NeurIPS 2018"
 
     @dataclass(frozen=True)
-    class Options(MethodOptions):
+    class Options(InitStageOptions):
         """β, the paraphrase rate k, the norm p, the factor φ and the initialisation stage's length and SGD."""
 
         name: str = "ft"
@@ -87,12 +96,9 @@ class FT(Method):
         p: int = spec(1, ge=1, lt=3)  # the norm of L_FT: RepDistiller FactorTransfer p2=1, the paper's p = 1
         # φ: RepDistiller FactorTransfer (p1=2) "squared_channel_mean"; the paper / FT authors' utils.FT "vector"
         factor: str = spec("squared_channel_mean", choices=("squared_channel_mean", "vector"))
-        init_epochs: int = spec(30, ge=0)  # RepDistiller --init_epochs 30; 0 skips the stage
         # RepDistiller init(): 0.01 for resnet*/wrn* students with factor (else the run's LR: 0.05, 0.01 for
-        # MobileNetV2/ShuffleNet)
+        # MobileNetV2/ShuffleNet); the other init_* keys: InitStageOptions
         init_lr: float = spec(0.01, gt=0)
-        init_momentum: float = spec(0.9, ge=0)  # RepDistiller --momentum 0.9
-        init_weight_decay: float = spec(5e-4, ge=0)  # RepDistiller --weight_decay 5e-4
 
     features = True
     min_samples_per_rank = 2  # the translator's BatchNorms train
@@ -130,11 +136,7 @@ class FT(Method):
 
     def stages(self) -> list[Stage]:
         """RepDistiller's init: the paraphraser alone, reconstructing the teacher's last stage output."""
-        opts = self.options
-        if opts.init_epochs == 0:
-            return []
-        return [Stage("ft_init", opts.init_epochs, ("paraphraser",), opts.init_lr, opts.init_momentum,
-                      opts.init_weight_decay)]
+        return init_stage("ft_init", ("paraphraser",), self.options)
 
     def stage_loss_terms(self, stage: Stage, step: StepInputs) -> dict[str, Tensor]:
         """MSE between the paraphraser's reconstruction and the teacher's map (RepDistiller's nn.MSELoss)."""
