@@ -22,11 +22,11 @@ def step():
     net(x).logsumexp(1).mean().backward()
 step()  # the first step maps its memory either way
 faults = []
-for _ in range(4):  # the fewest faults of a step: steady state, whatever else the process maps once on the way
+for _ in range(6):  # the median step: a step's typical faults, not the odd one that maps something once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults))
+print(sorted(faults)[len(faults) // 2])
 """
 
 
@@ -50,4 +50,4 @@ def test_tune_malloc_keeps_freed_memory_for_reuse() -> None:
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True)
         faults[mode] = int(out.stdout.split()[-1])
-    assert faults["default"] > 1000 and faults["tuned"] * 3 < faults["default"], faults  # 5.5k vs 0 here
+    assert faults["default"] > 1000 and faults["tuned"] * 3 < faults["default"], faults  # ≈ 6k vs 0 here
