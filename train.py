@@ -3,6 +3,11 @@
     python train.py --config FILE [--resume PATH|auto] [KEY=VALUE ...]
     python train.py --config FILE --print-config [KEY=VALUE ...]   # the resolved config; nothing is run or written
     torchrun --nproc_per_node=N train.py --config FILE [...]
+    python train.py [KEY=VALUE ...] --config A [KEY=VALUE ...] --config B [KEY=VALUE ...] [--resume auto]
+
+With several --config, the runs train as one cohort (docs/cohorts.md): one loader and one teacher forward per batch
+for all of them, each run ending exactly as it would alone. Overrides before the first --config apply to every
+run, those after a --config to that run only.
 
 Exit status: 0 when the run finished; 1 for an error in the input, reported in one line (config, names, data,
 teacher or checkpoint files, an output_dir that another run holds, that cannot be written or whose disk is full);
@@ -28,14 +33,39 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line contract: --config, optional --resume, then dotted KEY=VALUE overrides."""
+    """Command-line contract: one or more --config, each with the KEY=VALUE overrides after it, optional --resume."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML experiment config")
+    parser.add_argument("--config", required=True, action="append", help="YAML experiment config (repeat: a cohort)")
     parser.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <output_dir>/last.pth")
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config (with output_dir) as YAML and exit without running")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/cifar epochs=10")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.members = member_overrides(args.argv, args.config)
+    if len(args.members) > 1 and args.resume not in (None, "auto"):
+        parser.error("a cohort (several --config) resumes with --resume auto only: each run from its own directory")
+    args.config, args.overrides = args.members[0]
+    return args
+
+
+def member_overrides(argv: list[str], configs: list[str]) -> list[tuple[str, list[str]]]:
+    """Each --config with its overrides: those before the first --config, then those that follow it."""
+    common: list[str] = []
+    members: list[tuple[str, list[str]]] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("--config", "--resume"):
+            value = next(tokens, "")
+            if token == "--config":
+                members.append((value, list(common)))
+        elif token.startswith(("--config=", "--resume=")):
+            if token.startswith("--config="):
+                members.append((token.split("=", 1)[1], list(common)))
+        elif not token.startswith("-"):
+            (members[-1][1] if members else common).append(token)
+    assert [config for config, _ in members] == configs
+    return members
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,17 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_console(logging.INFO if rank == 0 else logging.ERROR)  # other ranks print errors only
     where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfgs = [load_config(config, overrides) for config, overrides in args.members]
     except UserError as err:
         get_logger().error(f"{where}error: {err}")
         return 1
     if args.print_config:
-        print(config_to_yaml(cfg), end="")
+        print("---\n".join(config_to_yaml(cfg) for cfg in cfgs), end="")
         return 0
     from torch.distributed.elastic.multiprocessing.errors import record
 
     # under torchrun, a crash's traceback goes into torchrun's failure summary
-    return record(train)(cfg, args, rank, where)
+    if len(cfgs) > 1:
+        return record(train_together)(cfgs, args, rank, where)
+    return record(train)(cfgs[0], args, rank, where)
 
 
 def train(cfg: Config, args: argparse.Namespace, rank: int, where: str) -> int:
@@ -99,6 +131,36 @@ def interrupted_message(stop: Any, args: argparse.Namespace) -> str:
         f"interrupted: {stop.output_dir}/last.pth holds epoch {stop.saved_epoch} (or a later step of it); "
         f"continue with: {command}"
     )
+
+
+def train_together(cfgs: list[Config], args: argparse.Namespace, rank: int, where: str) -> int:
+    """Train `cfgs` as one cohort; the exit status: 0 when every run is done (or trained by another process), 1
+    for an input error or a failed run, 130 when stopped by a signal (every run saved)."""
+    from ctkd.cohort import train_cohort
+    from ctkd.distributed import shutdown_distributed
+
+    try:
+        members = train_cohort(cfgs, [config for config, _ in args.members], resume=args.resume)
+    except UserError as err:
+        get_logger().error(f"{where}error: {err}")
+        shutdown_distributed(clean=False)
+        return 1
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    if rank == 0:
+        for member in members:
+            get_logger().info(f"{member.label} ({member.output_dir}): {member.outcome}"
+                              f"{f' ({member.detail})' if member.detail else ''}")
+    outcomes = {member.outcome for member in members}
+    with STOP.ignored():
+        shutdown_distributed(clean="failed" not in outcomes)
+    if "interrupted" in outcomes:
+        if rank == 0:
+            command = shlex.join(["python", "train.py", *args.argv] + ([] if args.resume else ["--resume", "auto"]))
+            get_logger().error(f"stopped: every run saved where it stopped; continue with: {command}")
+        return PREEMPTED_EXIT_CODE
+    return 1 if "failed" in outcomes else 0
 
 
 if __name__ == "__main__":

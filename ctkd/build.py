@@ -128,24 +128,48 @@ class Experiment:
         workers and multiprocessing's resource tracker then wait on each other forever.
         """
         for loader in (self.train_loader, self.test_loader):
-            iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent-worker iterator here
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
-            loader._iterator = None
+            close_loader(loader)
 
 
-def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
-    """Data, networks, distiller, optimizer (a run checks its inputs first: `check_inputs`).
+def close_loader(loader: DataLoader) -> None:
+    """Stop the loader's persistent worker processes now (see Experiment.close)."""
+    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent-worker iterator here
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run's train and test splits and their loaders: built once, and shared by the members of a cohort
+    (ctkd.cohort), whose batches are the same pure functions of (seed, epoch, index)."""
+
+    train_set: datasets.DataSource
+    test_set: datasets.DataSource
+    train_loader: DataLoader
+    test_loader: DataLoader
+
+
+def build_data(cfg: Config, ctx: DistributedContext) -> RunData:
+    """The splits named by `cfg.data` and their loaders (rank 0 downloads first)."""
+    with main_process_first(ctx):  # rank 0 downloads, the others then read what it wrote
+        train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
+    train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
+    test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
+    return RunData(train_set, test_set, train_loader, test_loader)
+
+
+def build_experiment(cfg: Config, ctx: DistributedContext, data: RunData | None = None) -> Experiment:
+    """Data (`data`: already built, e.g. a cohort's), networks, distiller, optimizer (a run checks its inputs
+    first: `check_inputs`).
 
     The trainable module is not wrapped in DDP here: a resumed run loads its state first (see `Distiller.wrap_ddp`).
     """
     if cfg.runtime.tune_malloc:
         tune_malloc()
-    with main_process_first(ctx):  # rank 0 downloads, the others then read what it wrote
-        train_set, test_set = build_split(cfg, train=True), build_split(cfg, train=False)
-    train_loader = build_split_loader(cfg, train_set, train=True, ctx=ctx)
-    test_loader = build_split_loader(cfg, test_set, train=False, ctx=ctx)
-    distiller = build_networks(cfg, train_set, ctx)
+    data = data or build_data(cfg, ctx)
+    train_loader = data.train_loader
+    distiller = build_networks(cfg, data.train_set, ctx)
     distiller.set_runtime(NetworkRuntime.from_config(ctx.device.type, cfg.runtime.amp, cfg.runtime.channels_last))
     learned = cfg.temperature if isinstance(cfg.temperature, LearnedTemperatureOptions) else None
     optimizer = build_sgd(
@@ -156,4 +180,4 @@ def build_experiment(cfg: Config, ctx: DistributedContext) -> Experiment:
     schedule = build_lr_schedule(optimizer, cfg.optimizer, steps_per_epoch=len(train_loader), epochs=cfg.epochs)
     scaler = torch.amp.GradScaler(ctx.device.type) if cfg.runtime.amp == "fp16" else None
     curriculum = build_curriculum(cfg.curriculum)
-    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, test_loader, ctx, scaler)
+    return Experiment(distiller, optimizer, schedule, curriculum, train_loader, data.test_loader, ctx, scaler)

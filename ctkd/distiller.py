@@ -6,7 +6,7 @@ method's non-parameter state (CRD's memory bank) stays outside too, so DDP never
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,13 @@ from ctkd.methods import METHODS, Method, MethodSetup, StepContext, StepOutput, 
 from ctkd.methods.base import NetworkRuntime, to_float
 
 
+class TeacherViews(Protocol):
+    """The teacher outputs a cohort computes once per batch for all its members (ctkd.cohort.SharedTeacher)."""
+
+    def view(self, distiller: Distiller, images: Tensor, features: bool, preact: bool) -> TeacherOutput:
+        """`distiller`'s teacher's view of `images`, computed by the first member that asks for it."""
+
+
 class Distiller:
     """One training step of a method: the teacher's view of the batch without gradient, then the method's loss."""
 
@@ -25,6 +32,7 @@ class Distiller:
         self.teacher = teacher
         self.state = state
         self.runtime = NetworkRuntime()
+        self.shared: TeacherViews | None = None  # a cohort's teacher outputs of the current batch
         if teacher is not None:
             teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradient bookkeeping
             teacher.eval()
@@ -68,8 +76,9 @@ class Distiller:
         methods, ``net.forward_with_features``.
         """
         for net in (self.student, self.teacher):
-            if net is None:
+            if net is None or getattr(net, "ctkd_compiled", False):  # a cohort's members share their teacher
                 continue
+            net.ctkd_compiled = True
             net.compile(mode=mode)
             if self.unwrapped.features:
                 net.forward_with_features = torch.compile(net.forward_with_features, mode=mode)
@@ -90,22 +99,33 @@ class Distiller:
             self.teacher.eval()
         return self
 
-    @torch.no_grad()
     def teacher_output(self, images: Tensor) -> TeacherOutput | None:
-        """The teacher's logits (and features, when the method uses them), without gradient, under the same
-        autocast as the student; they leave the teacher as float32."""
+        """The teacher's view of `images` that the method uses: logits, and features when it takes them (None
+        without a teacher)."""
         if self.teacher is None:
             return None
-        with_features, preact = self.unwrapped.features, self.unwrapped.preact_of("teacher")
+        return self.teacher_view(images, features=self.unwrapped.features, preact=self.unwrapped.preact_of("teacher"))
+
+    def teacher_view(self, images: Tensor, *, features: bool, preact: bool) -> TeacherOutput:
+        """The teacher's logits (and `features`, pre-activation if `preact`) of `images`; a cohort's members read
+        the one forward of each batch that `shared` holds (ctkd.cohort)."""
+        if self.shared is not None:
+            return self.shared.view(self, images, features, preact)
+        return self.compute_teacher_view(images, features=features, preact=preact)
+
+    @torch.no_grad()
+    def compute_teacher_view(self, images: Tensor, *, features: bool, preact: bool) -> TeacherOutput:
+        """The teacher's forward without gradient, under the same autocast as the student; its outputs leave the
+        teacher as float32."""
+        assert self.teacher is not None
         with self.runtime.autocast():
-            features, logits = (
-                self.teacher.forward_with_features(images, preact=preact) if with_features
-                else ([], self.teacher(images))
+            maps, logits = (
+                self.teacher.forward_with_features(images, preact=preact) if features else ([], self.teacher(images))
             )
-        logits, features = to_float(logits, features)
-        if not with_features:
+        logits, maps = to_float(logits, maps)
+        if not features:
             return TeacherOutput(logits)
-        return TeacherOutput(logits, features, self.teacher.get_classifier())
+        return TeacherOutput(logits, maps, self.teacher.get_classifier())
 
     def __call__(self, batch: Batch, ctx: StepContext) -> StepOutput:
         """One training step's loss terms."""

@@ -139,16 +139,11 @@ def stage_parameters(method: Method, stage: Stage) -> list[nn.Parameter]:
     return params
 
 
-@torch.no_grad()
 def stage_teacher_output(distiller: Distiller, images: torch.Tensor) -> TeacherOutput:
     """The frozen teacher's logits and features (pre-activation if the method takes the teacher's so), under the
     run's autocast."""
-    teacher, method = distiller.teacher, distiller.unwrapped
-    assert teacher is not None  # StagePlan.of: a method with stages has a teacher
-    with distiller.runtime.autocast():
-        features, logits = teacher.forward_with_features(images, preact=method.preact_of("teacher"))
-    logits, features = to_float(logits, features)
-    return TeacherOutput(logits, features, teacher.get_classifier())
+    assert distiller.teacher is not None  # StagePlan.of: a method with stages has a teacher
+    return distiller.teacher_view(images, features=True, preact=distiller.unwrapped.preact_of("teacher"))
 
 
 class StageStep(nn.Module):

@@ -3,6 +3,7 @@ with a method's initialisation stages before distillation epoch 1 (ctkd.stages).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ctkd.build import Experiment, build_experiment, check_inputs
+from ctkd.build import Experiment, RunData, build_experiment, check_inputs
 from ctkd.checkpoint import capture_rng_state
 from ctkd.config import Config, save_config
+from ctkd.datasets.loader import Batch
 from ctkd.distributed import (
     DistributedContext,
     barrier,
@@ -73,6 +75,7 @@ class Trainer:
     teacher_sha256: str | None = None
     plan: StagePlan = field(init=False)
     active: ActiveStage | None = None
+    feed: Callable[[EpochRun], Iterable[Batch]] | None = None  # a cohort's shared batches (ctkd.cohort)
 
     def __post_init__(self) -> None:
         """The method's stages, none done yet (a resume loads how far they got)."""
@@ -119,7 +122,10 @@ class Trainer:
         return self.exp.distiller.teacher is not None
 
     def batches(self, run: EpochRun) -> Any:
-        """The epoch's training batches, from the step it starts at (a hook for the fault-injection tests)."""
+        """The epoch's training batches, from the step it starts at (a hook for the fault-injection tests); in a
+        cohort, the batches it serves every member at once."""
+        if self.feed is not None:
+            return self.feed(run)
         self.exp.train_loader.sampler.set_epoch(run.epoch, start_batch=run.start_step)
         return self.exp.train_loader
 
@@ -264,18 +270,32 @@ def run(cfg: Config, resume: str | None = None, *, run_lock: RunLock | None = No
 
 def _train(cfg: Config, ctx: DistributedContext, resume_path: Path | None) -> dict[str, Any]:
     """Build the experiment and train it, stopping its loader workers however training ends."""
-    seed_everything(cfg.seed)
-    set_determinism(cfg, ctx.device)
-    exp = build_experiment(cfg, ctx)
-    seed_rank(cfg.seed, ctx)  # networks are initialised alike on every rank; dropout masks then differ per rank
+    exp = build_run_experiment(cfg, ctx)
     try:
-        links = ctx.is_main and supports_hard_links(cfg.output_dir)
-        files = CheckpointSeries.peak_files(cfg.checkpoint.keep_last, resumed=resume_path is not None, links=links)
-        decide_on_main(ctx, lambda: check_free_space(cfg.output_dir, checkpoint_bytes(exp), files))
-        trainer, inside = _prepare(exp, cfg, resume_path)
-        return _train_prepared(trainer, inside, resume_path)
+        trainer, inside = prepare_trainer(exp, cfg, resume_path)
+        return train_prepared(trainer, inside, resume_path)
     finally:
         exp.close()
+
+
+def build_run_experiment(cfg: Config, ctx: DistributedContext, data: RunData | None = None) -> Experiment:
+    """The run's experiment from its seed: networks initialised from `cfg.seed` alike on every rank, then each
+    rank's own RNG stream (`data`: splits and loaders already built, a cohort's)."""
+    seed_everything(cfg.seed)
+    set_determinism(cfg, ctx.device)
+    exp = build_experiment(cfg, ctx, data)
+    seed_rank(cfg.seed, ctx)  # networks are initialised alike on every rank; dropout masks then differ per rank
+    return exp
+
+
+def prepare_trainer(exp: Experiment, cfg: Config, resume_path: Path | None) -> tuple[Trainer, dict[str, Any] | None]:
+    """Check the disk has room for the run's checkpoints, then restore, wrap and set up the run directory
+    (`_prepare`)."""
+    ctx = exp.ctx
+    links = ctx.is_main and supports_hard_links(cfg.output_dir)
+    files = CheckpointSeries.peak_files(cfg.checkpoint.keep_last, resumed=resume_path is not None, links=links)
+    decide_on_main(ctx, lambda: check_free_space(cfg.output_dir, checkpoint_bytes(exp), files))
+    return _prepare(exp, cfg, resume_path)
 
 
 def checkpoint_bytes(exp: Experiment) -> int:
@@ -321,7 +341,7 @@ def _prepare(exp: Experiment, cfg: Config, resume_path: Path | None) -> tuple[Tr
     return trainer, inside
 
 
-def _train_prepared(trainer: Trainer, inside: dict[str, Any] | None, resume_path: Path | None) -> dict[str, Any]:
+def train_prepared(trainer: Trainer, inside: dict[str, Any] | None, resume_path: Path | None) -> dict[str, Any]:
     """Announce the run, train its remaining epochs (a failure leaves a FAILED marker) and write results.json."""
     exp, cfg, ctx, output_dir = trainer.exp, trainer.cfg, trainer.exp.ctx, Path(trainer.cfg.output_dir)
     teacher = evaluate_teacher(exp, cfg, trainer.teacher_sha256)
