@@ -51,7 +51,15 @@ SHARED_SECTIONS = ("teacher", "data", "seed", "epochs", "runtime", "distributed"
 
 def cohort_key(cfg: Config) -> str:
     """What a run shares with the other members of its cohort, as one string: runs with equal keys can share one."""
-    plain = config_to_dict(cfg)
+    key = shared_key(config_to_dict(cfg))
+    assert key is not None, f"method {cfg.method.name} has no teacher: no cohort"
+    return key
+
+
+def shared_key(plain: dict[str, Any]) -> str | None:
+    """`cohort_key` of a config as nested plain dicts (a run's config.yaml); None for a method without teacher."""
+    if not METHODS.get(plain["method"]["name"]).uses_teacher:
+        return None
     return json.dumps({name: plain[name] for name in SHARED_SECTIONS}, sort_keys=True, default=str)
 
 

@@ -185,15 +185,27 @@ def lock_run(directory: str | Path) -> RunLock:
 def adopt_run_lock(directory: str | Path) -> RunLock | None:
     """The lock on `directory` that a parent process passed in CTKD_RUN_LOCK_FD, or None when there is none for it.
 
-    The fd is adopted only if it is the lock file of this very directory (same inode); it is then removed from the
-    environment, so that processes started later (a teacher's run, loader workers) do not take it for theirs.
+    The variable holds one fd, or several separated by commas (a cohort's runs, ctkd.cohort). An fd is adopted only
+    if it is the lock file of this very directory (same inode); it is then removed from the variable, so that
+    processes started later (a teacher's run, loader workers) do not take it for theirs.
     """
-    value = os.environ.get(LOCK_FD_ENV, "")
-    if not value.isdigit():
-        return None
-    fd = int(value)
+    values = [value for value in os.environ.get(LOCK_FD_ENV, "").split(",") if value.isdigit()]
+    for value in values:
+        lock = _adopt(int(value), Path(directory))
+        if lock is not None:
+            rest = ",".join(other for other in values if other != value)
+            if rest:
+                os.environ[LOCK_FD_ENV] = rest
+            else:
+                del os.environ[LOCK_FD_ENV]
+            return lock
+    return None
+
+
+def _adopt(fd: int, directory: Path) -> RunLock | None:
+    """The lock `fd` holds when it is `directory`'s lock file, else None."""
     try:
-        same = os.path.samestat(os.fstat(fd), os.stat(Path(directory) / LOCK_FILE))
+        same = os.path.samestat(os.fstat(fd), os.stat(directory / LOCK_FILE))
     except OSError:
         return None
     if not same:
@@ -202,8 +214,7 @@ def adopt_run_lock(directory: str | Path) -> RunLock | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours through the parent: this only confirms it
     except OSError:
         return None
-    del os.environ[LOCK_FD_ENV]
-    lock = _take(fd, Path(directory))
+    lock = _take(fd, directory)
     lock.previous = ""  # the line is the parent's, who holds the lock with us and is alive: a hand-over, not a crash
     return lock
 

@@ -1,8 +1,10 @@
-"""Running a table's plan: jobs on slots (one per device and run on it), teachers before the cells that need them,
-each train.py holding its run directory's lock, so runners started together never train a run twice."""
+"""Running a table's plan: units of work on slots (one per device and unit on it), teachers before the cells that
+need them, each train.py holding its run directories' locks, so runners started together never train a run twice.
+A unit is one run, or a cohort of runs trained by one train.py (ctkd.cohort, ctkd.table_plan.cohort_units)."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,7 +16,7 @@ from typing import IO
 
 from ctkd.locks import LOCK_FD_ENV, lock_holder, release_run_lock, try_lock_run
 from ctkd.runs import FAILED_FILE
-from ctkd.table_plan import Job, Plan
+from ctkd.table_plan import Job, Plan, cohort_argv, cohort_units
 
 RUNNER = "reproduce.py"  # named in each run's train.log
 POLL_S = 0.2  # how often running children and locked teachers are looked at
@@ -32,12 +34,13 @@ class Outcome:
 
 @dataclass
 class Running:
-    """A started child with its lock and log."""
+    """A started child with its runs, their locks, its command and log."""
 
-    job: Job
+    jobs: list[Job]
     proc: subprocess.Popen
-    lock_fd: int
+    lock_fds: list[int]
     log: IO[bytes]
+    command: str
 
 
 def try_lock(directory: Path) -> int | None:
@@ -66,11 +69,14 @@ def log_tail(directory: Path, lines: int = LOG_TAIL) -> list[str]:
 
 
 class Scheduler:
-    """Runs jobs on slots (one per device and run-per-device), teachers before the cells that need them."""
+    """Runs units (a run, or a cohort of runs) on slots (one per device and run-per-device), teachers before the
+    cells that need them."""
 
-    def __init__(self, plan: Plan, slots: list[dict[str, str] | None], retry_failed: bool) -> None:
-        """`slots`: per slot, the CUDA_VISIBLE_DEVICES to set (None: leave the environment alone)."""
-        self.pending = plan.jobs
+    def __init__(self, plan: Plan, slots: list[dict[str, str] | None], retry_failed: bool,
+                 cohort_size: int = 1) -> None:
+        """`slots`: per slot, the CUDA_VISIBLE_DEVICES to set (None: leave the environment alone); `cohort_size`:
+        the most runs one train.py trains as a cohort (1: each run alone)."""
+        self.pending = cohort_units(plan, cohort_size)
         self.slots = slots
         self.retry_failed = retry_failed
         self.running: dict[int, Running] = {}
@@ -98,38 +104,48 @@ class Scheduler:
                 signal.signal(sig, handler)
 
     def _fill(self) -> None:
-        """Start ready jobs on free slots."""
+        """Start ready units on free slots."""
         for slot in range(len(self.slots)):
             if slot in self.running:
                 continue
             claimed = self._claim_next()
             if claimed is None:
                 return
-            self._start(slot, *claimed)
+            self._start(slot, claimed)
 
-    def _claim_next(self) -> tuple[Job, int] | None:
-        """The first job with its teacher ready, locked for this process; settles those with nothing to do here."""
-        for job in list(self.pending):
-            if job.needs is not None:
-                dep = self.outcomes.get(job.needs)
+    def _claim_next(self) -> list[tuple[Job, int]] | None:
+        """The runs of the first unit with its teacher ready that are to be trained here, locked for this process;
+        settles those with nothing to do here."""
+        for unit in list(self.pending):
+            needs = unit[0].needs
+            if needs is not None:
+                dep = self.outcomes.get(needs)
                 if dep is None:
                     continue  # its teacher is still training (here or elsewhere)
                 if dep.kind not in ("done", "trained"):
-                    self._settle(job, Outcome("blocked", f"its {job.needs} did not finish"))
+                    for job in list(unit):
+                        self._settle(job, Outcome("blocked", f"its {needs} did not finish"))
                     continue
-            claimed = self._claim(job)
-            if claimed is not None:
-                return job, claimed
+            claimed = [(job, fd) for job in list(unit) if (fd := self._claim(job)) is not None]
+            if claimed:
+                return claimed
         return None
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
         """Record how `job` ended and drop it from the queue."""
-        self.pending.remove(job)
+        self._drop(job)
         self.outcomes[job.label] = outcome
         if outcome.kind == "elsewhere":
             print(f"skip {job.label}: running in {outcome.detail}", flush=True)
         elif outcome.kind in ("blocked", "conflict"):
             print(f"skip {job.label}: {outcome.detail}", flush=True)
+
+    def _drop(self, job: Job) -> None:
+        """Take `job` out of its pending unit (and the unit out of the queue once it is empty)."""
+        for unit in self.pending:
+            if job in unit:
+                unit.remove(job)
+        self.pending = [unit for unit in self.pending if unit]
 
     def _settled_by_its_directory(self, job: Job) -> bool:
         """Settle `job` from what its run directory holds: done already, a run of another experiment (never retrained
@@ -165,23 +181,35 @@ class Scheduler:
             return None
         return fd
 
-    def _start(self, slot: int, job: Job, lock_fd: int) -> None:
-        """Start train.py for `job`, appending its output to train.log."""
-        (job.run_dir / FAILED_FILE).unlink(missing_ok=True)
-        log = open(job.run_dir / "train.log", "ab")  # noqa: SIM115 - closed when the child is reaped
+    def _start(self, slot: int, claimed: list[tuple[Job, int]]) -> None:
+        """Start train.py for the claimed runs (a cohort when several), appending its output to the run's train.log
+        (a cohort's to cohort.log in its first run's directory; each run's own lines go to its train.log)."""
+        jobs, fds = [job for job, _ in claimed], [fd for _, fd in claimed]
+        command = shlex.join(["python", *cohort_argv(jobs)])
+        output = jobs[0].run_dir / ("train.log" if len(jobs) == 1 else "cohort.log")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        log.write(f"=== {stamp} {RUNNER} (pid {os.getpid()} on {socket.gethostname()}): {job.command}\n".encode())
+        header = f"=== {stamp} {RUNNER} (pid {os.getpid()} on {socket.gethostname()}): {command}\n"
+        for job in jobs:
+            (job.run_dir / FAILED_FILE).unlink(missing_ok=True)
+            if len(jobs) > 1:
+                with open(job.run_dir / "train.log", "a", encoding="utf-8") as log_file:
+                    log_file.write(f"=== {stamp} {RUNNER}: in a cohort of {len(jobs)} runs, output in {output}\n")
+        log = open(output, "ab")  # noqa: SIM115 - closed when the child is reaped
+        log.write(header.encode())
         log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.slots[slot] or {}), LOCK_FD_ENV: str(lock_fd)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.slots[slot] or {}),
+               LOCK_FD_ENV: ",".join(map(str, fds))}
         # own session: a terminal Ctrl-C reaches only this runner, which passes exactly one SIGINT on to each child;
-        # the child keeps a copy of the lock fd and adopts it (LOCK_FD_ENV) rather than locking the directory again,
-        # so the run stays locked even if this runner is killed
-        proc = subprocess.Popen([sys.executable, *job.argv], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, pass_fds=(lock_fd,))
+        # the child keeps a copy of the lock fds and adopts them (LOCK_FD_ENV) rather than locking the directories
+        # again, so the runs stay locked even if this runner is killed
+        proc = subprocess.Popen([sys.executable, *cohort_argv(jobs)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, pass_fds=tuple(fds))
         where = f" on GPU {self.slots[slot]['CUDA_VISIBLE_DEVICES']}" if self.slots[slot] else ""
-        print(f"start {job.label}{where}: {job.run_dir}", flush=True)
-        self.pending.remove(job)
-        self.running[slot] = Running(job, proc, lock_fd, log)
+        what = jobs[0].label if len(jobs) == 1 else f"cohort of {len(jobs)}: {', '.join(job.label for job in jobs)}"
+        print(f"start {what}{where}: {jobs[0].run_dir if len(jobs) == 1 else output}", flush=True)
+        for job in jobs:
+            self._drop(job)
+        self.running[slot] = Running(jobs, proc, fds, log, command)
 
     def _reap(self) -> None:
         """Finish every child that has exited."""
@@ -192,28 +220,32 @@ class Scheduler:
                 self._finish(item, code)
 
     def _finish(self, item: Running, code: int) -> None:
-        """Record a child's result, mark a failure with FAILED, release the lock."""
-        job = item.job
+        """Record the result of each of a child's runs, mark a failure with FAILED, release the locks."""
         item.log.close()
-        try:
-            if code == 0 and job.status().state == "done":
-                self.outcomes[job.label] = Outcome("trained")
-                print(f"done  {job.label}", flush=True)
-                return
-            if code == 130:  # the child itself was interrupted (Ctrl-C sent to it): resumable, not a failure
-                self.outcomes[job.label] = Outcome("interrupted", "interrupted (exit status 130); it resumes next time")
-                print(f"stop  {job.label}: interrupted; it resumes next time", flush=True)
-                return
-            if (job.run_dir / FAILED_FILE).is_file():  # train.py recorded why it failed
-                reason = f"exit status {code}: {job.status().detail}"
-            else:
-                reason = (f"exit status {code}" if code
-                          else f"exit status 0 but no results for {job.plan['epochs']} epochs")
-                (job.run_dir / FAILED_FILE).write_text(f"{code}\n{reason}\n{job.command}\n", encoding="utf-8")
-            self.outcomes[job.label] = Outcome("failed", reason)
-            print(f"FAIL  {job.label}: {reason} (see {job.run_dir / 'train.log'})", flush=True)
-        finally:
-            release_run_lock(item.lock_fd)
+        for job, fd in zip(item.jobs, item.lock_fds):
+            try:
+                self._finish_job(job, code, item.command, cohort=len(item.jobs) > 1)
+            finally:
+                release_run_lock(fd)
+
+    def _finish_job(self, job: Job, code: int, command: str, cohort: bool) -> None:
+        """Record how one run of an exited child ended (a cohort exits 1 when one of its runs failed)."""
+        if job.status().state == "done" and (code == 0 or cohort):
+            self.outcomes[job.label] = Outcome("trained")
+            print(f"done  {job.label}", flush=True)
+            return
+        if code == 130:  # the child itself was interrupted (Ctrl-C sent to it): resumable, not a failure
+            self.outcomes[job.label] = Outcome("interrupted", "interrupted (exit status 130); it resumes next time")
+            print(f"stop  {job.label}: interrupted; it resumes next time", flush=True)
+            return
+        if (job.run_dir / FAILED_FILE).is_file():  # train.py recorded why it failed
+            reason = f"exit status {code}: {job.status().detail}"
+        else:
+            reason = (f"exit status {code}" if code
+                      else f"exit status 0 but no results for {job.plan['epochs']} epochs")
+            (job.run_dir / FAILED_FILE).write_text(f"{code}\n{reason}\n{command}\n", encoding="utf-8")
+        self.outcomes[job.label] = Outcome("failed", reason)
+        print(f"FAIL  {job.label}: {reason} (see {job.run_dir / 'train.log'})", flush=True)
 
     def stop(self) -> None:
         """Pass one SIGINT to every child so that it saves and stops; kill the ones that take too long."""
@@ -233,5 +265,6 @@ class Scheduler:
         for item in self.running.values():
             item.proc.wait()
             item.log.close()
-            release_run_lock(item.lock_fd)  # no FAILED marker: an interrupted run resumes next time
+            for fd in item.lock_fds:
+                release_run_lock(fd)  # no FAILED marker: an interrupted run resumes next time
         self.running.clear()

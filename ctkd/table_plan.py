@@ -119,3 +119,39 @@ def make_plan(
         plan.cells.append(Job(f"{cell.row}/{cell.column} seed {seed}", directory, argv, _plain(cfg, seed=seed), cell,
                               needs))
     return plan
+
+
+MAX_COHORT = 16  # members per cohort by default (the plug-in table's rows have 14): one process holds them all
+
+
+def cohort_units(plan: Plan, cap: int = MAX_COHORT) -> list[list[Job]]:
+    """The plan's jobs as units of work: every teacher alone, then the cells grouped into cohorts (ctkd.cohort) of
+    at most `cap` runs that share teacher, data, seed and schedule (and wait for the same teacher job), in table
+    order; `cap` 1: every run alone."""
+    from ctkd.cohort import shared_key  # torch: only when a table is planned
+
+    units: list[list[Job]] = [[job] for job in plan.teachers]
+    open_units: dict[str, list[Job]] = {}
+    for job in plan.cells:
+        key = shared_key(job.plan)
+        if cap < 2 or key is None:
+            units.append([job])
+            continue
+        key += f"|{job.needs}"
+        unit = open_units.get(key)
+        if unit is None or len(unit) >= cap:
+            unit = open_units[key] = []
+            units.append(unit)
+        unit.append(job)
+    return units
+
+
+def cohort_argv(jobs: Sequence[Job]) -> list[str]:
+    """One train.py command line for `jobs`: each --config with its own overrides, then --resume auto."""
+    if len(jobs) == 1:
+        return jobs[0].argv
+    parts = ["train.py"]
+    for job in jobs:
+        assert job.argv[0] == "train.py" and job.argv[-2:] == ["--resume", "auto"]
+        parts += job.argv[1:-2]
+    return [*parts, "--resume", "auto"]

@@ -1,6 +1,7 @@
 """Run every (cell, seed) of a table file (docs/tables.md), teachers first; resumable, and safe to start twice.
 
     python scripts/reproduce.py TABLE [--seeds 0 1] [--devices cpu|0,1] [--runs-per-device K] [--retry-failed]
+                                     [--cohort-size N | --no-cohorts]
                                      [--set KEY=VALUE ...]   (e.g. --set data.root=/data/cifar, for every run)
     python scripts/reproduce.py TABLE --dry-run | --status
     python scripts/reproduce.py TABLE --slurm [--slurm-args --partition=gpu --gres=gpu:1 ...]   (slurm-args last)
@@ -12,7 +13,13 @@ TABLE is a table file or its name in configs/tables. Each run is an ordinary
 holds an exclusive lock (flock on <run_dir>/.lock) while a run trains and passes it to its train.py (which adopts it
 through CTKD_RUN_LOCK_FD instead of locking again), so runners started together on one table never train a run twice,
 and neither does a train.py started by hand into the same directory. Done runs are skipped, interrupted ones resume,
-failed ones (a FAILED file) are retried only with --retry-failed. Exit status: 0 when every run is done or running
+failed ones (a FAILED file) are retried only with --retry-failed.
+
+Cohorts (docs/cohorts.md): the runs of the table that share teacher, data, seed and schedule (the cells of a row, for
+one seed) are trained by one train.py with several --config, up to --cohort-size of them (default 16): one loader
+and one teacher forward per batch for all, each run ending exactly as it would alone; its output goes to cohort.log
+in its first run's directory, each run's own lines to its train.log. --no-cohorts trains every run alone. A cohort
+takes a slot as one run does (--runs-per-device K: K cohorts per GPU). Exit status: 0 when every run is done or running
 elsewhere, 1 if any failed (or the input is wrong), 130 on Ctrl-C.
 """
 from __future__ import annotations
@@ -32,9 +39,9 @@ except ImportError:  # run as `python scripts/reproduce.py` without an install: 
 
 from ctkd.cli import exit_with  # noqa: E402
 from ctkd.errors import UserError  # noqa: E402
-from ctkd.runs import RUN_STATES  # noqa: E402
+from ctkd.runs import RUN_STATES, RunStatus  # noqa: E402
 from ctkd.scheduler import Scheduler, log_tail  # noqa: E402
-from ctkd.table_plan import Job, Plan, make_plan  # noqa: E402
+from ctkd.table_plan import MAX_COHORT, Job, Plan, cohort_argv, cohort_units, make_plan  # noqa: E402
 from ctkd.tables import Cell, Table, find_table, load_table, table_root  # noqa: E402
 
 PROG = "reproduce.py"
@@ -73,13 +80,24 @@ def make_slots(devices: list[str] | None, per_device: int) -> list[dict[str, str
     return slots
 
 
-def dry_run(plan: Plan) -> int:
-    """Print the command of every job that is not done, teachers first; touch nothing."""
+def dry_run(plan: Plan, cohort_size: int) -> int:
+    """Print the command of every unit (a run, or a cohort of runs) that has runs to do, teachers first; touch
+    nothing."""
     done = {job.label for job in plan.jobs if job.status().state == "done" and job.status().matches_plan}
-    print(f"# {len(plan.jobs) - len(done)} of {len(plan.jobs)} runs to do, from the repository root, each with its "
-          f"output appended to <run_dir>/train.log:")
-    for job in plan.jobs:
-        print(f"# done: {job.label} ({job.run_dir})" if job.label in done else job.command)
+    units = cohort_units(plan, cohort_size)
+    print(f"# {len(plan.jobs) - len(done)} of {len(plan.jobs)} runs to do, in {sum(1 for u in units if len(u) > 1)} "
+          "cohort(s) and single runs, from the repository root, each with its output appended to "
+          "<run_dir>/train.log (a cohort's to <first run_dir>/cohort.log):")
+    for unit in units:
+        for job in unit:
+            if job.label in done:
+                print(f"# done: {job.label} ({job.run_dir})")
+        todo = [job for job in unit if job.label not in done]
+        if len(todo) > 1:
+            print(f"# cohort of {len(todo)} (one loader, one teacher forward per batch): "
+                  f"{', '.join(job.label for job in todo)}")
+        if todo:
+            print(shlex.join(["python", *cohort_argv(todo)]))
     return 0
 
 
@@ -95,7 +113,7 @@ def _counts(states: Sequence[str]) -> str:
     return "  ".join(f"{state} {states.count(state)}" for state in RUN_STATES)
 
 
-def status(table: Table, plan: Plan) -> int:
+def status(table: Table, plan: Plan, cohort_size: int) -> int:
     """Counts per state and a progress bar over the table's runs, then per teacher and per cell, from what each run
     directory holds; runs done or started under other settings than the plan's are named with their differences."""
     found = {job.label: job.status() for job in plan.jobs}
@@ -119,7 +137,19 @@ def status(table: Table, plan: Plan) -> int:
             status_now = found[job.label]
             if status_now.state in ("failed", "running") or not status_now.matches_plan:
                 print(f"      seed {job.label.rsplit(' ', 1)[-1]}: {status_now.describe()}")
+    print_cohorts(cohort_units(plan, cohort_size), found)
     return 0
+
+
+def print_cohorts(units: list[list[Job]], found: dict[str, RunStatus]) -> None:
+    """The cohorts the runs are (or will be) trained in, with how many of each are done."""
+    cohorts = [unit for unit in units if len(unit) > 1]
+    if not cohorts:
+        return
+    print(f"cohorts ({len(cohorts)}, one train.py each):")
+    for number, unit in enumerate(cohorts, start=1):
+        done = sum(1 for job in unit if found[job.label].state == "done")
+        print(f"  cohort {number}: {done}/{len(unit)} done: {', '.join(job.label for job in unit)}")
 
 
 def write_slurm(table_arg: str, table: Table, count: int, args: argparse.Namespace) -> int:
@@ -174,7 +204,8 @@ def report(scheduler: Scheduler, plan: Plan) -> int:
 
 def execute(plan: Plan, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Train every job; Ctrl-C (or SIGTERM, e.g. from SLURM) stops the children at a checkpoint and exits 130."""
-    scheduler = Scheduler(plan, make_slots(parse_devices(args.devices), args.runs_per_device), args.retry_failed)
+    scheduler = Scheduler(plan, make_slots(parse_devices(args.devices), args.runs_per_device), args.retry_failed,
+                          cohort_size(args))
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # while stopping: a second one as Ctrl-C
     try:
         scheduler.run()  # SIGTERM stops it as Ctrl-C does: the children save
@@ -187,6 +218,11 @@ def execute(plan: Plan, args: argparse.Namespace, argv: Sequence[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return report(scheduler, plan)
+
+
+def cohort_size(args: argparse.Namespace) -> int:
+    """The most runs per cohort: 1 with --no-cohorts."""
+    return 1 if args.no_cohorts else args.cohort_size
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -203,6 +239,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, teachers included (repeatable), e.g. "
                              "--set data.root=/data/cifar")
+    parser.add_argument("--cohort-size", type=int, default=MAX_COHORT, metavar="N",
+                        help=f"the most runs one train.py trains as a cohort (default {MAX_COHORT}; lower it when "
+                             "the members' networks do not fit the GPU together)")
+    parser.add_argument("--no-cohorts", action="store_true", help="train every run in a train.py of its own")
     parser.add_argument("--only-index", type=int, metavar="I", help="run only the I-th (cell, seed) (SLURM arrays)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the commands, run and write nothing")
@@ -212,6 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs_per_device < 1:
         parser.error("--runs-per-device must be at least 1")
+    if args.cohort_size < 1:
+        parser.error("--cohort-size must be at least 1 (1: no cohorts)")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has repeated seeds: {args.seeds}")
     if args.slurm_args and not args.slurm:
@@ -232,9 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return write_slurm(args.table, table, len(table.runs(seeds)), args)
         plan = make_plan(table, seeds, args.runs_root, args.only_index, args.overrides)
         if args.dry_run:
-            return dry_run(plan)
+            return dry_run(plan, cohort_size(args))
         if args.status:
-            return status(table, plan)
+            return status(table, plan, cohort_size(args))
         return execute(plan, args, argv)
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

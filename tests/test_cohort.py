@@ -262,3 +262,53 @@ def test_a_cohort_on_two_processes_ends_as_its_members_two_process_runs(tmp_path
     mp.spawn(spawned_separate, args=(2, free_port(), [str(path) for path in alone]), nprocs=2, join=True)
     for name in ("kd", "ctkd", "crd"):
         assert fingerprint(tmp_path / "together" / name) == fingerprint(tmp_path / "alone" / name), name
+
+
+# ------------------------------------------------------------------------------------------------ the table runner
+def cohort_table(tmp_path: Path, teacher_file: Path) -> Path:
+    """A one-row table: KD and global CTKD from one teacher file, and the student alone (no teacher: no cohort)."""
+    configs = {name: ctkd_config(tmp_path, teacher_file, f"{name}_default", epochs=1, **sections)
+               for name, sections in {"kd": {"temperature": {"name": "fixed", "value": 4.0}}, "ctkd": {}}.items()}
+    configs["vanilla"] = {key: value for key, value in configs["kd"].items() if key not in ("teacher", "temperature")}
+    configs["vanilla"]["method"] = "vanilla"
+    paths = {name: write_yaml(tmp_path / "cfg" / f"{name}.yaml", config) for name, config in configs.items()}
+    table = {"title": "cohort table", "metric": "best_acc1", "seeds": [0], "rows": {"pair": "resnet14 → resnet8"},
+             "columns": {name: name for name in paths},
+             "cells": {"pair": {name: {"config": str(path)} for name, path in paths.items()}}}
+    return write_yaml(tmp_path / "cohort_table.yaml", table)
+
+
+def reproduce(table: Path, runs_root: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/reproduce.py from the repository root, as a user runs it."""
+    command = [sys.executable, "scripts/reproduce.py", str(table), "--runs-root", str(runs_root), *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=fault_hooks.subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_runner_shows_cohorts_in_dry_run_and_status(tmp_path: Path, teacher_file: Path) -> None:
+    table, root = cohort_table(tmp_path, teacher_file), tmp_path / "runs"
+    dry = reproduce(table, root, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    commands = [line for line in dry.stdout.splitlines() if line.startswith("python train.py")]
+    assert "# cohort of 2 (one loader, one teacher forward per batch): pair/kd seed 0, pair/ctkd seed 0" in dry.stdout
+    assert [command.count("--config") for command in commands] == [2, 1]  # kd + ctkd, then vanilla alone
+    alone = reproduce(table, root, "--dry-run", "--no-cohorts")
+    assert [line.count("--config") for line in alone.stdout.splitlines() if line.startswith("python")] == [1, 1, 1]
+    status = reproduce(table, root, "--status")
+    assert "cohort 1: 0/2 done: pair/kd seed 0, pair/ctkd seed 0" in status.stdout
+    assert not root.exists()  # neither wrote anything
+
+
+@pytest.mark.slow
+def test_the_runner_trains_a_rows_cohort_as_the_runs_alone(tmp_path: Path, teacher_file: Path) -> None:
+    table = cohort_table(tmp_path, teacher_file)
+    together, alone = reproduce(table, tmp_path / "together"), reproduce(table, tmp_path / "alone", "--no-cohorts")
+    assert together.returncode == 0 and alone.returncode == 0, together.stdout + alone.stdout
+    assert "start cohort of 2: pair/kd seed 0, pair/ctkd seed 0" in together.stdout
+    assert "start cohort" not in alone.stdout
+    for column in ("kd", "ctkd", "vanilla"):
+        run_dir = Path("tables") / "cohort_table" / "pair" / column / "seed0"
+        assert fingerprint(tmp_path / "together" / run_dir) == fingerprint(tmp_path / "alone" / run_dir), column
+        assert "done: best top-1" in (tmp_path / "together" / run_dir / "train.log").read_text()
+    status = reproduce(table, tmp_path / "together", "--status")
+    assert "cohort 1: 2/2 done" in status.stdout
