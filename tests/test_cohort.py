@@ -203,6 +203,22 @@ def test_kill_9_then_resume_auto_ends_every_member_as_alone(
         assert fingerprint(tmp_path / name) == separate_subprocess[name], name
 
 
+@pytest.mark.slow
+def test_a_stop_signal_saves_every_member_and_resume_ends_each_as_alone(
+    tmp_path: Path, teacher_file: Path, separate_subprocess: dict
+) -> None:
+    paths = write_members(tmp_path, teacher_file)
+    stopped = train_py(*member_args(paths), kill="signal:2:2:SIGTERM")
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "every run saved where it stopped; continue with:" in stopped.stdout + stopped.stderr
+    assert all((tmp_path / name / "last.pth").is_file() for name in ("kd", "ctkd", "crd"))
+    assert not any((tmp_path / name / "results.json").exists() for name in ("kd", "ctkd", "crd"))
+    done = train_py(*member_args(paths), "--resume", "auto")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("kd", "ctkd", "crd"):
+        assert fingerprint(tmp_path / name) == separate_subprocess[name], name
+
+
 def test_train_py_with_several_configs_trains_a_cohort_and_names_each_outcome(
     tmp_path: Path, teacher_file: Path, separate_subprocess: dict
 ) -> None:
