@@ -5,8 +5,9 @@ order: one loader makes each batch once, one teacher forward per batch (and per 
 features, or pre-activation features) serves every member, then each member takes its own step. Each member is an
 ordinary run (`ctkd.trainer`): its own Trainer, run directory, lock, checkpoints, metrics and RNG streams.
 
-How. Each member's epoch loop runs unchanged in a thread of its own, but only one thread ever runs at a time: a
-member runs until it asks for its next batch (`Cohort.request`), then hands over. The coordinator serves the members
+How. Each member's epoch loop runs unchanged as a coroutine of its own (a greenlet: all on the one training thread,
+so one OpenMP thread team serves every member, and no member's thread-local torch state is another's): a member
+runs until it asks for its next batch (`Cohort.request`), then hands over. The coordinator serves the members
 that are furthest behind first: all the members at the same (epoch, step) get the same batch and the same teacher
 outputs; a member behind the others (one resumed from an older checkpoint, or training its initialisation stages)
 catches up alone. Before a member runs, the coordinator puts back its RNG states (Python, NumPy, torch CPU and CUDA),
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from greenlet import greenlet
 from torch import Tensor
 
 from ctkd.build import RunData, build_data, check_inputs, close_loader
@@ -136,7 +137,7 @@ class Member:
     trainer: Trainer | None = None
     inside: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
-    go: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    coroutine: greenlet | None = None
     want: tuple[int, int] | None = None  # the (epoch, step) of the batch it waits for
     outcome: str = "pending"  # trained, done (already), elsewhere (another process holds it), failed, interrupted
     detail: str = ""
@@ -160,7 +161,7 @@ class Cohort:
         self.members, self.data, self.ctx = members, data, ctx
         self.shared = SharedTeacher()
         self.teachers: dict[bool, torch.nn.Module] = {}
-        self.back = threading.Semaphore(0)  # released when the running member hands over
+        self.coordinator = greenlet.getcurrent()  # where a member hands over to
         self.batch: Batch | None = None
         self.cursor: tuple[int, int] | None = None  # the (epoch, step) the loader iterator yields next
         self.iterator: Iterator[Batch] | None = None
@@ -192,8 +193,7 @@ class Cohort:
             raise RuntimeError(f"this member's method changed the cohort's shared {changed} in place, which its other "
                                "members read too; a method must not modify its inputs (copy them first)")
         member.want = (epoch, step)
-        self.back.release()
-        member.go.acquire()
+        self.coordinator.switch()
         assert self.batch is not None
         return self.batch
 
@@ -234,17 +234,14 @@ class Cohort:
         restore_rng_state(member.rng)
         member.want = None
         if start:
-            threading.Thread(target=self.body, args=(member,), name=f"cohort {member.label}", daemon=True).start()
-        else:
-            member.go.release()
-        self.back.acquire()
+            member.coroutine = greenlet(lambda: self.body(member), parent=self.coordinator)
+        assert member.coroutine is not None
+        member.coroutine.switch()  # back here when it asks for a batch, or when it has ended
         member.rng = capture_rng_state()
 
     def body(self, member: Member) -> None:
-        """The member's thread: its run from start-up to results.json; how it ended goes into `member`."""
+        """The member's coroutine: its run from start-up to results.json; how it ended goes into `member`."""
         assert member.trainer is not None
-        if self.ctx.device.type == "cuda":
-            torch.cuda.set_device(self.ctx.device)  # the current device is per thread
         try:
             member.results = train_prepared(member.trainer, member.inside, member.resume_path)
             member.outcome = "trained"
@@ -257,29 +254,30 @@ class Cohort:
         finally:
             member.want = None
             member.trainer.exp.distiller.shared = None
-            self.back.release()
 
 
 class MemberLog(logging.Filter):
-    """Prefixes the lines a member's thread logs with its label, and copies them to its run directory's train.log
-    (rank 0), so that each member's directory holds its own log as a separate run's does under the table runner."""
+    """Prefixes the lines a member logs (from its coroutine) with its label, and copies them to its run directory's
+    train.log (rank 0), so that each member's directory holds its own log as a separate run's does under the table
+    runner."""
 
     def __init__(self, members: Sequence[Member], write_files: bool) -> None:
         super().__init__()
-        self.labels = {f"cohort {member.label}": member.label for member in members}
-        self.files: dict[str, logging.Handler] = {}
+        self.members = members
+        self.files: dict[int, logging.Handler] = {}
         if write_files:
             for member in members:
                 handler = logging.FileHandler(member.output_dir / "train.log", encoding="utf-8")
                 handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-                self.files[f"cohort {member.label}"] = handler
+                self.files[member.index] = handler
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Prefix and copy a member's record; pass every record on."""
-        label = self.labels.get(record.threadName or "")
-        if label is not None and not getattr(record, "cohort_prefixed", False):
-            record.msg, record.cohort_prefixed = f"[{label}] {record.msg}", True
-            handler = self.files.get(record.threadName or "")
+        current = greenlet.getcurrent()
+        member = next((member for member in self.members if member.coroutine is current), None)
+        if member is not None and not getattr(record, "cohort_prefixed", False):
+            record.msg, record.cohort_prefixed = f"[{member.label}] {record.msg}", True
+            handler = self.files.get(member.index)
             if handler is not None:
                 handler.handle(record)
         return True
