@@ -50,15 +50,9 @@ from ctkd.trainer import Trainer, build_run_experiment, prepare_trainer, run, tr
 SHARED_SECTIONS = ("teacher", "data", "seed", "epochs", "runtime", "distributed", "device")
 
 
-def cohort_key(cfg: Config) -> str:
-    """What a run shares with the other members of its cohort, as one string: runs with equal keys can share one."""
-    key = shared_key(config_to_dict(cfg))
-    assert key is not None, f"method {cfg.method.name} has no teacher: no cohort"
-    return key
-
-
 def shared_key(plain: dict[str, Any]) -> str | None:
-    """`cohort_key` of a config as nested plain dicts (a run's config.yaml); None for a method without teacher."""
+    """What a run (its config as nested plain dicts, as in config.yaml) shares with the other members of its cohort,
+    as one string: runs with equal keys can share one; None for a method without teacher (no cohort)."""
     if not METHODS.get(plain["method"]["name"]).uses_teacher:
         return None
     return json.dumps({name: plain[name] for name in SHARED_SECTIONS}, sort_keys=True, default=str)
@@ -68,9 +62,9 @@ def check_cohort(cfgs: Sequence[Config], sources: Sequence[str]) -> None:
     """Members that can train together: equal SHARED_SECTIONS, distinct output directories, a teacher."""
     first = config_to_dict(cfgs[0])
     for cfg, source in zip(cfgs, sources):
-        if not METHODS.get(cfg.method.name).uses_teacher:
-            raise ConfigError(f"{source}: method {cfg.method.name} has no teacher to share; train it on its own")
         plain = config_to_dict(cfg)
+        if shared_key(plain) is None:
+            raise ConfigError(f"{source}: method {cfg.method.name} has no teacher to share; train it on its own")
         for name in SHARED_SECTIONS:
             if plain[name] != first[name]:
                 raise ConfigError(
@@ -141,7 +135,6 @@ class Member:
     want: tuple[int, int] | None = None  # the (epoch, step) of the batch it waits for
     outcome: str = "pending"  # trained, done (already), elsewhere (another process holds it), failed, interrupted
     detail: str = ""
-    results: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -206,7 +199,7 @@ class Cohort:
             self.serve(*position)
             for member in waiting:
                 if member.want == position:
-                    if self.shared.images is not self.batch.images or self.shared.tampered() == "images":
+                    if self.shared.tampered() == "images":
                         self.serve(*position, again=True)  # a member changed the batch in place: make it afresh
                     self.resume(member)
 
@@ -243,7 +236,7 @@ class Cohort:
         """The member's coroutine: its run from start-up to results.json; how it ended goes into `member`."""
         assert member.trainer is not None
         try:
-            member.results = train_prepared(member.trainer, member.inside, member.resume_path)
+            train_prepared(member.trainer, member.inside, member.resume_path)
             member.outcome = "trained"
         except StopRequested as stop:
             member.outcome, member.detail = "interrupted", f"stopped after step {stop.steps} of epoch {stop.epoch}"

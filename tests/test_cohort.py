@@ -17,11 +17,12 @@ from resume_tools import fingerprint, free_port
 
 from conftest import ctkd_config, write_yaml
 from ctkd import cohort as cohort_module
-from ctkd.cohort import check_cohort, cohort_key, train_cohort
+from ctkd.cohort import check_cohort, shared_key, train_cohort
 from ctkd.config import ConfigError, load_config
 from ctkd.distiller import Distiller
 from ctkd.locks import lock_run
 from ctkd.logging import get_logger
+from ctkd.schema import config_to_dict
 from ctkd.trainer import run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def test_complete_and_locked_members_are_skipped(tmp_path: Path, teacher_file: P
 def test_members_must_share_teacher_data_seed_and_schedule(tmp_path: Path, teacher_file: Path) -> None:
     paths = write_members(tmp_path, teacher_file)
     cfgs = [load_config(path) for path in paths]
-    assert len({cohort_key(cfg) for cfg in cfgs}) == 1  # student, method, τ and optimizer may differ
+    assert len({shared_key(config_to_dict(cfg)) for cfg in cfgs}) == 1  # student, method, τ and optimizer may differ
     other = load_config(paths[1], ["seed=1"])
     with pytest.raises(ConfigError, match=r"1\.yaml: 'seed' differs from .*0\.yaml's"):
         check_cohort([cfgs[0], other], [str(paths[0]), str(paths[1])])
