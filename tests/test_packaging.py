@@ -29,13 +29,13 @@ def _requirement_name(line: str) -> str:
 
 
 def _requirements_section(title: str) -> list[str]:
-    """The requirement lines of requirements.txt under the comment `# {title}` (up to the next comment)."""
+    """The requirements of requirements.txt under the comment `# {title}` (up to the next comment line)."""
     lines, inside = [], False
     for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
         if line.startswith("#"):
             inside = line.strip("# ").startswith(title)
         elif inside and line.strip():
-            lines.append(line.strip())
+            lines.append(line.split(" #", 1)[0].strip())  # pip's inline comments start at " #"
     return lines
 
 
