@@ -181,14 +181,18 @@ class Cohort:
 
     def request(self, member: Member, epoch: int, step: int) -> Batch:
         """In the member's thread: hand over until the coordinator serves the batch at (epoch, step)."""
-        changed = self.shared.tampered()
-        if changed is not None:
-            raise RuntimeError(f"this member's method changed the cohort's shared {changed} in place, which its other "
-                               "members read too; a method must not modify its inputs (copy them first)")
+        self.check_untouched()
         member.want = (epoch, step)
         self.coordinator.switch()
         assert self.batch is not None
         return self.batch
+
+    def check_untouched(self) -> None:
+        """In the member's thread, before it hands over: an error if it changed what the other members read."""
+        changed = self.shared.tampered()
+        if changed is not None:
+            raise RuntimeError(f"this member's method changed the cohort's shared {changed} in place, which its other "
+                               "members read too; a method must not modify its inputs (copy them first)")
 
     def train(self) -> None:
         """Start every member, then serve batches until every member has finished."""
@@ -237,6 +241,7 @@ class Cohort:
         assert member.trainer is not None
         try:
             train_prepared(member.trainer, member.inside, member.resume_path)
+            self.check_untouched()  # its last step hands over nothing: a change there is caught here
             member.outcome = "trained"
         except StopRequested as stop:
             member.outcome, member.detail = "interrupted", f"stopped after step {stop.steps} of epoch {stop.epoch}"

@@ -121,6 +121,26 @@ def test_a_member_that_modifies_the_shared_teacher_output_in_place_is_stopped(
     assert fingerprint(tmp_path / "crd") == separate["crd"]
 
 
+def test_a_member_that_modifies_the_shared_batch_on_its_very_last_step_is_blamed(
+    tmp_path: Path, teacher_file: Path, separate: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, calls = Distiller.__call__, []
+
+    def corrupting_last(self, batch, ctx):  # noqa: ANN001, ANN202
+        out = real(self, batch, ctx)
+        calls.append(self)
+        if calls.count(calls[0]) == STEPS * EPOCHS and self is calls[0]:  # member 1's last step: no hand-over follows
+            batch.images.add_(1)
+        return out
+
+    monkeypatch.setattr(Distiller, "__call__", corrupting_last)
+    outcomes = cohort_of(write_members(tmp_path, teacher_file))
+    assert [member.outcome for member in outcomes] == ["failed", "trained", "trained"]
+    assert "changed the cohort's shared images in place" in outcomes[0].detail
+    assert fingerprint(tmp_path / "ctkd") == separate["ctkd"]  # the batch was made afresh for them
+    assert fingerprint(tmp_path / "crd") == separate["crd"]
+
+
 def test_a_non_finite_member_is_dropped_and_the_others_end_as_alone(
     tmp_path: Path, teacher_file: Path, separate: dict
 ) -> None:
