@@ -21,6 +21,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ctkd.config import config_to_yaml, load_config
@@ -93,28 +94,40 @@ def main(argv: list[str] | None = None) -> int:
     return record(train)(cfgs[0], args, rank, where)
 
 
+def exit_status(body: Callable[[], int], where: str) -> int:
+    """`body()`'s exit status; an input error is one line and status 1 (anything else is a bug or a system failure:
+    it keeps its traceback), and either leaves the process group without waiting for the other ranks."""
+    from ctkd.distributed import shutdown_distributed
+
+    try:
+        return body()
+    except UserError as err:
+        get_logger().error(f"{where}error: {err}")
+        shutdown_distributed(clean=False)
+        return 1
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+
+
 def train(cfg: Config, args: argparse.Namespace, rank: int, where: str) -> int:
     """Run the training of `cfg`; the exit status (0, 1 for an input error, 130 for a saved stop)."""
     from ctkd.distributed import shutdown_distributed
     from ctkd.trainer import RunInterrupted, run
 
-    try:
-        run(cfg, resume=args.resume)
-    except UserError as err:  # anything else is a bug or a system failure: it keeps its traceback
-        get_logger().error(f"{where}error: {err}")
-        shutdown_distributed(clean=False)
-        return 1
-    except RunInterrupted as stop:
-        with STOP.ignored():  # saved: nothing may kill this rank on its way out
-            if rank == 0:  # every rank stops; one line says how to continue
-                get_logger().error(interrupted_message(stop, args))
-            shutdown_distributed(clean=stop.signal_name != "")  # stopped after the same step: they leave together
-        return PREEMPTED_EXIT_CODE  # 130, the shell's code for a Ctrl-C: scripts/slurm_train.sbatch requeues on it
-    except BaseException:
-        shutdown_distributed(clean=False)
-        raise
-    shutdown_distributed(clean=True)
-    return 0
+    def body() -> int:
+        try:
+            run(cfg, resume=args.resume)
+        except RunInterrupted as stop:
+            with STOP.ignored():  # saved: nothing may kill this rank on its way out
+                if rank == 0:  # every rank stops; one line says how to continue
+                    get_logger().error(interrupted_message(stop, args))
+                shutdown_distributed(clean=stop.signal_name != "")  # stopped after the same step: they leave together
+            return PREEMPTED_EXIT_CODE  # 130, the shell's code for a Ctrl-C: scripts/slurm_train.sbatch requeues on it
+        shutdown_distributed(clean=True)
+        return 0
+
+    return exit_status(body, where)
 
 
 def interrupted_message(stop: Any, args: argparse.Namespace) -> str:
@@ -139,28 +152,24 @@ def train_together(cfgs: list[Config], args: argparse.Namespace, rank: int, wher
     from ctkd.cohort import train_cohort
     from ctkd.distributed import shutdown_distributed
 
-    try:
+    def body() -> int:
         members = train_cohort(cfgs, [config for config, _ in args.members], resume=args.resume)
-    except UserError as err:
-        get_logger().error(f"{where}error: {err}")
-        shutdown_distributed(clean=False)
-        return 1
-    except BaseException:
-        shutdown_distributed(clean=False)
-        raise
-    if rank == 0:
-        for member in members:
-            get_logger().info(f"{member.label} ({member.output_dir}): {member.outcome}"
-                              f"{f' ({member.detail})' if member.detail else ''}")
-    outcomes = {member.outcome for member in members}
-    with STOP.ignored():
-        shutdown_distributed(clean="failed" not in outcomes)
-    if "interrupted" in outcomes:
         if rank == 0:
-            command = shlex.join(["python", "train.py", *args.argv] + ([] if args.resume else ["--resume", "auto"]))
-            get_logger().error(f"stopped: every run saved where it stopped; continue with: {command}")
-        return PREEMPTED_EXIT_CODE
-    return 1 if "failed" in outcomes else 0
+            for member in members:
+                get_logger().info(f"{member.label} ({member.output_dir}): {member.outcome}"
+                                  f"{f' ({member.detail})' if member.detail else ''}")
+        outcomes = {member.outcome for member in members}
+        with STOP.ignored():
+            shutdown_distributed(clean="failed" not in outcomes)
+        if "interrupted" in outcomes:
+            if rank == 0:
+                resume = [] if args.resume else ["--resume", "auto"]
+                command = shlex.join(["python", "train.py", *args.argv, *resume])
+                get_logger().error(f"stopped: every run saved where it stopped; continue with: {command}")
+            return PREEMPTED_EXIT_CODE
+        return 1 if "failed" in outcomes else 0
+
+    return exit_status(body, where)
 
 
 if __name__ == "__main__":
