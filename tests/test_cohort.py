@@ -6,8 +6,9 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fault_hooks
 import pytest
@@ -101,19 +102,28 @@ def test_without_each_members_own_rng_streams_the_members_end_elsewhere(
     assert fingerprint(tmp_path / "crd")["state"] != separate["crd"]["state"]  # its negatives
 
 
+def after_member_1_steps(monkeypatch: pytest.MonkeyPatch, act: Callable[[Distiller, Any, int], None]) -> None:
+    """Distiller.__call__ patched so that `act(distiller, batch, steps so far)` runs after every step of member 1
+    (the first member to step)."""
+    real, calls = Distiller.__call__, []
+
+    def acting(self, batch, ctx):  # noqa: ANN001, ANN202
+        out = real(self, batch, ctx)
+        calls.append(self)
+        if self is calls[0]:
+            act(self, batch, calls.count(self))
+        return out
+
+    monkeypatch.setattr(Distiller, "__call__", acting)
+
+
 def test_a_member_that_modifies_the_shared_teacher_output_in_place_is_stopped(
     tmp_path: Path, teacher_file: Path, separate: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, first = Distiller.__call__, []
+    def doubled_logits(distiller: Distiller, batch: Any, steps: int) -> None:
+        distiller.teacher_output(batch.images).logits.mul_(2)
 
-    def corrupting(self, batch, ctx):  # noqa: ANN001, ANN202
-        out = real(self, batch, ctx)
-        first[:] = first or [self]
-        if self is first[0]:  # member 1's distiller (the first to step)
-            self.teacher_output(batch.images).logits.mul_(2)
-        return out
-
-    monkeypatch.setattr(Distiller, "__call__", corrupting)
+    after_member_1_steps(monkeypatch, doubled_logits)
     outcomes = cohort_of(write_members(tmp_path, teacher_file))
     assert [member.outcome for member in outcomes] == ["failed", "trained", "trained"]
     assert "changed the cohort's shared teacher output in place" in outcomes[0].detail
@@ -124,16 +134,11 @@ def test_a_member_that_modifies_the_shared_teacher_output_in_place_is_stopped(
 def test_a_member_that_modifies_the_shared_batch_on_its_very_last_step_is_blamed(
     tmp_path: Path, teacher_file: Path, separate: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, calls = Distiller.__call__, []
-
-    def corrupting_last(self, batch, ctx):  # noqa: ANN001, ANN202
-        out = real(self, batch, ctx)
-        calls.append(self)
-        if calls.count(calls[0]) == STEPS * EPOCHS and self is calls[0]:  # member 1's last step: no hand-over follows
+    def on_last_step(distiller: Distiller, batch: Any, steps: int) -> None:  # no hand-over follows it
+        if steps == STEPS * EPOCHS:
             batch.images.add_(1)
-        return out
 
-    monkeypatch.setattr(Distiller, "__call__", corrupting_last)
+    after_member_1_steps(monkeypatch, on_last_step)
     outcomes = cohort_of(write_members(tmp_path, teacher_file))
     assert [member.outcome for member in outcomes] == ["failed", "trained", "trained"]
     assert "changed the cohort's shared images in place" in outcomes[0].detail
