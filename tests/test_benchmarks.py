@@ -179,3 +179,14 @@ def test_method_steps_times_each_method_beside_kd(tmp_path: Path, capsys: pytest
     heads = {row[0]: int(row[5].replace(",", "")) for row in rows}
     assert heads["kd"] == heads["pkt"] == 0 < heads["vid"]
     assert "resnet14 → resnet8, batch 4" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/crd_scores
+def test_crd_scores_times_both_ways_and_names_the_path_contrast_scores_takes() -> None:
+    from benchmarks import crd_scores
+
+    sizes = (("small", 1000, 2), ("huge", 8 * (1 + crd_scores.NCE_K) + 1, 1))
+    rows = table_rows(crd_scores.table(1, sizes), "data")
+    assert [row[0] for row in rows] == ["small", "huge"]
+    assert all(float(row[3]) >= 0 and float(row[4]) >= 0 for row in rows)
+    assert [row[5] for row in rows] == ["dense", "gathered"]  # the rule of ctkd.methods.crd.contrast_scores

@@ -17,8 +17,8 @@ from ctkd.config import LossConfig
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller
 from ctkd.evaluation import evaluate
-from ctkd.methods import MethodSetup, StepContext
-from ctkd.methods.crd import CRD, CRDState, nce_loss
+from ctkd.methods import MethodSetup, StepContext, crd
+from ctkd.methods.crd import CRD, CRDState, contrast_scores, dense_products, gathered_products, nce_loss
 from ctkd.models import FeatureClassifier
 from ctkd.temperatures import FixedTemperature
 from ctkd.trainer import run
@@ -236,6 +236,56 @@ def test_gradients_reach_the_student_and_both_heads_never_the_teacher() -> None:
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
     assert all(p.grad is None for p in distiller.teacher.parameters())
     assert not _state(distiller).memory_s.requires_grad
+
+
+def _bank_and_embeddings(n: int, b: int, k: int, d: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    """A normalised (n, d) bank, (b, d) embeddings that take gradients and (b, 1+k) contrast rows."""
+    gen = torch.Generator().manual_seed(n + k)
+    bank = nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    v = nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1).requires_grad_()
+    return bank, v, torch.randint(0, n, (b, 1 + k), generator=gen)
+
+
+def test_dense_and_gathered_products_agree_in_value_and_gradient_with_float64() -> None:
+    bank, v, contrast = _bank_and_embeddings(n=50, b=6, k=9)
+    expected = torch.einsum("bkd,bd->bk", bank.double()[contrast], v.detach().double())
+    weights = torch.randn(contrast.shape, generator=torch.Generator().manual_seed(1))
+    grad = (weights.double().unsqueeze(2) * bank.double()[contrast]).sum(1)  # d(Σ w·⟨v, m⟩)/dv
+    for products in (dense_products, gathered_products):
+        v.grad = None
+        out = products(v, bank, contrast)
+        (out * weights).sum().backward()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6, msg=products.__name__)
+        torch.testing.assert_close(v.grad.double(), grad, rtol=1e-5, atol=1e-6, msg=products.__name__)
+
+
+def test_the_dense_product_keeps_the_pre_update_bank_for_backward() -> None:
+    """The bank moves in place between scoring and backward; the gradient must use the rows that were scored."""
+    bank, v, contrast = _bank_and_embeddings(n=30, b=4, k=7)
+    before = bank[contrast].clone()
+    dense_products(v, bank, contrast).sum().backward()
+    expected = v.grad.clone()
+    v.grad = None
+    out = dense_products(v, bank, contrast)
+    bank.mul_(-2.0)  # what update_bank does: rows change in place after scoring
+    out.sum().backward()
+    assert torch.equal(v.grad, expected)
+    torch.testing.assert_close(expected, before.sum(1), rtol=1e-5, atol=1e-6)  # d(Σ⟨v, m⟩)/dv = Σ m
+
+
+@pytest.mark.parametrize(("n", "dense"), [(8 * 6, True), (8 * 6 + 1, False)])
+def test_contrast_scores_take_the_dense_product_for_a_bank_of_up_to_8_rows_per_column(
+        n: int, dense: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1+K = 6 columns: the whole-bank product is used up to 48 rows, the row gather beyond (ImageNet's bank)."""
+    calls: list[str] = []
+    for name in ("dense_products", "gathered_products"):
+        original = getattr(crd, name)
+        monkeypatch.setattr(crd, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    bank, v, contrast = _bank_and_embeddings(n=n, b=3, k=5)
+    scores = contrast_scores(v, bank, contrast, 0.07)
+    assert calls == ["dense_products" if dense else "gathered_products"]
+    expected = torch.exp(torch.einsum("bkd,bd->bk", bank.double()[contrast], v.detach().double()) / 0.07)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ 6. end to end

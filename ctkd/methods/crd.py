@@ -35,10 +35,28 @@ def l2_normalize(x: Tensor) -> Tensor:
     return x / x.pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
+# A dense product with the whole bank beats gathering rows once the bank has at most this many rows per contrast
+# column: the product runs at matmul speed, the gather copies B·(1+K)·D floats (docs/benchmarks.md, "CRD scores").
+DENSE_ROWS_PER_COLUMN = 8
+
+
+def gathered_products(v: Tensor, bank: Tensor, contrast: Tensor) -> Tensor:
+    """⟨v_i, bank[contrast_ij]⟩ by copying the (B, 1+K, D) rows: the cheaper way for a bank much larger than 1+K."""
+    rows = bank[contrast]  # a copy: the bank update after scoring cannot disturb autograd
+    return torch.bmm(rows, v.unsqueeze(2)).squeeze(2)
+
+
+def dense_products(v: Tensor, bank: Tensor, contrast: Tensor) -> Tensor:
+    """⟨v_i, bank[contrast_ij]⟩ picked from v·bankᵀ (B, N): the faster way for a bank of a few times 1+K rows."""
+    # autograd keeps the bank for v's gradient; a copy, since the bank is updated in place before backward
+    return torch.mm(v, bank.clone().t()).gather(1, contrast)
+
+
 def contrast_scores(v: Tensor, bank: Tensor, contrast: Tensor, nce_t: float) -> Tensor:
     """Unnormalised scores exp(⟨v_i, bank[contrast_ij]⟩ / T): (B, D) embeddings vs (B, 1+K) bank rows → (B, 1+K)."""
-    rows = bank[contrast]  # (B, 1+K, D), a copy: the bank update after scoring cannot disturb autograd
-    return torch.exp(torch.bmm(rows, v.unsqueeze(2)).squeeze(2) / nce_t)
+    dense = bank.shape[0] <= DENSE_ROWS_PER_COLUMN * contrast.shape[1]
+    products = dense_products(v, bank, contrast) if dense else gathered_products(v, bank, contrast)
+    return torch.exp(products / nce_t)
 
 
 def nce_loss(probs: Tensor, n_data: int) -> Tensor:
