@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.report import publish
+
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 64
 EPOCHS = 2
@@ -185,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(teacher, student, members, args.steps, args.device)
             rows.append((f"{teacher} → {student}", members, result))
             print(json.dumps({"pair": pair, "members": members, **result}), flush=True)
-    text = table(rows, args.steps, args.device)
-    print(text)
-    if args.append is not None:
-        with args.append.open("a", encoding="utf-8") as out:
-            out.write("\n" + text)
+    publish(table(rows, args.steps, args.device), args.append)
     return 0
 
 

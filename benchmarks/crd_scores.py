@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ctkd.methods.crd import DENSE_ROWS_PER_COLUMN, dense_products, gathered_products
+from benchmarks.report import publish
+from ctkd.methods.crd import dense_products, gathered_products, scores_densely
 
 SIZES = (("CIFAR-100", 50_000, 64), ("ImageNet", 1_281_167, 256))  # (dataset, bank rows N, global batch B)
 NCE_K, FEAT_DIM = 16_384, 128
@@ -47,7 +48,7 @@ def table(rounds: int, sizes: tuple[tuple[str, int, int], ...]) -> str:
         contrast = torch.randint(0, rows, (batch, 1 + NCE_K))
         gathered = seconds(gathered_products, bank, contrast, rounds)
         dense = seconds(dense_products, bank, contrast, rounds)
-        path = "dense" if rows <= DENSE_ROWS_PER_COLUMN * (1 + NCE_K) else "gathered"
+        path = "dense" if scores_densely(rows, 1 + NCE_K) else "gathered"
         lines.append(f"| {name} | {rows:,} | {batch} | {gathered * 1e3:.0f} | {dense * 1e3:.0f} | {path} |")
     return "\n".join(lines) + "\n"
 
@@ -60,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    text = table(args.rounds, SIZES[:1] if args.cifar_only else SIZES)
-    print(text)
-    if args.append is not None:
-        with args.append.open("a", encoding="utf-8") as out:
-            out.write("\n" + text)
+    publish(table(args.rounds, SIZES[:1] if args.cifar_only else SIZES), args.append)
     return 0
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.report import publish
 from ctkd import models
 from ctkd.datasets.loader import Batch
 from ctkd.distiller import Distiller, build_distiller, measure_setup
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         costs.append(time_method(name, pair, args, device))
         print(f"{name}: {costs[-1].ms_per_step:.1f} ms/step", flush=True)
-    table = markdown(costs, pair, args)
-    print(table)
-    if args.append:
-        with open(args.append, "a", encoding="utf-8") as out:
-            out.write("\n" + table)
+    publish(markdown(costs, pair, args), args.append)
     return 0
 
 

@@ -100,6 +100,14 @@ def command_line(argv: Sequence[str]) -> str:
     return "python " + shlex.join([str(script), *argv])
 
 
+def publish(table: str, append: Path | None) -> None:
+    """Print a benchmark's markdown table and, with --append, add it to that file after a blank line."""
+    print(table)
+    if append is not None:
+        with Path(append).open("a", encoding="utf-8") as out:
+            out.write("\n" + table)
+
+
 def append_section(path: Path, body: str, info: dict[str, str], argv: Sequence[str]) -> None:
     """Append the report to `path` under a heading with the date and machine."""
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")

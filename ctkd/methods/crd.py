@@ -52,9 +52,14 @@ def dense_products(v: Tensor, bank: Tensor, contrast: Tensor) -> Tensor:
     return torch.mm(v, bank.clone().t()).gather(1, contrast)
 
 
+def scores_densely(bank_rows: int, columns: int) -> bool:
+    """Whether a bank of `bank_rows` rows is scored against `columns` = 1+K contrast columns by `dense_products`."""
+    return bank_rows <= DENSE_ROWS_PER_COLUMN * columns
+
+
 def contrast_scores(v: Tensor, bank: Tensor, contrast: Tensor, nce_t: float) -> Tensor:
     """Unnormalised scores exp(⟨v_i, bank[contrast_ij]⟩ / T): (B, D) embeddings vs (B, 1+K) bank rows → (B, 1+K)."""
-    dense = bank.shape[0] <= DENSE_ROWS_PER_COLUMN * contrast.shape[1]
+    dense = scores_densely(bank.shape[0], contrast.shape[1])
     products = dense_products(v, bank, contrast) if dense else gathered_products(v, bank, contrast)
     return torch.exp(products / nce_t)
 
